@@ -1,0 +1,1 @@
+"""Reconstruction and understanding metrics, each with its protocol recorded beside the number."""

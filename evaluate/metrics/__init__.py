@@ -1,0 +1,1 @@
+"""One file per metric; each records the protocol it follows next to the function."""

@@ -1,0 +1,146 @@
+"""`atoken`: run a pipeline, show its status, or run one preprocessing job on its own.
+
+Every failure ends in one line on stderr (`atoken: error: ...`) and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="atoken", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run every stage of CONFIG that is not already done")
+    _config_arguments(run)
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+
+    status = commands.add_parser("status", help="each stage's state, fingerprint, outputs and MLflow run")
+    _config_arguments(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    preprocess = commands.add_parser("preprocess", help="one preprocessing job, outside a pipeline run")
+    kinds = preprocess.add_subparsers(dest="kind", required=True)
+    images = kinds.add_parser("images", help="a folder of images → WebDataset shards + manifests in OUT")
+    images.add_argument("source", help="a local folder of images")
+    images.add_argument("out", help="a folder or s3://bucket/prefix")
+    images.add_argument("--resolution", type=int, default=256)
+    images.add_argument("--samples-per-shard", type=int, default=1000)
+    images.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint for OUT")
+
+    args = parser.parse_args(argv)
+    from atoken.pipeline.config import ConfigError
+
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "status":
+            return _status(args)
+        return _preprocess_images(args)
+    except ConfigError as exc:
+        print(f"atoken: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("atoken: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's contract: one line, non-zero exit
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"atoken: error: {message}", file=sys.stderr)
+        if os.environ.get("ATOKEN_DEBUG"):
+            raise
+        return EXIT_FAILURE
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a YAML config (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one field, e.g. --set train.stages.0.steps=50 (repeatable)")
+
+
+def _load(args: argparse.Namespace):
+    from atoken.pipeline.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from atoken.pipeline.runner import run_pipeline
+
+    print(f"atoken: run {config.run.name!r} → {config.run.root}", flush=True)
+    started = time.perf_counter()
+    result = run_pipeline(config, progress=not args.no_progress)
+    rows = []
+    for outcome in result.outcomes:
+        numbers = ", ".join(f"{k}={_short(v)}" for k, v in outcome.state.summary.items()
+                            if isinstance(v, int | float))
+        rows.append((outcome.name, outcome.action, f"{outcome.seconds:.1f}s", outcome.state.fingerprint[:12],
+                     outcome.state.run_id[:12], numbers))
+    _table(("stage", "action", "time", "fingerprint", "mlflow run", "summary"), rows)
+    print(f"done in {time.perf_counter() - started:.1f}s; MLflow parent run {result.parent_run_id} "
+          f"at {_redacted(result.tracking_uri)}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from atoken.pipeline.dag import Pipeline
+    from atoken.pipeline.stages import build_stages
+    from atoken.pipeline.storage import Storage
+
+    pipeline = Pipeline(config, build_stages(config), Storage(config.storage))
+    rows = pipeline.status()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _table(("stage", "state", "fingerprint", "mlflow run", "output"),
+               [(r["stage"], r["state"], r["fingerprint"][:12], (r["mlflow_run_id"] or "-")[:12], r["output"] or "-")
+                for r in rows])
+    return 0
+
+
+def _preprocess_images(args: argparse.Namespace) -> int:
+    from atoken.pipeline.config import IngestSection, SourceSection, StorageSection, validate, PipelineConfig
+    from atoken.pipeline.runner import start_ray
+    from atoken.pipeline.storage import Storage
+    from atoken.preprocess.job import run_image_job
+
+    section = IngestSection(sources=[SourceSection(kind="folder", path=args.source)], resolution=args.resolution,
+                            samples_per_shard=args.samples_per_shard)
+    config = PipelineConfig(ingest=section, storage=StorageSection(endpoint_url=args.endpoint_url))
+    config.train.model.patch_size = 1  # the model section is not used here; keep validation about ingest
+    validate(config)
+    storage = Storage(config.storage)
+    storage.check_writable(args.out)
+    start_ray(config)
+    stats = run_image_job(section, storage, args.out)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _short(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _redacted(uri: str) -> str:
+    from atoken.pipeline.tracking import redact
+
+    return redact("uri", uri)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple]) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=False)]
+    for line in (header, tuple("-" * w for w in widths), *rows):
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=False)).rstrip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""The one config schema of a pipeline run: typed dataclasses, loaded from YAML, overridable field by field.
+
+Every error names the field (`train.stages[1].steps: expected an integer, got 'ten'`) and is raised
+before any work starts. torchtitan's job_config is the model: one file per experiment, no second path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message starts with the field's dotted path."""
+
+
+@dataclass
+class RunSection:
+    name: str = "quickstart"
+    # Where every stage writes its outputs and state: a local folder or s3://bucket/prefix.
+    root: str = "runs/quickstart"
+    # Local scratch on the driver: the default MLflow store, Ray Train's own storage, temp files.
+    local_dir: str = ".atoken"
+    seed: int = 0
+
+
+@dataclass
+class StorageSection:
+    # Any S3-compatible store; AWS_ENDPOINT_URL is read when this is unset. Credentials never live in
+    # the config: boto3's standard chain (AWS_* variables, ~/.aws, instance roles) supplies them.
+    endpoint_url: str | None = None
+    region: str | None = None
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    max_attempts: int = 3
+
+
+@dataclass
+class TrackingSection:
+    # None: MLFLOW_TRACKING_URI if set, else a sqlite store under run.local_dir.
+    uri: str | None = None
+    experiment: str = "atoken"
+
+
+@dataclass
+class RaySection:
+    # Only for a local cluster started by `atoken run`; RAY_ADDRESS connects to an existing one instead.
+    num_cpus: int | None = None
+
+
+@dataclass
+class SourceSection:
+    # builtin: name is one of preprocess.sources.BUILTIN_SOURCES; folder: path is a local folder of images.
+    kind: str = "builtin"
+    name: str = "skimage-photos"
+    path: str | None = None
+    limit: int | None = None
+
+
+@dataclass
+class IngestSection:
+    sources: list[SourceSection] = field(default_factory=lambda: [SourceSection()])
+    resolution: int = 64
+    samples_per_shard: int = 64
+    val_every: int = 10  # every n-th item (by stable order) goes to the validation split
+    max_pixels: int = 89_478_485  # PIL's decompression-bomb cap
+    parallelism: int = 2
+
+
+@dataclass
+class ModelSection:
+    # The first slice trains a small patch autoencoder; the model issue adds the AToken presets.
+    kind: str = "patch_autoencoder"
+    patch_size: int = 4
+    hidden_channels: int = 64
+    latent_channels: int = 8
+
+
+@dataclass
+class TrainStageSection:
+    name: str = "stage1"
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    checkpoint_every: int = 50
+    log_every: int = 10
+    num_workers: int = 1
+    use_gpu: bool = False
+
+
+@dataclass
+class TrainSection:
+    model: ModelSection = field(default_factory=ModelSection)
+    stages: list[TrainStageSection] = field(default_factory=lambda: [TrainStageSection()])
+
+
+@dataclass
+class EvaluateSection:
+    metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])
+    max_samples: int | None = None
+    grid_samples: int = 8
+
+
+@dataclass
+class PipelineConfig:
+    run: RunSection = field(default_factory=RunSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    ray: RaySection = field(default_factory=RaySection)
+    ingest: IngestSection = field(default_factory=IngestSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+KNOWN_METRICS = ("psnr", "ssim")
+KNOWN_MODELS = ("patch_autoencoder",)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read YAML, apply `section.field=value` overrides, type-check and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: no such file {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of sections")
+    for override in overrides:
+        apply_override(raw, override)
+    return resolve_local_paths(config_from_dict(raw))
+
+
+def resolve_local_paths(config: PipelineConfig) -> PipelineConfig:
+    """Relative local paths mean "from the current folder"; Ray workers run elsewhere, so pin them."""
+    def absolute(path: str) -> str:
+        return path if path.startswith("s3://") else str(Path(path.removeprefix("file://")).resolve())
+
+    config.run.root = absolute(config.run.root)
+    config.run.local_dir = absolute(config.run.local_dir)
+    for source in config.ingest.sources:
+        if source.path:
+            source.path = absolute(source.path)
+    return config
+
+
+def config_from_dict(raw: dict[str, Any]) -> PipelineConfig:
+    config = _build(PipelineConfig, raw, "")
+    validate(config)
+    return config
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """`train.stages.0.steps=5`: the value is parsed as YAML, so `5`, `null`, `[psnr]` keep their types."""
+    dotted, sep, text = override.partition("=")
+    if not sep or not dotted:
+        raise ConfigError(f"--set {override!r}: expected section.field=value")
+    keys = dotted.split(".")
+    node: Any = raw
+    for i, key in enumerate(keys[:-1]):
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(key, node, where)]
+            continue
+        if node.get(key) is None:
+            # A list-valued section absent from the file starts from its dataclass default.
+            node[key] = _default_for(keys[: i + 1])
+        node = node[key]
+    value = yaml.safe_load(text) if text else ""
+    if isinstance(node, list):
+        node[_list_index(keys[-1], node, dotted)] = value
+    elif isinstance(node, dict):
+        node[keys[-1]] = value
+    else:
+        raise ConfigError(f"{dotted}: cannot set a field inside a {type(node).__name__}")
+
+
+def _list_index(key: str, node: list, where: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(f"{where}: no list item {key!r} (the list has {len(node)})")
+    return int(key)
+
+
+def _default_for(keys: list[str]) -> Any:
+    value: Any = PipelineConfig()
+    for key in keys:
+        value = value[int(key)] if isinstance(value, list) else getattr(value, key, None)
+        if value is None:
+            return {}
+    return json.loads(json.dumps(_plain(value)))
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{_join(where, unknown[0])}: unknown field (known: {', '.join(sorted(names))})")
+    values = {name: _coerce(hints[name], raw[name], _join(where, name)) for name in raw}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(options[0], value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint}")
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def validate(config: PipelineConfig) -> None:
+    """Checks that need more than a type: ranges, names, cross-field rules."""
+    def require(ok: bool, where: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{where}: {message}")
+
+    require(bool(config.run.name.strip()), "run.name", "must not be empty")
+    require(bool(config.run.root.strip()), "run.root", "must not be empty")
+    require(not config.run.root.startswith("s3://") or len(config.run.root) > 5, "run.root", "needs a bucket")
+    require(config.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
+    require(config.storage.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
+    require(len(config.ingest.sources) > 0, "ingest.sources", "needs at least one source")
+    from atoken.preprocess.sources import BUILTIN_SOURCES
+
+    for i, source in enumerate(config.ingest.sources):
+        where = f"ingest.sources[{i}]"
+        require(source.kind in ("builtin", "folder"), f"{where}.kind", "must be 'builtin' or 'folder'")
+        if source.kind == "builtin":
+            require(source.name in BUILTIN_SOURCES, f"{where}.name",
+                    f"unknown built-in set {source.name!r} (known: {', '.join(BUILTIN_SOURCES)})")
+        else:
+            require(bool(source.path), f"{where}.path", "a folder source needs a path")
+        require(source.limit is None or source.limit > 0, f"{where}.limit", "must be > 0")
+    require(config.ingest.resolution >= 8 and config.ingest.resolution % 8 == 0, "ingest.resolution",
+            "must be a multiple of 8, at least 8")
+    require(config.ingest.samples_per_shard > 0, "ingest.samples_per_shard", "must be > 0")
+    require(config.ingest.val_every >= 2, "ingest.val_every", "must be >= 2")
+    require(config.ingest.parallelism >= 1, "ingest.parallelism", "must be >= 1")
+
+    model = config.train.model
+    require(model.kind in KNOWN_MODELS, "train.model.kind", f"unknown model (known: {', '.join(KNOWN_MODELS)})")
+    require(model.patch_size > 0 and config.ingest.resolution % model.patch_size == 0, "train.model.patch_size",
+            f"must divide ingest.resolution ({config.ingest.resolution})")
+    require(model.hidden_channels > 0, "train.model.hidden_channels", "must be > 0")
+    require(model.latent_channels > 0, "train.model.latent_channels", "must be > 0")
+    require(len(config.train.stages) > 0, "train.stages", "needs at least one stage")
+    seen: set[str] = set()
+    for i, stage in enumerate(config.train.stages):
+        where = f"train.stages[{i}]"
+        require(stage.name.isidentifier(), f"{where}.name", "must be a plain identifier")
+        require(stage.name not in seen, f"{where}.name", f"duplicate stage name {stage.name!r}")
+        seen.add(stage.name)
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "num_workers"):
+            require(getattr(stage, name) > 0, f"{where}.{name}", "must be > 0")
+        require(stage.lr > 0, f"{where}.lr", "must be > 0")
+        require(0 <= stage.warmup_steps <= stage.steps, f"{where}.warmup_steps", "must be in [0, steps]")
+    for i, metric in enumerate(config.evaluate.metrics):
+        require(metric in KNOWN_METRICS, f"evaluate.metrics[{i}]",
+                f"unknown metric {metric!r} (known: {', '.join(KNOWN_METRICS)})")
+    require(config.evaluate.max_samples is None or config.evaluate.max_samples > 0, "evaluate.max_samples",
+            "must be > 0")
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config → {'train.stages.0.steps': '200'}: what MLflow's log_params can take."""
+    flat: dict[str, str] = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+        for i, item in enumerate(value):
+            flat.update(flatten(item, f"{prefix}.{i}"))
+    else:
+        flat[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
+    return flat

@@ -1,0 +1,86 @@
+"""Runs a whole pipeline: checks first (config, storage, sources), then the stages, tracked in MLflow."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import yaml
+
+from atoken.pipeline.config import PipelineConfig, flatten
+from atoken.pipeline.dag import Pipeline, StageOutcome
+from atoken.pipeline.stages import build_stages
+from atoken.pipeline.storage import Storage, join
+from atoken.pipeline.tracking import Tracker, redact, resolve_tracking_uri
+
+
+@dataclass
+class RunResult:
+    outcomes: list[StageOutcome]
+    parent_run_id: str
+    tracking_uri: str
+
+
+def prepare(config: PipelineConfig) -> tuple[Pipeline, Storage]:
+    """Everything that can fail fast: storage reachable and writable, sources present."""
+    storage = Storage(config.storage)
+    storage.check_writable(config.run.root)
+    stages = build_stages(config)
+    for stage in stages:
+        if stage.preflight:
+            stage.preflight(config)
+    return Pipeline(config, stages, storage), storage
+
+
+def start_ray(config: PipelineConfig) -> bool:
+    """Connect to RAY_ADDRESS, or start a local Ray; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=address or None,
+        num_cpus=None if address else config.ray.num_cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        # Ray Train v2 is the Train API this pipeline is written against.
+        runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}},
+    )
+    return True
+
+
+def run_pipeline(config: PipelineConfig, progress: bool = True) -> RunResult:
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    pipeline, storage = prepare(config)
+    tracking_uri = resolve_tracking_uri(config.tracking.uri, config.run.local_dir)
+    tracker = Tracker(tracking_uri, config.tracking.experiment, config.run.local_dir)
+    pipeline_state_uri = join(config.run.root, "_state", "pipeline.json")
+    known = storage.read_json(pipeline_state_uri) if storage.exists(pipeline_state_uri) else {}
+    parent_id, _ = tracker.reopen_or_create(known.get("parent_run_id"), config.run.name,
+                                                   tags={"atoken.run_root": config.run.root})
+    storage.write_json(pipeline_state_uri, {"parent_run_id": parent_id,
+                                            "tracking_uri": redact("tracking_uri", tracking_uri),
+                                            "name": config.run.name})
+    tracker.log_params(parent_id, flatten(config.to_dict()))
+    tracker.log_bytes(parent_id, yaml.safe_dump(config.to_dict(), sort_keys=False).encode(), "config/resolved.yaml")
+
+    started_ray = False
+
+    def before_first_run() -> None:
+        nonlocal started_ray
+        started_ray = start_ray(config)
+
+    try:
+        outcomes = pipeline.run(tracker, parent_id, progress, before_first_run)
+    except BaseException:
+        tracker.finish(parent_id, "FAILED")
+        raise
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    tracker.finish(parent_id)
+    return RunResult(outcomes, parent_id, tracking_uri)

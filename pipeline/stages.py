@@ -1,0 +1,118 @@
+"""The stages of a run, built from its config: ingest → train_<stage> ... → evaluate.
+
+Each stage reads URIs and manifests of the stages before it and writes its own; the work itself
+lives in preprocess/, train/ and evaluate/, and runs on Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from atoken.pipeline.config import PipelineConfig
+from atoken.pipeline.dag import Stage, StageContext
+from atoken.pipeline.storage import join
+from atoken.pipeline.tracking import grid_png
+from atoken.train.data import ShardInfo
+
+
+def build_stages(config: PipelineConfig) -> list[Stage]:
+    stages = [Stage("ingest", (), ("preprocess",), lambda c: c.ingest, run_ingest, preflight=preflight_ingest)]
+    previous = "ingest"
+    for index, train_stage in enumerate(config.train.stages):
+        name = f"train_{train_stage.name}"
+        depends = ("ingest",) if index == 0 else ("ingest", previous)
+        stages.append(Stage(
+            name, depends, ("train",),
+            # The model's shape and the stage's schedule; the seed changes the samples it sees.
+            lambda c, i=index: {"model": c.train.model, "stage": c.train.stages[i], "seed": c.run.seed},
+            lambda ctx, i=index, prev=previous: run_train(ctx, i, prev),
+        ))
+        previous = name
+    stages.append(Stage("evaluate", ("ingest", previous), ("evaluate", "train"),
+                        lambda c: c.evaluate, lambda ctx, last=previous: run_evaluate(ctx, last)))
+    return stages
+
+
+def preflight_ingest(config: PipelineConfig) -> None:
+    from atoken.preprocess.job import list_items
+
+    if not list_items(config.ingest):
+        raise ValueError("ingest.sources: the sources list no items")
+
+
+def run_ingest(ctx: StageContext) -> dict[str, Any]:
+    from atoken.evaluate.reconstruction import to_uint8
+    from atoken.preprocess.job import run_image_job
+    from atoken.train.data import decode_image, read_shard
+
+    stats = run_image_job(ctx.config.ingest, ctx.storage, ctx.output, progress=ctx.progress)
+    for name in ("manifest.parquet", "errors.parquet", "_stats.json"):
+        ctx.tracker.log_bytes(ctx.run_id, ctx.storage.read_bytes(join(ctx.output, name)), f"ingest/{name}")
+    first = sorted(_shards(ctx.storage, ctx.output, "train"), key=lambda s: s.uri)
+    if first:
+        samples = read_shard(ctx.storage, first[0].uri)[:16]
+        tiles = [to_uint8(decode_image(s)) for s in samples]
+        ctx.tracker.log_bytes(ctx.run_id, grid_png([tiles[:8], tiles[8:16]] if len(tiles) > 8 else [tiles]),
+                              "ingest/sample_grid.png")
+    return stats
+
+
+def _shards(storage, ingest_output: str, split: str) -> list[ShardInfo]:
+    """The split's shards with their sample counts, from the ingest manifest."""
+    from atoken.preprocess.writer import shard_uri
+
+    table = pq.read_table(io.BytesIO(storage.read_bytes(join(ingest_output, "manifest.parquet"))))
+    counts: dict[str, int] = {}
+    for shard, row_split in zip(table.column("shard").to_pylist(), table.column("split").to_pylist(), strict=True):
+        if row_split == split:
+            counts[shard] = counts.get(shard, 0) + 1
+    return [ShardInfo(shard_uri(ingest_output, name), count) for name, count in sorted(counts.items())]
+
+
+def run_train(ctx: StageContext, index: int, previous: str) -> dict[str, Any]:
+    from atoken.train.loop import StageJob, run_train_stage
+
+    section = ctx.config.train.stages[index]
+    shards = _shards(ctx.storage, ctx.inputs["ingest"].output, "train")
+    if not shards:
+        raise ValueError("no training shards: every ingested item failed or went to validation")
+    init_weights = None if index == 0 else join(ctx.inputs[previous].output, "model.safetensors")
+    ctx.tracker.set_tags(ctx.run_id, {"atoken.init_from": init_weights or "random"})
+    job = StageJob(section, ctx.config.train.model, shards, ctx.output, init_weights, ctx.storage,
+                   ctx.tracker, ctx.run_id, ctx.config.run.seed)
+    run_train_stage(job, ctx.config.run.local_dir)
+    final = ctx.storage.read_json(join(ctx.output, "model.json"))
+    ctx.tracker.log_bytes(ctx.run_id, json.dumps(final, indent=2).encode(), "train/model.json")
+    latest = ctx.storage.read_json(join(ctx.output, "checkpoints", "latest.json"))
+    return {"steps": final["steps"], "last_checkpoint_step": latest["step"]}
+
+
+def run_evaluate(ctx: StageContext, last_train_stage: str) -> dict[str, Any]:
+    import pyarrow as pa
+    import ray
+
+    from atoken.evaluate.reconstruction import evaluate_reconstruction
+
+    section = ctx.config.evaluate
+    shards = _shards(ctx.storage, ctx.inputs["ingest"].output, "val")
+    if not shards:
+        raise ValueError("no validation shards to evaluate on (ingest.val_every too large for the data?)")
+    weights = join(ctx.inputs[last_train_stage].output, "model.safetensors")
+    task = ray.remote(num_cpus=1)(evaluate_reconstruction)
+    report = ray.get(task.remote(ctx.config.train.model, weights, shards, ctx.storage, section.metrics,
+                                 section.max_samples, section.grid_samples))
+    ctx.storage.write_json(join(ctx.output, "metrics.json"),
+                           {"summary": report.summary, "protocol": report.protocol, "weights": weights})
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(report.rows), buffer)
+    ctx.storage.write_bytes(join(ctx.output, "per_sample.parquet"), buffer.getvalue())
+    grid = grid_png(report.grid)
+    ctx.storage.write_bytes(join(ctx.output, "reconstructions.png"), grid)
+    ctx.tracker.log_bytes(ctx.run_id, grid, "evaluate/reconstructions.png")
+    ctx.tracker.log_bytes(ctx.run_id, json.dumps(report.protocol, indent=2).encode(), "evaluate/protocol.json")
+    ctx.tracker.set_tags(ctx.run_id, {f"protocol.{k}": v for k, v in report.protocol.items()})
+    return {f"eval_{name}": value for name, value in report.summary.items()} | {"eval_samples": len(report.rows)}

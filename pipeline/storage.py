@@ -1,0 +1,268 @@
+"""One storage layer over URIs: a local folder (the embedded default) or s3://bucket/prefix (boto3).
+
+Every write is a commit: local files are written beside their target and renamed into place, S3 objects
+appear whole on PUT. Stages talk to each other only through this layer, which is what makes skip,
+resume and cluster runs work the same on a laptop and on a bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from atoken.pipeline.config import StorageSection
+
+
+class StorageError(RuntimeError):
+    """A storage failure with one line that says what and where (never which credentials)."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    base = uri.rstrip("/")
+    for part in parts:
+        base = f"{base}/{part.strip('/')}"
+    return base
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key
+
+
+def local_path(uri: str) -> Path:
+    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+class Storage:
+    """Reads and writes URIs. Picklable (the boto3 client is rebuilt in each process), so Ray tasks
+    get a copy of the driver's storage settings without credentials travelling with it."""
+
+    def __init__(self, section: StorageSection | None = None):
+        self.section = section or StorageSection()
+        self._client = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"section": self.section}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.section = state["section"]
+        self._client = None
+
+    @property
+    def endpoint_url(self) -> str | None:
+        return self.section.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=self.endpoint_url,
+                region_name=self.section.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                config=Config(
+                    connect_timeout=self.section.connect_timeout_s,
+                    read_timeout=self.section.read_timeout_s,
+                    retries={"max_attempts": self.section.max_attempts, "mode": "standard"},
+                ),
+            )
+        return self._client
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def read_bytes(self, uri: str) -> bytes:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            with self._s3_errors(uri):
+                return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        try:
+            return local_path(uri).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"cannot read {uri}: {exc.strerror or exc}") from exc
+
+    def read_json(self, uri: str) -> Any:
+        return json.loads(self.read_bytes(uri))
+
+    def open_read(self, uri: str) -> BinaryIO:
+        """A streaming reader: the whole object is never held in memory."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            with self._s3_errors(uri):
+                return self.client.get_object(Bucket=bucket, Key=key)["Body"]
+        try:
+            return open(local_path(uri), "rb")
+        except OSError as exc:
+            raise StorageError(f"cannot read {uri}: {exc.strerror or exc}") from exc
+
+    def exists(self, uri: str) -> bool:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            from botocore.exceptions import ClientError
+
+            try:
+                self.client.head_object(Bucket=bucket, Key=key)
+                return True
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise self._translate(uri, exc) from exc
+            except Exception as exc:  # noqa: BLE001 - connection errors become one clear line
+                raise self._translate(uri, exc) from exc
+        return local_path(uri).exists()
+
+    def list(self, prefix: str) -> list[str]:
+        """Every object under a folder URI, recursively, as full URIs in sorted order."""
+        if is_s3(prefix):
+            bucket, key = split_s3(prefix.rstrip("/") + "/")
+            found: list[str] = []
+            with self._s3_errors(prefix):
+                for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+                    found.extend(f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", []))
+            return sorted(found)
+        root = local_path(prefix)
+        if not root.is_dir():
+            return []
+        return sorted(str(p) for p in root.rglob("*") if p.is_file() and ".tmp-" not in p.name)
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            with self._s3_errors(uri):
+                self.client.put_object(Bucket=bucket, Key=key, Body=data)
+            return
+        target = local_path(uri)
+        self._commit_local(target, lambda tmp: tmp.write_bytes(data))
+
+    def write_json(self, uri: str, value: Any) -> None:
+        self.write_bytes(uri, json.dumps(value, indent=2, sort_keys=True).encode())
+
+    def upload(self, source: str | Path, uri: str) -> None:
+        """Copy a finished local file to its URI as one commit."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            with self._s3_errors(uri):
+                self.client.upload_file(str(source), bucket, key)
+            return
+        self._commit_local(local_path(uri), lambda tmp: shutil.copyfile(source, tmp))
+
+    def download(self, uri: str, target: str | Path) -> Path:
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            with self._s3_errors(uri):
+                self.client.download_file(bucket, key, str(target))
+        else:
+            shutil.copyfile(local_path(uri), target)
+        return target
+
+    def delete(self, uri: str) -> None:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            with self._s3_errors(uri):
+                self.client.delete_object(Bucket=bucket, Key=key)
+            return
+        local_path(uri).unlink(missing_ok=True)
+
+    def check_writable(self, root: str) -> None:
+        """Fail in seconds, with one line, when the run root cannot be written (before any work)."""
+        probe = join(root, "_state", f".probe-{uuid.uuid4().hex}")
+        self.write_bytes(probe, b"ok")
+        if self.read_bytes(probe) != b"ok":
+            raise StorageError(f"{root}: a probe object read back different bytes")
+        self.delete(probe)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _commit_local(self, target: Path, write) -> None:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+            try:
+                write(tmp)
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from exc
+
+    def _s3_errors(self, uri: str):
+        storage = self
+
+        class _Guard:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, kind, exc, tb):
+                if exc is not None and not isinstance(exc, StorageError):
+                    raise storage._translate(uri, exc) from exc
+                return False
+
+        return _Guard()
+
+    def _translate(self, uri: str, exc: BaseException) -> StorageError:
+        from botocore.exceptions import (
+            ClientError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            ReadTimeoutError,
+        )
+
+        where = f"{uri} (endpoint {self.endpoint_url or 'AWS default'})"
+        if isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
+            return StorageError(f"cannot reach the S3 endpoint for {where}")
+        if isinstance(exc, ReadTimeoutError):
+            return StorageError(f"S3 read timed out for {where}")
+        if isinstance(exc, NoCredentialsError):
+            return StorageError(f"no S3 credentials found for {where} (set AWS_* or ~/.aws)")
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "?")
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return StorageError(f"access denied ({code}) to {where}")
+            if code in ("NoSuchBucket",):
+                return StorageError(f"no such bucket for {where}")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return StorageError(f"no such object {uri}")
+            return StorageError(f"S3 error {code} for {where}")
+        return StorageError(f"storage error for {where}: {type(exc).__name__}: {exc}")
+
+
+def register_webdataset_opener(storage: Storage) -> None:
+    """webdataset has no s3:// opener: route its reads of s3:// URLs through this storage."""
+    from webdataset.gopen import gopen_schemes
+
+    def open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> BinaryIO:
+        if mode != "rb":
+            raise ValueError("shards are written locally and committed with Storage.upload")
+        return storage.open_read(url)
+
+    gopen_schemes["s3"] = open_s3
+
+
+class LocalStaging:
+    """A local temp folder for files about to be committed to storage (e.g. a tar being written)."""
+
+    def __init__(self, parent: str | Path | None = None):
+        self.path = Path(tempfile.mkdtemp(prefix="atoken-", dir=parent))
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc: Any) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

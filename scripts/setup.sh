@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up a fresh machine (Debian/Ubuntu, Python 3.11): the built-in data set and a virtualenv in .venv.
+#   bash scripts/setup.sh        the pipeline
+#   bash scripts/setup.sh test   the pipeline and what the tests need
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Fashion-MNIST for the quickstart comes from Debian's archive (no download at run time).
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null \
+    || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+fi
+
+PYTHON="${PYTHON:-python3.11}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+extras=""
+[ "${1:-}" = "test" ] && extras="[test]"
+# torch is a range in pyproject (bring your own CUDA build); here the CPU build is pinned first so the
+# range is met without pulling a multi-GB CUDA wheel.
+.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/pip install -q --disable-pip-version-check -e ".${extras}" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import atoken.pipeline.cli" || { echo "setup: atoken failed to import" >&2; exit 1; }

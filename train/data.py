@@ -1,0 +1,97 @@
+"""Streaming training samples from WebDataset shards in storage, with an exact resume position.
+
+The stream is an endless sequence of epochs. Epoch e visits this rank's shards in an order drawn
+from (seed, e) and each shard's samples in an order drawn from (seed, e, shard). Because shard sizes
+are known from the manifest, a position (samples consumed so far) maps straight to (epoch, shard,
+offset): a resumed run skips finished shards without reading them and sees exactly the samples it
+would have seen.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from atoken.pipeline.storage import Storage, StorageError, register_webdataset_opener
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    uri: str
+    samples: int
+
+
+def read_shard(storage: Storage, uri: str, attempts: int = 3) -> list[dict]:
+    """Every sample of one shard, read whole; a failed or truncated read is retried, never half-used."""
+    register_webdataset_opener(storage)
+    for attempt in range(1, attempts + 1):
+        try:
+            dataset = wds.WebDataset(uri, shardshuffle=False, empty_check=False)
+            return list(dataset)
+        except (OSError, StorageError, ValueError) as exc:
+            if attempt == attempts:
+                raise StorageError(f"cannot read shard {uri} after {attempts} attempts: {exc}") from exc
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
+
+
+def decode_image(sample: dict) -> torch.Tensor:
+    """PNG bytes → (3, H, W) float in [-1, 1]."""
+    array = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0  # (3, H, W)
+
+
+class ShardStream:
+    def __init__(self, shards: list[ShardInfo], storage: Storage, seed: int, rank: int = 0, world_size: int = 1):
+        if len(shards) < world_size:
+            raise ValueError(f"{len(shards)} shards cannot feed {world_size} workers: write smaller shards")
+        self.shards = shards
+        self.storage = storage
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+
+    def _epoch_shards(self, epoch: int) -> list[ShardInfo]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        # Every rank takes the same number of shards so no worker waits on another at an epoch's end.
+        per_rank = len(self.shards) // self.world_size
+        mine = order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return [self.shards[i] for i in mine]
+
+    def samples(self, position: int = 0) -> Iterator[dict]:
+        """Samples from `position` on (0 = the start of epoch 0), forever."""
+        epoch = 0
+        while True:
+            shards = self._epoch_shards(epoch)
+            epoch_size = sum(s.samples for s in shards)
+            if epoch_size == 0:
+                raise ValueError("the training shards hold no samples")
+            if position >= epoch_size:
+                position -= epoch_size
+                epoch += 1
+                continue
+            for index, shard in enumerate(shards):
+                if position >= shard.samples:
+                    position -= shard.samples
+                    continue
+                samples = read_shard(self.storage, shard.uri)
+                if len(samples) != shard.samples:
+                    raise StorageError(f"{shard.uri}: {len(samples)} samples, the manifest says {shard.samples}")
+                order = np.random.default_rng([self.seed, epoch, index]).permutation(len(samples))
+                for i in order[position:]:
+                    yield samples[i]
+                position = 0
+            epoch += 1
+
+    def batches(self, batch_size: int, position: int = 0) -> Iterator[torch.Tensor]:
+        """(B, 3, H, W) batches; batch n starts at sample position + n * batch_size."""
+        stream = self.samples(position)
+        while True:
+            yield torch.stack([decode_image(next(stream)) for _ in range(batch_size)])

@@ -1,0 +1,52 @@
+"""The first slice's tokenizer: a small convolutional KL autoencoder over image patches.
+
+It is the smallest model that learns in minutes on 2 CPU cores, with the interfaces the AToken
+transformer will keep: `encode` → (mean, logvar) latents, `decode` → pixels in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from atoken.pipeline.config import ModelSection
+
+
+class PatchAutoencoder(nn.Module):
+    def __init__(self, patch_size: int, hidden_channels: int, latent_channels: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.latent_channels = latent_channels
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, hidden_channels, kernel_size=patch_size, stride=patch_size),
+            nn.GELU(),
+            nn.Conv2d(hidden_channels, hidden_channels, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(hidden_channels, 2 * latent_channels, kernel_size=1),
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(latent_channels, hidden_channels, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(hidden_channels, hidden_channels, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.ConvTranspose2d(hidden_channels, 3, kernel_size=patch_size, stride=patch_size),
+        )
+
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        moments = self.encoder(pixels)  # (B, 2C, H/p, W/p)
+        mean, logvar = moments.chunk(2, dim=1)  # (B, C, H/p, W/p) each
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latent)  # (B, 3, H, W)
+
+    def forward(self, pixels: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
+        mean, logvar = self.encode(pixels)
+        latent = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+        return {"reconstruction": self.decode(latent), "mean": mean, "logvar": logvar}
+
+
+def build_model(section: ModelSection) -> nn.Module:
+    if section.kind == "patch_autoencoder":
+        return PatchAutoencoder(section.patch_size, section.hidden_channels, section.latent_channels)
+    raise ValueError(f"train.model.kind: unknown model {section.kind!r}")
