@@ -108,7 +108,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _preprocess_images(args: argparse.Namespace) -> int:
-    from atoken.pipeline.config import IngestSection, SourceSection, StorageSection, validate, PipelineConfig
+    from atoken.pipeline.config import IngestSection, PipelineConfig, SourceSection, StorageSection, validate
     from atoken.pipeline.runner import start_ray
     from atoken.pipeline.storage import Storage
     from atoken.preprocess.job import run_image_job

@@ -18,6 +18,6 @@ extras=""
 [ "${1:-}" = "test" ] && extras="[test]"
 # torch is a range in pyproject (bring your own CUDA build); here the CPU build is pinned first so the
 # range is met without pulling a multi-GB CUDA wheel.
-.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/pip install -q --disable-pip-version-check -e ".${extras}" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
+.venv/bin/pip install -q --disable-pip-version-check -e ".${extras}"
 .venv/bin/python -c "import atoken.pipeline.cli" || { echo "setup: atoken failed to import" >&2; exit 1; }

@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 import torch
 
 from atoken.pipeline.config import ModelSection, TrainStageSection

@@ -1,0 +1,198 @@
+"""The whole pipeline, end to end, through the CLI, on real Ray, MLflow, WebDataset and storage.
+
+Never skipped: this is the test that says the product works.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from atoken.pipeline.config import load_config
+from atoken.preprocess.job import list_items
+
+from helpers import ATOKEN, QUICKSTART, SMALL, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def shard_keys(tar_bytes: list[bytes]) -> list[str]:
+    keys = []
+    for data in tar_bytes:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            keys.extend(name.rsplit(".", 1)[0] for name in tar.getnames() if name.endswith(".png"))
+    return keys
+
+
+def local_shards(root: Path) -> list[bytes]:
+    return [p.read_bytes() for p in sorted(root.glob("ingest/*/shards/*.tar"))]
+
+
+def mlflow_runs(local_dir: Path, experiment: str = "atoken-quickstart"):
+    client = MlflowClient(f"sqlite:///{local_dir / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def expected_keys() -> list[str]:
+    config = load_config(QUICKSTART, SMALL[1::2])
+    return sorted(item.key for item in list_items(config.ingest))
+
+
+def summary_actions(stdout: str) -> dict[str, str]:
+    stages = ("ingest", "train_stage1", "train_stage2", "evaluate")
+    return {line.split()[0]: line.split()[1] for line in stdout.splitlines() if line.split()[:1] and
+            line.split()[0] in stages}
+
+
+def run_args(folder: Path, *overrides: str) -> list[str]:
+    args = [str(QUICKSTART), *SMALL, "--no-progress", "--set", f"run.root={folder / 'run'}",
+            "--set", f"run.local_dir={folder / 'local'}"]
+    for override in overrides:
+        args += ["--set", override]
+    return args
+
+
+def test_quickstart_runs_skips_and_resumes_after_sigkill(tmp_path):
+    root_a, local_a = tmp_path / "a" / "run", tmp_path / "a" / "local"
+    args_a = run_args(tmp_path / "a")
+
+    first = run_cli(["run", *args_a], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert set(summary_actions(first.stdout).values()) == {"ran"}
+
+    keys = shard_keys(local_shards(root_a))
+    assert len(keys) == len(set(keys)), "a sample landed twice"
+    assert sorted(keys) == expected_keys(), "an input sample is missing from the shards"
+    manifest = pq.read_table(next(root_a.glob("ingest/*/manifest.parquet")))
+    assert sorted(manifest.column("key").to_pylist()) == sorted(keys)
+
+    parents, children = mlflow_runs(local_a)
+    assert len(parents) == 1
+    assert sorted(r.info.run_name for r in children) == ["evaluate", "ingest", "train_stage1", "train_stage2"]
+    evaluate_run = next(r for r in children if r.info.run_name == "evaluate")
+    assert evaluate_run.data.metrics["eval_psnr"] > 15.0  # it learned: a blank output scores ~6-10 dB
+    assert "protocol.psnr" in evaluate_run.data.tags
+    assert any(p.startswith("train.stages.0") for p in parents[0].data.params)
+
+    # A rerun skips every stage and creates no run.
+    started = time.perf_counter()
+    again = run_cli(["run", *args_a], cwd=tmp_path)
+    rerun_seconds = time.perf_counter() - started
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert set(summary_actions(again.stdout).values()) == {"skipped"}
+    parents_after, children_after = mlflow_runs(local_a)
+    assert len(parents_after) == 1 and len(children_after) == 4
+    assert rerun_seconds < 60
+
+    # Kill -9 in the middle of the first training stage (after a checkpoint), then start again.
+    root_b, local_b = tmp_path / "b" / "run", tmp_path / "b" / "local"
+    longer_stage1 = ("train.stages.0.steps=400", "train.stages.0.checkpoint_every=20")
+    args_b = run_args(tmp_path / "b", *longer_stage1)
+    log = open(tmp_path / "killed.log", "w")
+    process = subprocess.Popen([*ATOKEN, "run", *args_b], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(root_b.glob("train_stage1/*/checkpoints/latest.json")):
+        assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        time.sleep(0.2)
+    assert list(root_b.glob("train_stage1/*/checkpoints/latest.json")), "no checkpoint before the deadline"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not list(root_b.glob("train_stage1/*/model.safetensors")), "the stage finished before the kill"
+
+    resumed = run_cli(["run", *args_b], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    actions = summary_actions(resumed.stdout)
+    assert actions["ingest"] == "skipped" and actions["train_stage1"] == "resumed"
+    assert "resuming at step" in resumed.stdout + resumed.stderr
+
+    keys_b = shard_keys(local_shards(root_b))
+    assert sorted(keys_b) == expected_keys()
+    parents_b, children_b = mlflow_runs(local_b)
+    assert len(parents_b) == 1
+    assert sorted(r.info.run_name for r in children_b) == ["evaluate", "ingest", "train_stage1", "train_stage2"]
+    assert all(r.info.status == "FINISHED" for r in [*parents_b, *children_b])
+
+    # Exact resume: the interrupted stage ends with the same weights as one never interrupted.
+    clean_root = tmp_path / "c" / "run"
+    clean = run_cli(["run", *run_args(tmp_path / "c", *longer_stage1)], cwd=tmp_path)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    resumed_weights = next(root_b.glob("train_stage1/*/model.safetensors")).read_bytes()
+    clean_weights = next(clean_root.glob("train_stage1/*/model.safetensors")).read_bytes()
+    assert resumed_weights == clean_weights
+
+
+def test_pipeline_on_s3_endpoint_and_no_credentials_leak(tmp_path, s3_endpoint, s3_credentials):
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="atoken-e2e")
+    local = tmp_path / "local"
+    result = run_cli(["run", str(QUICKSTART), *SMALL, "--no-progress",
+                      "--set", "run.root=s3://atoken-e2e/runs/quick", "--set", f"run.local_dir={local}",
+                      "--set", f"storage.endpoint_url={s3_endpoint}",
+                      "--set", "train.stages.0.steps=20", "--set", "train.stages.1.steps=10"],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    listed = s3.list_objects_v2(Bucket="atoken-e2e", Prefix="runs/quick/")
+    keys = [item["Key"] for item in listed.get("Contents", [])]
+    shards = [k for k in keys if k.endswith(".tar")]
+    assert shards and any("/checkpoints/latest.json" in k for k in keys)
+    assert any("/evaluate/" in k and k.endswith("metrics.json") for k in keys)
+    tars = [s3.get_object(Bucket="atoken-e2e", Key=k)["Body"].read() for k in shards]
+    assert sorted(shard_keys(tars)) == expected_keys()
+
+    secret = s3_credentials["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in result.stdout + result.stderr
+    for path in local.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"the secret leaked into {path}"
+
+
+def test_bad_inputs_fail_fast_with_one_clear_line(tmp_path):
+    base = [str(QUICKSTART), "--no-progress", "--set", f"run.local_dir={tmp_path / 'local'}"]
+
+    bad_field = run_cli(["run", *base, "--set", "train.stages.0.steps=ten"], cwd=tmp_path)
+    assert bad_field.returncode == 2
+    assert "train.stages[0].steps" in bad_field.stderr and len(bad_field.stderr.strip().splitlines()) == 1
+
+    started = time.perf_counter()
+    unreachable = run_cli(["run", *base, "--set", "run.root=s3://bucket/run",
+                           "--set", "storage.endpoint_url=http://127.0.0.1:9"], cwd=tmp_path,
+                          env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"})
+    assert unreachable.returncode == 1
+    assert time.perf_counter() - started < 45
+    assert "cannot reach the S3 endpoint" in unreachable.stderr and "127.0.0.1:9" in unreachable.stderr
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    unwritable = run_cli(["run", *base, "--set", f"run.root={blocker}/run"], cwd=tmp_path)
+    assert unwritable.returncode == 1 and "cannot write" in unwritable.stderr
+
+    missing = run_cli(["run", *base, "--set", f"run.root={tmp_path / 'run'}",
+                       "--set", "ingest.sources=[{kind: folder, path: /no/such/images}]"], cwd=tmp_path)
+    assert missing.returncode == 1 and "/no/such/images" in missing.stderr
+    assert not (tmp_path / "run" / "ingest").exists(), "work started before the data set was found"
+
+
+def test_cli_module_runs_without_install_path_tricks():
+    result = subprocess.run([sys.executable, "-c", "import atoken, atoken.pipeline, atoken.train, "
+                             "atoken.evaluate, atoken.preprocess; import importlib.util as u; "
+                             "print(u.find_spec('pipeline') is None)"],
+                            capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True", "a top-level module named `pipeline` is installed"
