@@ -108,20 +108,22 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _preprocess_images(args: argparse.Namespace) -> int:
-    from atoken.pipeline.config import IngestSection, PipelineConfig, SourceSection, StorageSection, validate
+    from pathlib import Path
+
+    from atoken.pipeline.config import IngestSection, PipelineConfig, SourceSection, StorageSection, validate_ingest
     from atoken.pipeline.runner import start_ray
-    from atoken.pipeline.storage import Storage
+    from atoken.pipeline.storage import Storage, is_s3
     from atoken.preprocess.job import run_image_job
 
-    section = IngestSection(sources=[SourceSection(kind="folder", path=args.source)], resolution=args.resolution,
-                            samples_per_shard=args.samples_per_shard)
+    section = IngestSection(sources=[SourceSection(kind="folder", path=str(Path(args.source).resolve()))],
+                            resolution=args.resolution, samples_per_shard=args.samples_per_shard)
+    validate_ingest(section, where="preprocess images")
+    out = args.out if is_s3(args.out) else str(Path(args.out).resolve())
     config = PipelineConfig(ingest=section, storage=StorageSection(endpoint_url=args.endpoint_url))
-    config.train.model.patch_size = 1  # the model section is not used here; keep validation about ingest
-    validate(config)
     storage = Storage(config.storage)
-    storage.check_writable(args.out)
+    storage.check_writable(out)
     start_ray(config)
-    stats = run_image_job(section, storage, args.out)
+    stats = run_image_job(section, storage, out)
     print(json.dumps(stats, indent=2))
     return 0
 

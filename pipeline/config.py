@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 
 class ConfigError(ValueError):
     """A config that cannot run; the message starts with the field's dotted path."""
@@ -76,8 +74,10 @@ class IngestSection:
 
 @dataclass
 class ModelSection:
-    # The first slice trains a small patch autoencoder; the model issue adds the AToken presets.
+    # patch_autoencoder: the first slice's small model. atoken: the AToken transformer (preset: tiny, base,
+    # so400m), which the model issue builds; configs/base.yaml and so400m.yaml name it already.
     kind: str = "patch_autoencoder"
+    preset: str | None = None
     patch_size: int = 4
     hidden_channels: int = 64
     latent_channels: int = 8
@@ -125,11 +125,14 @@ class PipelineConfig:
 
 
 KNOWN_METRICS = ("psnr", "ssim")
-KNOWN_MODELS = ("patch_autoencoder",)
+KNOWN_MODELS = ("patch_autoencoder", "atoken")
+ATOKEN_PRESETS = ("tiny", "base", "so400m")
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Read YAML, apply `section.field=value` overrides, type-check and validate."""
+    import yaml  # here, not at import: the model code imports this module on machines without PyYAML
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config: no such file {path}")
@@ -179,6 +182,8 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             # A list-valued section absent from the file starts from its dataclass default.
             node[key] = _default_for(keys[: i + 1])
         node = node[key]
+    import yaml
+
     value = yaml.safe_load(text) if text else ""
     if isinstance(node, list):
         node[_list_index(keys[-1], node, dotted)] = value
@@ -260,44 +265,62 @@ def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
 
+def _require(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {message}")
+
+
 def validate(config: PipelineConfig) -> None:
     """Checks that need more than a type: ranges, names, cross-field rules."""
-    def require(ok: bool, where: str, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"{where}: {message}")
-
+    require = _require
     require(bool(config.run.name.strip()), "run.name", "must not be empty")
     require(bool(config.run.root.strip()), "run.root", "must not be empty")
     require(not config.run.root.startswith("s3://") or len(config.run.root) > 5, "run.root", "needs a bucket")
     require(config.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
     require(config.storage.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
-    require(len(config.ingest.sources) > 0, "ingest.sources", "needs at least one source")
+    validate_ingest(config.ingest)
+    validate_train(config.train, config.ingest.resolution)
+    for i, metric in enumerate(config.evaluate.metrics):
+        require(metric in KNOWN_METRICS, f"evaluate.metrics[{i}]",
+                f"unknown metric {metric!r} (known: {', '.join(KNOWN_METRICS)})")
+    require(config.evaluate.max_samples is None or config.evaluate.max_samples > 0, "evaluate.max_samples",
+            "must be > 0")
+
+
+def validate_ingest(ingest: IngestSection, where: str = "ingest") -> None:
     from atoken.preprocess.sources import BUILTIN_SOURCES
 
-    for i, source in enumerate(config.ingest.sources):
-        where = f"ingest.sources[{i}]"
-        require(source.kind in ("builtin", "folder"), f"{where}.kind", "must be 'builtin' or 'folder'")
+    require = _require
+    require(len(ingest.sources) > 0, f"{where}.sources", "needs at least one source")
+    for i, source in enumerate(ingest.sources):
+        at = f"{where}.sources[{i}]"
+        require(source.kind in ("builtin", "folder"), f"{at}.kind", "must be 'builtin' or 'folder'")
         if source.kind == "builtin":
-            require(source.name in BUILTIN_SOURCES, f"{where}.name",
+            require(source.name in BUILTIN_SOURCES, f"{at}.name",
                     f"unknown built-in set {source.name!r} (known: {', '.join(BUILTIN_SOURCES)})")
         else:
-            require(bool(source.path), f"{where}.path", "a folder source needs a path")
-        require(source.limit is None or source.limit > 0, f"{where}.limit", "must be > 0")
-    require(config.ingest.resolution >= 8 and config.ingest.resolution % 8 == 0, "ingest.resolution",
+            require(bool(source.path), f"{at}.path", "a folder source needs a path")
+        require(source.limit is None or source.limit > 0, f"{at}.limit", "must be > 0")
+    require(ingest.resolution >= 8 and ingest.resolution % 8 == 0, f"{where}.resolution",
             "must be a multiple of 8, at least 8")
-    require(config.ingest.samples_per_shard > 0, "ingest.samples_per_shard", "must be > 0")
-    require(config.ingest.val_every >= 2, "ingest.val_every", "must be >= 2")
-    require(config.ingest.parallelism >= 1, "ingest.parallelism", "must be >= 1")
+    require(ingest.samples_per_shard > 0, f"{where}.samples_per_shard", "must be > 0")
+    require(ingest.val_every >= 2, f"{where}.val_every", "must be >= 2")
+    require(ingest.parallelism >= 1, f"{where}.parallelism", "must be >= 1")
 
-    model = config.train.model
+
+def validate_train(train: TrainSection, resolution: int) -> None:
+    require = _require
+    model = train.model
     require(model.kind in KNOWN_MODELS, "train.model.kind", f"unknown model (known: {', '.join(KNOWN_MODELS)})")
-    require(model.patch_size > 0 and config.ingest.resolution % model.patch_size == 0, "train.model.patch_size",
-            f"must divide ingest.resolution ({config.ingest.resolution})")
+    if model.kind == "atoken":
+        require(model.preset in ATOKEN_PRESETS, "train.model.preset", f"must be one of {', '.join(ATOKEN_PRESETS)}")
+    require(model.patch_size > 0 and resolution % model.patch_size == 0, "train.model.patch_size",
+            f"must divide ingest.resolution ({resolution})")
     require(model.hidden_channels > 0, "train.model.hidden_channels", "must be > 0")
     require(model.latent_channels > 0, "train.model.latent_channels", "must be > 0")
-    require(len(config.train.stages) > 0, "train.stages", "needs at least one stage")
+    require(len(train.stages) > 0, "train.stages", "needs at least one stage")
     seen: set[str] = set()
-    for i, stage in enumerate(config.train.stages):
+    for i, stage in enumerate(train.stages):
         where = f"train.stages[{i}]"
         require(stage.name.isidentifier(), f"{where}.name", "must be a plain identifier")
         require(stage.name not in seen, f"{where}.name", f"duplicate stage name {stage.name!r}")
@@ -306,11 +329,6 @@ def validate(config: PipelineConfig) -> None:
             require(getattr(stage, name) > 0, f"{where}.{name}", "must be > 0")
         require(stage.lr > 0, f"{where}.lr", "must be > 0")
         require(0 <= stage.warmup_steps <= stage.steps, f"{where}.warmup_steps", "must be in [0, steps]")
-    for i, metric in enumerate(config.evaluate.metrics):
-        require(metric in KNOWN_METRICS, f"evaluate.metrics[{i}]",
-                f"unknown metric {metric!r} (known: {', '.join(KNOWN_METRICS)})")
-    require(config.evaluate.max_samples is None or config.evaluate.max_samples > 0, "evaluate.max_samples",
-            "must be > 0")
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -30,3 +31,22 @@ def s3_credentials(monkeypatch):
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     return values
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory):
+    """An empty MLflow sqlite store, created once: building its tables takes seconds, copying it does not."""
+    from atoken.pipeline.tracking import Tracker
+
+    folder = tmp_path_factory.mktemp("mlflow-template")
+    Tracker(f"sqlite:///{folder / 'mlflow.db'}", "template", str(folder))
+    return folder / "mlflow.db"
+
+
+@pytest.fixture
+def mlflow_uri(_mlflow_template, tmp_path):
+    """A fresh sqlite MLflow store of this test's own, in tmp_path."""
+    target = tmp_path / "mlflow" / "mlflow.db"
+    target.parent.mkdir()
+    shutil.copyfile(_mlflow_template, target)
+    return f"sqlite:///{target}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ class StageJob:
     output: str
     init_weights: str | None  # the previous stage's model.safetensors
     storage: Storage
-    tracker: Tracker
+    tracker: Tracker | None  # None: no MLflow (benchmarks)
     run_id: str
     seed: int
 
@@ -46,12 +47,35 @@ def learning_rate(step: int, stage: TrainStageSection) -> float:
     return stage.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
-def train_worker(job: StageJob) -> None:
+@dataclass
+class WorkerRuntime:
+    """What the loop needs from whoever runs it: Ray Train on a cluster, or a plain process."""
+    rank: int
+    world_size: int
+    device: torch.device
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module]
+    report: Callable[[dict[str, float]], None]
+
+
+def ray_train_runtime() -> WorkerRuntime:
     import ray.train
     import ray.train.torch
 
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+    return WorkerRuntime(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
+                         ray.train.torch.prepare_model, ray.train.report)
+
+
+def single_process_runtime(device: str = "cpu") -> WorkerRuntime:
+    """One process, no Ray: what the GPU benchmark runs (the lent GPU has no Ray installed)."""
+    target = torch.device(device)
+    return WorkerRuntime(0, 1, target, lambda model: model.to(target), lambda metrics: None)
+
+
+def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[str, float]:
+    """Train one stage to `job.stage.steps`; returns the last logged metrics."""
+    runtime = runtime or ray_train_runtime()
+    rank, world_size, device = runtime.rank, runtime.world_size, runtime.device
     torch.manual_seed(job.seed + rank)
     model = build_model(job.model)
     if job.init_weights:
@@ -61,13 +85,13 @@ def train_worker(job: StageJob) -> None:
     state = load_latest_checkpoint(job.storage, job.output, model, optimizer) or {"step": 0, "position": 0}
     if state["step"] > 0 and rank == 0:
         print(f"[{job.stage.name}] resuming at step {state['step']} from its last checkpoint", flush=True)
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
+    model = runtime.prepare_model(model)
     stream = ShardStream(job.shards, job.storage, job.seed, rank, world_size)
     batches = stream.batches(job.stage.batch_size, position=state["position"])
 
     step, position = state["step"], state["position"]
     window_start, window_steps = time.perf_counter(), 0
+    metrics: dict[str, float] = {}
     while step < job.stage.steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, job.stage)
@@ -85,17 +109,18 @@ def train_worker(job: StageJob) -> None:
             metrics = {f"train/{k}": float(v) for k, v in terms.items()}
             metrics |= {"train/loss": float(loss), "train/lr": learning_rate(step - 1, job.stage),
                         "train/steps_per_second": window_steps / max(seconds, 1e-9)}
-            if rank == 0:
+            if rank == 0 and job.tracker is not None:
                 job.tracker.log_metrics(job.run_id, metrics, step=step)
                 print(f"[{job.stage.name}] step {step}/{job.stage.steps} loss {float(loss):.4f} "
                       f"{metrics['train/steps_per_second']:.1f} steps/s", flush=True)
-            ray.train.report(metrics)
+            runtime.report(metrics)
             window_start, window_steps = time.perf_counter(), 0
         if rank == 0 and (step % job.stage.checkpoint_every == 0 or step == job.stage.steps):
             save_checkpoint(job.storage, job.output, _unwrap(model), optimizer,
                             {"step": step, "position": position, "stage": job.stage.name})
     if rank == 0:
         save_model(job.storage, job.output, _unwrap(model), {"model": asdict(job.model), "steps": step})
+    return metrics
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
