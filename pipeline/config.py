@@ -74,8 +74,8 @@ class IngestSection:
 
 @dataclass
 class ModelSection:
-    # patch_autoencoder: the first slice's small model. atoken: the AToken transformer (preset: tiny, base,
-    # so400m), which the model issue builds; configs/base.yaml and so400m.yaml name it already.
+    # atoken: the AToken transformer (preset tiny, base or so400m; patch_size 16 as the paper).
+    # patch_autoencoder: a small convolutional baseline (hidden_channels applies to it only).
     kind: str = "patch_autoencoder"
     preset: str | None = None
     patch_size: int = 4

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from atoken.pipeline.config import PipelineConfig
+from atoken.pipeline.config import PipelineConfig, flatten
 from atoken.pipeline.storage import Storage, join
 from atoken.pipeline.tracking import Tracker
 
@@ -178,6 +178,8 @@ class Pipeline:
             )
             # Committed before any work: a killed run finds its folder and MLflow run here next time.
             self.write_state(state)
+            section = json.loads(json.dumps(stage.section(self.config), default=_plain))
+            tracker.log_params(run_id, flatten(section if isinstance(section, dict) else {"value": section}))
             context = StageContext(self.config, self.storage, tracker, state.output,
                                    {d: finished[d] for d in stage.depends_on}, run_id, resumed, progress)
             try:

@@ -47,13 +47,19 @@ def preflight_ingest(config: PipelineConfig) -> None:
 
 
 def preflight_model(config: PipelineConfig) -> None:
+    """A local run that asks for GPUs on a machine without one would wait for them forever: refuse it."""
+    import os
+
+    import torch
+
     from atoken.pipeline.config import ConfigError
 
-    if config.train.model.kind == "atoken":
-        # Named so that configs/base.yaml and so400m.yaml validate today; refused before any work
-        # until the AToken transformer exists in train/model/.
-        raise ConfigError("train.model.kind: the 'atoken' transformer is not in this build yet "
-                          "(only patch_autoencoder trains); the run stopped before any work")
+    if os.environ.get("RAY_ADDRESS") or torch.cuda.is_available():
+        return  # a cluster may bring its GPUs with it
+    for index, stage in enumerate(config.train.stages):
+        if stage.use_gpu:
+            raise ConfigError(f"train.stages[{index}].use_gpu: this machine has no GPU; set RAY_ADDRESS to run on "
+                              "a cluster, or --set train.stages.N.use_gpu=false")
 
 
 def run_ingest(ctx: StageContext) -> dict[str, Any]:

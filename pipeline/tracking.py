@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-SECRET_KEY = re.compile(r"secret|password|passwd|token|access_key|credential|api_key", re.IGNORECASE)
+# "token", but not the project's own name: `atoken.init_from` and other atoken.* tags are not secrets.
+SECRET_KEY = re.compile(r"secret|password|passwd|(?<!\ba)token|access_key|credential|api_key", re.IGNORECASE)
 URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 

@@ -43,6 +43,7 @@ def process_image(data: bytes, key: str, resolution: int, max_pixels: int) -> Im
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for bad bytes; all mean "not an image"
         raise ItemError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     image = ImageOps.exif_transpose(image)
+    width, height = image.size  # upright, as a viewer (and the sample) sees it, not as stored
     if image.mode in ("RGBA", "LA", "P"):
         # Transparent pixels composite onto white, not onto whatever colour the alpha hid.
         rgba = image.convert("RGBA")

@@ -101,7 +101,8 @@ def write_image_shard(plan: ShardPlan, storage: Storage, output: str, settings: 
                 })
         _verify_tar(tar_path, [row["key"] for row in rows])
         storage.upload(tar_path, shard_uri(output, plan.name))
-        size = tar_path.stat().st_size
+    # The manifest's measure (PNG bytes of the samples), so a skipped shard reports the same number.
+    size = sum(row["bytes"] for row in rows)
     storage.write_bytes(errors_uri(output, plan.name), _parquet(error_rows, ERRORS_SCHEMA))
     storage.write_bytes(manifest_uri(output, plan.name), _parquet(rows, MANIFEST_SCHEMA))
     return ShardResult(plan.name, len(rows), len(error_rows), size, time.perf_counter() - started,

@@ -1,5 +1,22 @@
 """Model definitions; `build_model` turns the config's model section into a module."""
 
-from atoken.train.model.patch_autoencoder import PatchAutoencoder, build_model
+from __future__ import annotations
 
-__all__ = ["PatchAutoencoder", "build_model"]
+from torch import nn
+
+from atoken.pipeline.config import ModelSection
+from atoken.train.model.patch_autoencoder import PatchAutoencoder
+from atoken.train.model.tokenizer import PRESETS, Tokenizer, TokenizerConfig
+
+
+def build_model(section: ModelSection) -> nn.Module:
+    """Both kinds keep one image contract: model(pixels (B, 3, H, W)) → reconstruction, mean, logvar."""
+    if section.kind == "patch_autoencoder":
+        return PatchAutoencoder(section.patch_size, section.hidden_channels, section.latent_channels)
+    if section.kind == "atoken":
+        return Tokenizer.from_preset(section.preset, latent_channels=section.latent_channels,
+                                     patch_size=section.patch_size)
+    raise ValueError(f"train.model.kind: unknown model {section.kind!r}")
+
+
+__all__ = ["PRESETS", "PatchAutoencoder", "Tokenizer", "TokenizerConfig", "build_model"]

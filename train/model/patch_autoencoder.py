@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from atoken.pipeline.config import ModelSection
-
 
 class PatchAutoencoder(nn.Module):
     def __init__(self, patch_size: int, hidden_channels: int, latent_channels: int):
@@ -45,8 +43,3 @@ class PatchAutoencoder(nn.Module):
         latent = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
         return {"reconstruction": self.decode(latent), "mean": mean, "logvar": logvar}
 
-
-def build_model(section: ModelSection) -> nn.Module:
-    if section.kind == "patch_autoencoder":
-        return PatchAutoencoder(section.patch_size, section.hidden_channels, section.latent_channels)
-    raise ValueError(f"train.model.kind: unknown model {section.kind!r}")

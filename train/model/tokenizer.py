@@ -1,0 +1,242 @@
+"""The AToken tokenizer: one transformer encoder/decoder for images, videos and 3D in a sparse 4-D latent.
+
+    packed tokens ─► embeddings (patch linear + SigLIP2's 2-D position table, resized per sample)
+                  ─► encoder (SigLIP2 blocks + 4-D RoPE) ─► post_layernorm ─┬─► head: one embedding per sample
+                                                                            └─► KL head: mean, logvar (C per token)
+    latent (C per token, optionally FSQ-quantized) ─► decoder_in ─► decoder (RMSNorm, QK-norm, no bias)
+                  ─► pixel_head (3072 per token: a 4x16x16 RGB patch) | gaussian_head (32 Gaussians per voxel)
+
+Sizes are data (PRESETS); the paper's figures are in ../shared/reference/atoken-spec.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from atoken.train.model.gaussians import GaussianHead
+from atoken.train.model.pooling import AttentionPooling
+from atoken.train.model.quantizers import FSQ, KLHead
+from atoken.train.model.rope import rope_angles
+from atoken.train.model.tokens import VOXELS, PackedBatch, pack_images, unpack_images
+from atoken.train.model.transformer import KVCache, Stack, TokenInfo
+
+
+@dataclass
+class TokenizerConfig:
+    width: int
+    depth: int
+    heads: int
+    mlp_width: int
+    latent_channels: int = 48  # 32 in curriculum stage 1, 48 from stage 2 (FSQ needs 48)
+    patch_size: int = 16
+    temporal_patch: int = 4
+    position_grid: int = 16  # SigLIP2 naflex: 256 learned positions = a 16x16 table
+    tile_latent_frames: int = 4  # temporal tiles of 16 frames
+    # How many earlier tiles a tile attends to (None: all). A window bounds the KV cache, so memory depends
+    # on the tile size and the window, not on the video's length.
+    cache_tiles: int | None = None
+    rope: bool = True
+    rope_base: float = 10000.0
+    layer_norm_eps: float = 1e-6
+    gaussians_per_voxel: int = 32
+    voxel_grid: int = 64
+    fsq_groups: int = 8
+    fsq_levels: tuple[int, ...] = (4, 4, 4, 4, 4, 4)
+    attention_backend: str = "auto"  # auto (flex on CUDA, masked elsewhere), flex, masked
+
+    @property
+    def patch_dim(self) -> int:
+        return self.temporal_patch * self.patch_size * self.patch_size * 3
+
+
+PRESETS: dict[str, dict] = {
+    # Trains in minutes on 2 CPU cores (the quickstart).
+    "tiny": dict(width=96, depth=2, heads=4, mlp_width=384),
+    # SigLIP2-B/16 shapes (~192M encoder + decoder in the paper).
+    "base": dict(width=768, depth=12, heads=12, mlp_width=3072),
+    # SigLIP2-So400m/16 shapes: head_dim 72 → 9 RoPE frequency pairs per axis.
+    "so400m": dict(width=1152, depth=27, heads=16, mlp_width=4304),
+}
+
+
+class Embeddings(nn.Module):
+    """SigLIP2's vision embeddings (same names), generalised to (t, x, y, z) tokens."""
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embedding = nn.Linear(config.patch_dim, config.width)
+        self.position_embedding = nn.Embedding(config.position_grid**2, config.width)
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        return self.patch_embedding(batch.patches) + self.positions(batch)  # (N, width)
+
+    def positions(self, batch: PackedBatch) -> torch.Tensor:
+        """(N, width): the learned table resized to each sample's grid (SigLIP2 naflex's antialiased bilinear
+        resize) and read at the token's (y, x). Voxels read the table resized to the voxel grid."""
+        grid = self.config.position_grid
+        table = self.position_embedding.weight.reshape(grid, grid, -1)  # (G, G, D)
+        resized: dict[tuple[int, int], torch.Tensor] = {}
+        out = []
+        for index, layout in enumerate(batch.layouts):
+            size = (self.config.voxel_grid,) * 2 if layout.modality == VOXELS else layout.grid[1:]
+            if size not in resized:
+                rows, cols = (resize_weights(grid, n, table.device) for n in size)  # (h, G), (w, G)
+                resized[size] = torch.einsum("ig,jk,gkd->ijd", rows, cols, table.float()).to(table.dtype)  # (h, w, D)
+            coords = batch.coords[batch.sample_ids == index]  # (n, 4)
+            out.append(resized[size][coords[:, 2], coords[:, 1]])  # (n, D)
+        return torch.cat(out)  # (N, D)
+
+
+def resize_weights(source: int, target: int, device: torch.device) -> torch.Tensor:
+    """(target, source) weights of a 1-D antialiased linear resize (align_corners=False), as SigLIP2 naflex
+    computes them. Written out because F.interpolate(antialias=True) disagrees with it when one output
+    side is 1 pixel (measured: up to 0.87 off for a 4x4 table resized to 3x1)."""
+    scale = source / target
+    support = max(scale, 1.0)
+    centers = (torch.arange(target, device=device, dtype=torch.float32) + 0.5) * scale - 0.5  # (target,)
+    taps = torch.arange(source, device=device, dtype=torch.float32)  # (source,)
+    weights = (1 - (taps[None, :] - centers[:, None]).abs() / support).clamp(min=0)  # (target, source)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+class Tokenizer(nn.Module):
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        self.config = c = config
+        backend = c.attention_backend
+        self.embeddings = Embeddings(c)
+        self.encoder = Stack(c.depth, c.width, c.heads, c.mlp_width, siglip=True, eps=c.layer_norm_eps,
+                             backend=backend)
+        self.post_layernorm = nn.LayerNorm(c.width, eps=c.layer_norm_eps)
+        self.head = AttentionPooling(c.width, c.heads, c.mlp_width, layer_norm_eps=c.layer_norm_eps)
+        self.kl = KLHead(c.width, c.latent_channels)
+        fsq_channels = c.fsq_groups * len(c.fsq_levels)
+        self.fsq = FSQ(fsq_channels, c.fsq_groups, tuple(c.fsq_levels)) if c.latent_channels == fsq_channels else None
+        self.decoder_in = nn.Linear(c.latent_channels, c.width, bias=False)
+        self.decoder = Stack(c.depth, c.width, c.heads, c.mlp_width, siglip=False, eps=c.layer_norm_eps,
+                             backend=backend)
+        self.decoder_norm = nn.RMSNorm(c.width, eps=c.layer_norm_eps)
+        self.pixel_head = nn.Linear(c.width, c.patch_dim, bias=False)
+        self.gaussian_head = GaussianHead(c.width, c.gaussians_per_voxel, c.voxel_grid)
+
+    # -- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> Tokenizer:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+        return cls(TokenizerConfig(**{**PRESETS[name], **overrides}))
+
+    @classmethod
+    def from_pretrained(cls, folder: str) -> Tokenizer:
+        from atoken.train.model.pretrained import load_pretrained
+
+        return load_pretrained(cls, folder)
+
+    def save_pretrained(self, folder: str) -> None:
+        from atoken.train.model.pretrained import save_pretrained
+
+        save_pretrained(self, folder)
+
+    @classmethod
+    def from_siglip2(cls, path: str, **overrides) -> Tokenizer:
+        from atoken.train.model.pretrained import load_siglip2
+
+        return load_siglip2(cls, path, **overrides)
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+    # -- the model ---------------------------------------------------------------------------------
+
+    def token_info(self, batch: PackedBatch) -> TokenInfo:
+        tiles = batch.coords[:, 0] // self.config.tile_latent_frames  # (N,): images and 3D are tile 0
+        head_dim = self.config.width // self.config.heads
+        rope = rope_angles(batch.coords, head_dim, self.config.rope_base) if self.config.rope else None
+        return TokenInfo(batch.sample_ids, tiles, rope, self.config.cache_tiles)
+
+    def encode(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        """→ hidden (N, width) after post_layernorm, mean and logvar (N, C)."""
+        hidden = self.post_layernorm(self.encoder(self.embeddings(batch), self.token_info(batch)))
+        mean, logvar = self.kl(hidden)
+        return {"hidden": hidden, "mean": mean, "logvar": logvar}
+
+    def decode(self, latent: torch.Tensor, batch: PackedBatch) -> dict[str, object]:
+        """latent (N, C) → patches (N, 3072) for every token, and Gaussians for the voxel tokens."""
+        hidden = self.decoder_norm(self.decoder(self.decoder_in(latent), self.token_info(batch)))  # (N, width)
+        out: dict[str, object] = {"patches": self.pixel_head(hidden)}
+        voxels = batch.modality_mask(VOXELS)
+        if voxels.any():
+            out["gaussians"] = self.gaussian_head(hidden[voxels], batch.coords[voxels][:, 1:])
+        return out
+
+    def quantize(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent (N, 48) → FSQ-quantized latent (N, 48) and codes (N, 8), each in [0, 4096)."""
+        if self.fsq is None:
+            raise ValueError(f"FSQ needs a {self.config.fsq_groups * len(self.config.fsq_levels)}-channel latent, "
+                             f"this model has {self.config.latent_channels}")
+        return self.fsq(latent)
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        """One embedding per sample (S, width), for alignment with text."""
+        return self.head(self.encode(batch)["hidden"], batch.sample_ids, batch.num_samples)
+
+    def forward_packed(self, batch: PackedBatch, sample: bool = True, quantize: bool = False) -> dict[str, object]:
+        encoded = self.encode(batch)
+        latent = self.kl.sample(encoded["mean"], encoded["logvar"]) if sample else encoded["mean"]
+        out: dict[str, object] = dict(encoded)
+        if quantize:
+            latent, out["codes"] = self.quantize(latent)
+        out |= self.decode(latent, batch)
+        out["latent"] = latent
+        return out
+
+    def forward(self, pixels: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
+        """Images (B, 3, H, W) in [-1, 1] → reconstruction (B, 3, H, W), mean, logvar: the image-only
+        contract the pipeline's training and evaluation stages use for every model."""
+        batch = pack_images(pixels, self.config.patch_size, self.config.temporal_patch)
+        out = self.forward_packed(batch, sample=sample)
+        images = unpack_images(out["patches"], batch, self.config.patch_size)  # (B, 3, H, W)
+        return {"reconstruction": images, "mean": out["mean"], "logvar": out["logvar"]}
+
+    # -- long videos ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_tiled(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        """The same result as `encode`, computed one temporal tile at a time with a KV cache, so a long video
+        never holds more than one tile's activations (the cache holds keys and values only)."""
+        info = self.token_info(batch)
+        hidden = torch.empty(batch.patches.shape[0], self.config.width, device=batch.patches.device)
+        cache = KVCache()
+        for tile in info.tiles.unique(sorted=True).tolist():
+            chosen, part_info = _tile(info, tile, cache)
+            part = PackedBatch(batch.patches[chosen], batch.coords[chosen], batch.sample_ids[chosen], batch.layouts)
+            hidden[chosen] = self.post_layernorm(self.encoder(self.embeddings(part), part_info, cache))
+        mean, logvar = self.kl(hidden)
+        return {"hidden": hidden, "mean": mean, "logvar": logvar}
+
+    @torch.no_grad()
+    def decode_tiled(self, latent: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """Pixel patches (N, 3072) of `decode`, one temporal tile at a time with a KV cache."""
+        info = self.token_info(batch)
+        patches = torch.empty(latent.shape[0], self.config.patch_dim, device=latent.device)
+        cache = KVCache()
+        for tile in info.tiles.unique(sorted=True).tolist():
+            chosen, part_info = _tile(info, tile, cache)
+            hidden = self.decoder(self.decoder_in(latent[chosen]), part_info, cache)
+            patches[chosen] = self.pixel_head(self.decoder_norm(hidden))
+        return patches
+
+
+def _tile(info: TokenInfo, tile: int, cache: KVCache) -> tuple[torch.Tensor, TokenInfo]:
+    """The tokens of one temporal tile, and the cache trimmed to the tiles they may attend to."""
+    if info.window is not None:
+        cache.drop_before(tile - info.window)
+    chosen = info.tiles == tile  # (N,) bool
+    rope = None if info.rope is None else (info.rope[0][chosen], info.rope[1][chosen])
+    return chosen, TokenInfo(info.samples[chosen], info.tiles[chosen], rope, info.window)
+

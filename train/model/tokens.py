@@ -1,0 +1,137 @@
+"""Sparse 4-D tokens: every modality becomes patches with integer (t, x, y, z) coordinates, packed.
+
+Images and videos are cut into (t, h, w) = (4, 16, 16) RGB patches (3072 values, ordered t, h, w, c so
+that the first frame's 768 values are laid out exactly as SigLIP2's (h, w, c) patches). An image is a
+video of one frame, zero-padded to 4. A 3D asset is its occupied voxels of a 64³ grid, each carrying a
+768-d feature (a 16x16 RGB patch of its nearest view) zero-padded to 3072.
+
+Samples of any modality and size are concatenated into one sequence (NaViT-style packing); a
+`sample_ids` vector keeps them apart in attention, so nothing is padded to the largest sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+
+IMAGE, VIDEO, VOXELS = "image", "video", "voxels"
+
+
+@dataclass(frozen=True)
+class SampleLayout:
+    """How one sample's tokens map back to its pixels or voxels."""
+    modality: str
+    grid: tuple[int, int, int]  # (T', H', W') latent grid for images/videos; (V, 0, 0) for voxels
+    frames: int  # real frames before temporal padding (1 for an image, 0 for voxels)
+
+
+@dataclass
+class PackedBatch:
+    patches: torch.Tensor  # (N, 3072) float
+    coords: torch.Tensor  # (N, 4) int64: t, x, y, z
+    sample_ids: torch.Tensor  # (N,) int64, sample index of each token, non-decreasing
+    layouts: list[SampleLayout]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.layouts)
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        return PackedBatch(self.patches.to(device), self.coords.to(device), self.sample_ids.to(device), self.layouts)
+
+    def modality_mask(self, modality: str) -> torch.Tensor:
+        """(N,) bool: the tokens of samples of one modality."""
+        flags = torch.tensor([layout.modality == modality for layout in self.layouts], device=self.sample_ids.device)
+        return flags[self.sample_ids]
+
+
+def patchify_video(video: torch.Tensor, patch: int = 16, temporal: int = 4) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   SampleLayout]:
+    """video (T, 3, H, W) → patches (T'·H'·W', temporal·patch·patch·3), coords (·, 4), layout.
+
+    H and W are centre-cropped to multiples of `patch`; T is zero-padded to a multiple of `temporal`."""
+    frames, _, height, width = video.shape
+    crop_h, crop_w = height // patch * patch, width // patch * patch
+    if crop_h == 0 or crop_w == 0:
+        raise ValueError(f"a {height}x{width} frame is smaller than one {patch}x{patch} patch")
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    video = video[:, :, top:top + crop_h, left:left + crop_w]  # (T, 3, H, W)
+    padded_frames = -(-frames // temporal) * temporal
+    if padded_frames != frames:
+        pad = video.new_zeros(padded_frames - frames, *video.shape[1:])
+        video = torch.cat([video, pad])  # (T_pad, 3, H, W)
+    patches = rearrange(video, "(tt pt) c (hh ph) (ww pw) -> (tt hh ww) (pt ph pw c)", pt=temporal, ph=patch, pw=patch)
+    grid = (padded_frames // temporal, crop_h // patch, crop_w // patch)
+    coords = grid_coords(grid, video.device)
+    modality = IMAGE if frames == 1 else VIDEO
+    return patches, coords, SampleLayout(modality, grid, frames)
+
+
+def patchify_image(image: torch.Tensor, patch: int = 16, temporal: int = 4):
+    """image (3, H, W) → the tokens of a one-frame video (zero-padded in time)."""
+    return patchify_video(image[None], patch, temporal)
+
+
+def grid_coords(grid: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(T'·H'·W', 4) coordinates (t, x, y, z=0) in the raster order of `patchify_video`."""
+    t, y, x = torch.meshgrid(*(torch.arange(n, device=device) for n in grid), indexing="ij")
+    return torch.stack([t, x, y, torch.zeros_like(t)], dim=-1).reshape(-1, 4)
+
+
+def voxel_tokens(voxels: torch.Tensor, features: torch.Tensor, patch_dim: int = 3072):
+    """voxels (V, 3) int (x, y, z) in the 64³ grid, features (V, F ≤ patch_dim) → zero-padded patches.
+
+    The spec puts 3D at t = 0 (the authors' release uses t = 1; a config-free choice we document)."""
+    if features.shape[-1] > patch_dim:
+        raise ValueError(f"voxel features have {features.shape[-1]} values, more than a {patch_dim}-d patch")
+    patches = torch.nn.functional.pad(features, (0, patch_dim - features.shape[-1]))  # (V, 3072)
+    coords = torch.cat([torch.zeros_like(voxels[:, :1]), voxels], dim=-1).long()  # (V, 4): t=0, x, y, z
+    return patches, coords, SampleLayout(VOXELS, (voxels.shape[0], 0, 0), 0)
+
+
+def pack(samples: list[tuple[torch.Tensor, torch.Tensor, SampleLayout]]) -> PackedBatch:
+    """Concatenate per-sample (patches, coords, layout) into one sequence."""
+    if not samples:
+        raise ValueError("cannot pack an empty list of samples")
+    patches = torch.cat([s[0] for s in samples])  # (N, 3072)
+    coords = torch.cat([s[1] for s in samples])  # (N, 4)
+    sizes = torch.tensor([s[0].shape[0] for s in samples], device=patches.device)
+    sample_ids = torch.repeat_interleave(torch.arange(len(samples), device=patches.device), sizes)  # (N,)
+    return PackedBatch(patches, coords, sample_ids, [s[2] for s in samples])
+
+
+def pack_images(images: torch.Tensor, patch: int = 16, temporal: int = 4) -> PackedBatch:
+    """images (B, 3, H, W) → a packed batch of B one-frame samples (vectorised `patchify_image`)."""
+    batch, _, height, width = images.shape
+    rows, cols = height // patch, width // patch
+    top, left = (height - rows * patch) // 2, (width - cols * patch) // 2
+    images = images[:, :, top:top + rows * patch, left:left + cols * patch]  # (B, 3, H', W')
+    frame = rearrange(images, "b c (hh ph) (ww pw) -> (b hh ww) (ph pw c)", ph=patch, pw=patch)  # (N, 768)
+    # Frame 0 leads the (t, h, w, c) layout: the zero frames of the temporal padding follow it.
+    patches = torch.nn.functional.pad(frame, (0, (temporal - 1) * frame.shape[1]))  # (N, 3072)
+    coords = grid_coords((1, rows, cols), images.device).repeat(batch, 1)  # (N, 4)
+    sample_ids = torch.arange(batch, device=images.device).repeat_interleave(rows * cols)  # (N,)
+    return PackedBatch(patches, coords, sample_ids, [SampleLayout(IMAGE, (1, rows, cols), 1)] * batch)
+
+
+def unpack_images(patches: torch.Tensor, batch: PackedBatch, patch: int = 16) -> torch.Tensor:
+    """(N, 3072) patches of a batch made by `pack_images` → images (B, 3, H, W)."""
+    _, rows, cols = batch.layouts[0].grid
+    frame = patches[:, : patch * patch * 3]  # (N, 768): frame 0
+    return rearrange(frame, "(b hh ww) (ph pw c) -> b c (hh ph) (ww pw)", hh=rows, ww=cols, ph=patch, pw=patch)
+
+
+def unpatchify(patches: torch.Tensor, layout: SampleLayout, patch: int = 16, temporal: int = 4) -> torch.Tensor:
+    """One sample's (T'·H'·W', 3072) patches → video (frames, 3, H, W), temporal padding dropped."""
+    grid_t, grid_h, grid_w = layout.grid
+    video = rearrange(patches, "(tt hh ww) (pt ph pw c) -> (tt pt) c (hh ph) (ww pw)", tt=grid_t, hh=grid_h,
+                      ww=grid_w, pt=temporal, ph=patch, pw=patch)
+    return video[: layout.frames]
+
+
+def split_samples(values: torch.Tensor, batch: PackedBatch) -> list[torch.Tensor]:
+    """Per-token values (N, ...) → one tensor per sample, in sample order."""
+    counts = torch.bincount(batch.sample_ids, minlength=batch.num_samples).tolist()
+    return list(values.split(counts))
