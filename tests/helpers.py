@@ -16,7 +16,7 @@ ATOKEN = [sys.executable, "-m", "atoken.pipeline.cli"]
 SMALL = [
     "--set", "ingest.sources.1.limit=300",
     "--set", "ingest.samples_per_shard=40",
-    "--set", "train.stages.0.steps=60", "--set", "train.stages.0.checkpoint_every=20",
+    "--set", "train.stages.0.steps=150", "--set", "train.stages.0.checkpoint_every=50",
     "--set", "train.stages.0.warmup_steps=5",
     "--set", "train.stages.1.steps=20", "--set", "train.stages.1.checkpoint_every=10",
     "--set", "train.stages.1.warmup_steps=2",

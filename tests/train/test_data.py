@@ -1,0 +1,145 @@
+"""train/data.py: the sample stream, its exact resume position and its split across ranks."""
+
+from __future__ import annotations
+
+import io
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from atoken.pipeline.storage import Storage, StorageError
+from atoken.train.data import ShardInfo, ShardStream, decode_image, read_shard
+
+SIZE = 8
+
+
+def png(value: int) -> bytes:
+    pixels = np.full((SIZE, SIZE, 3), value, np.uint8)
+    pixels[0, 0] = (0, 128, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_shards(folder: Path, sizes: list[int]) -> list[ShardInfo]:
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, counter = [], 0
+    for index, size in enumerate(sizes):
+        path = folder / f"train-{index:06d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for _ in range(size):
+                sink.write({"__key__": f"s{counter:04d}", "png": png(counter % 256), "json": b"{}"})
+                counter += 1
+        shards.append(ShardInfo(str(path), size))
+    return shards
+
+
+def keys(stream, count: int) -> list[str]:
+    return [sample["__key__"] for sample in itertools.islice(stream, count)]
+
+
+@pytest.fixture
+def shards(tmp_path) -> list[ShardInfo]:
+    return write_shards(tmp_path / "shards", [5, 3, 4])  # 12 samples an epoch
+
+
+def test_read_shard_returns_every_sample_in_order(shards):
+    samples = read_shard(Storage(), shards[0].uri)
+    assert [s["__key__"] for s in samples] == ["s0000", "s0001", "s0002", "s0003", "s0004"]
+    assert all(set(s) >= {"__key__", "png", "json"} for s in samples)
+
+
+def test_read_shard_of_a_missing_file_raises_storage_error(tmp_path):
+    with pytest.raises(StorageError, match="cannot read shard .*missing.tar after 1 attempts"):
+        read_shard(Storage(), str(tmp_path / "missing.tar"), attempts=1)
+
+
+def test_each_epoch_visits_every_sample_once_in_a_new_order(shards):
+    stream = ShardStream(shards, Storage(), seed=3)
+    seen = keys(stream.samples(), 36)
+    epochs = [seen[0:12], seen[12:24], seen[24:36]]
+    everything = sorted(f"s{i:04d}" for i in range(12))
+    assert all(sorted(epoch) == everything for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) == 3, "each epoch is shuffled differently"
+    assert keys(ShardStream(shards, Storage(), seed=3).samples(), 36) == seen, "same seed, same stream"
+    assert keys(ShardStream(shards, Storage(), seed=4).samples(), 36) != seen
+
+
+@pytest.mark.parametrize("position", [0, 1, 4, 5, 7, 8, 11, 12, 13, 17, 24, 29, 35])
+def test_resume_at_a_position_is_the_tail_of_the_stream(shards, position):
+    full = keys(ShardStream(shards, Storage(), seed=0).samples(), 48)
+    resumed = keys(ShardStream(shards, Storage(), seed=0).samples(position=position), 48 - position)
+    assert resumed == full[position:]
+
+
+def test_resume_skips_finished_shards_without_reading_them(shards, monkeypatch):
+    import atoken.train.data as data
+
+    reads: list[str] = []
+    real = data.read_shard
+    monkeypatch.setattr(data, "read_shard", lambda storage, uri: reads.append(uri) or real(storage, uri))
+    stream = ShardStream(shards, Storage(), seed=0)
+    first_of_epoch_one = stream._epoch_shards(1)
+    next(stream.samples(position=12 + first_of_epoch_one[0].samples))
+    assert reads == [first_of_epoch_one[1].uri], "epoch 0 and the finished shard of epoch 1 were not read"
+
+
+def test_ranks_get_disjoint_shards_of_equal_count(tmp_path):
+    shards = write_shards(tmp_path / "shards", [3, 3, 3, 3, 3])
+    for epoch in range(4):
+        per_rank = [ShardStream(shards, Storage(), seed=1, rank=r, world_size=2)._epoch_shards(epoch)
+                    for r in range(2)]
+        assert len(per_rank[0]) == len(per_rank[1]) == 2
+        assert not {s.uri for s in per_rank[0]} & {s.uri for s in per_rank[1]}
+    streams = [keys(ShardStream(shards, Storage(), seed=1, rank=r, world_size=2).samples(), 6) for r in range(2)]
+    assert not set(streams[0]) & set(streams[1])
+
+
+def test_three_ranks_over_seven_shards_cover_six_per_epoch(tmp_path):
+    shards = write_shards(tmp_path / "shards", [2] * 7)
+    chosen = [ShardStream(shards, Storage(), seed=0, rank=r, world_size=3)._epoch_shards(0) for r in range(3)]
+    uris = [s.uri for rank in chosen for s in rank]
+    assert [len(rank) for rank in chosen] == [2, 2, 2] and len(set(uris)) == 6
+
+
+def test_fewer_shards_than_ranks_is_refused(shards):
+    with pytest.raises(ValueError, match="3 shards cannot feed 4 workers"):
+        ShardStream(shards, Storage(), seed=0, rank=0, world_size=4)
+
+
+def test_a_manifest_count_that_disagrees_with_the_shard_raises(shards):
+    wrong = [ShardInfo(shards[0].uri, 6), *shards[1:]]
+    stream = ShardStream(wrong, Storage(), seed=0, world_size=1)
+    with pytest.raises(StorageError, match="5 samples, the manifest says 6"):
+        keys(stream.samples(), 13)
+
+
+def test_empty_shards_raise_instead_of_looping(tmp_path):
+    shards = write_shards(tmp_path / "shards", [0, 0])
+    with pytest.raises(ValueError, match="hold no samples"):
+        next(ShardStream(shards, Storage(), seed=0).samples())
+
+
+def test_decode_image_maps_to_minus_one_one():
+    tensor = decode_image({"png": png(255)})
+    assert tensor.shape == (3, SIZE, SIZE) and tensor.dtype == torch.float32
+    assert tensor[:, 1, 1].tolist() == [1.0, 1.0, 1.0]
+    assert tensor[:, 0, 0].tolist() == pytest.approx([-1.0, 128 / 127.5 - 1.0, 1.0], abs=1e-6)
+    assert decode_image({"png": png(0)})[:, 3, 3].tolist() == [-1.0, -1.0, -1.0]
+
+
+def test_batches_start_where_their_position_says(shards):
+    stream = ShardStream(shards, Storage(), seed=2)
+    samples = list(itertools.islice(stream.samples(), 20))
+
+    batches = ShardStream(shards, Storage(), seed=2).batches(4, position=8)
+    first, second = next(batches), next(batches)
+
+    assert first.shape == (4, 3, SIZE, SIZE)
+    assert torch.equal(first, torch.stack([decode_image(s) for s in samples[8:12]]))
+    assert torch.equal(second, torch.stack([decode_image(s) for s in samples[12:16]]))
