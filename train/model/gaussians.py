@@ -16,7 +16,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
 from torch import nn
 
 PARAMS_PER_GAUSSIAN = 14  # xyz offset 3 + colour 3 + scale 3 + rotation 4 + opacity 1
@@ -113,6 +112,9 @@ def project_gaussians(
     and radii (C, N, 2): half-sizes in pixels of a box holding the 3.33-sigma ellipse, zero for a Gaussian that
     is culled (outside the near/far planes or off the image).
     """
+    # Imported here: the model builds without gsplat; only rendering needs it.
+    from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
+
     covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_preci=False)  # (N, 3, 3)
     radii, means2d, depths, conics, _ = _fully_fused_projection(
         means, covars, viewmats, Ks, width, height, eps2d=EPS2D, near_plane=NEAR_PLANE, far_plane=FAR_PLANE
