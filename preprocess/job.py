@@ -1,4 +1,4 @@
-"""The image ingest job: list sources, plan shards, map the shard writer over Ray, gather stats.
+"""Ingest jobs (images, videos): list sources, plan shards, map the shard writer over Ray, gather stats.
 
 Items are split and sharded by their position in a stable listing, so a rerun plans the very same
 shards and skips the committed ones (see preprocess/writer.py).
@@ -23,8 +23,9 @@ from atoken.preprocess.writer import (
     ImageSettings,
     ShardPlan,
     ShardResult,
+    VideoSettings,
     manifest_uri,
-    write_image_shard,
+    write_shard,
 )
 
 
@@ -41,41 +42,50 @@ def list_items(section: IngestSection) -> list[ItemSpec]:
     return items
 
 
-def plan_image_shards(section: IngestSection) -> list[ShardPlan]:
-    items = list_items(section)
+def plan_shards(items: list[ItemSpec], items_per_shard: int, val_every: int) -> list[ShardPlan]:
     by_split: dict[str, list[ItemSpec]] = {"train": [], "val": []}
     for index, item in enumerate(items):
-        by_split["val" if index % section.val_every == 0 else "train"].append(item)
+        by_split["val" if index % val_every == 0 else "train"].append(item)
     plans = []
     for split, split_items in by_split.items():
-        size = section.samples_per_shard
-        for start in range(0, len(split_items), size):
-            plans.append(ShardPlan(f"{split}-{start // size:06d}", split, split_items[start:start + size]))
+        for start in range(0, len(split_items), items_per_shard):
+            plans.append(ShardPlan(f"{split}-{start // items_per_shard:06d}", split,
+                                   split_items[start:start + items_per_shard]))
     return plans
 
 
+def plan_image_shards(section: IngestSection) -> list[ShardPlan]:
+    return plan_shards(list_items(section), section.samples_per_shard, section.val_every)
+
+
 def run_image_job(section: IngestSection, storage: Storage, output: str, progress: bool = True) -> dict[str, Any]:
+    settings = ImageSettings(section.resolution, section.max_pixels)
+    return run_shard_job(plan_image_shards(section), settings, storage, output, section.parallelism, progress,
+                         "ingest images", "img")
+
+
+def run_shard_job(plans: list[ShardPlan], settings: ImageSettings | VideoSettings, storage: Storage, output: str,
+                  parallelism: int, progress: bool, description: str, unit: str) -> dict[str, Any]:
     """Write every planned shard (in parallel Ray tasks) and the job's manifest, errors and stats."""
     import ray
 
     started = time.perf_counter()
-    plans = plan_image_shards(section)
-    settings = ImageSettings(section.resolution, section.max_pixels)
-    remote_writer = ray.remote(num_cpus=1, max_retries=2)(write_image_shard)
+    remote_writer = ray.remote(num_cpus=1, max_retries=2)(write_shard)
     storage_ref = ray.put(storage)
     pending = list(plans)
     in_flight: list = []
     results: list[ShardResult] = []
-    bar = tqdm(total=sum(len(p.items) for p in plans), desc="ingest images", unit="img", disable=not progress)
+    bar = tqdm(total=sum(len(p.items) for p in plans), desc=description, unit=unit, disable=not progress)
     # A bounded window keeps a million-item job from materialising every task at once.
-    window = max(1, section.parallelism * 2)
+    window = max(1, parallelism * 2)
     while pending or in_flight:
         while pending and len(in_flight) < window:
             in_flight.append(remote_writer.remote(pending.pop(0), storage_ref, output, settings))
         done, in_flight = ray.wait(in_flight, num_returns=1)
         result: ShardResult = ray.get(done[0])
         results.append(result)
-        bar.update(result.samples + result.errors)
+        plan = next(p for p in plans if p.name == result.name)
+        bar.update(len(plan.items))
         bar.set_postfix(shards=f"{len(results)}/{len(plans)}", errors=sum(r.errors for r in results))
     bar.close()
 
@@ -87,17 +97,20 @@ def run_image_job(section: IngestSection, storage: Storage, output: str, progres
     _write_parquet(storage, join(output, "manifest.parquet"), manifest)
     _write_parquet(storage, join(output, "errors.parquet"), pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
     built = [r for r in results if not r.skipped]
+    built_items = sum(len(p.items) for p in plans if p.name in {r.name for r in built})
     seconds = time.perf_counter() - started
+    splits = manifest.column("split").to_pylist()
     stats = {
         "shards": len(results),
         "shards_skipped": len(results) - len(built),
+        "items": sum(len(p.items) for p in plans),
         "samples": manifest.num_rows,
-        "samples_train": sum(1 for s in manifest.column("split").to_pylist() if s == "train"),
-        "samples_val": sum(1 for s in manifest.column("split").to_pylist() if s == "val"),
+        "samples_train": splits.count("train"),
+        "samples_val": splits.count("val"),
         "failures": len(errors),
         "bytes": sum(r.bytes for r in results),
         "seconds": round(seconds, 3),
-        "images_per_second": round(sum(r.samples + r.errors for r in built) / seconds, 2) if built else 0.0,
+        "items_per_second": round(built_items / seconds, 2) if built else 0.0,
     }
     storage.write_json(join(output, "_stats.json"), stats)
     return stats

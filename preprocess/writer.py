@@ -1,4 +1,5 @@
-"""One shard in, committed: process its items, write the tar, verify it, then write its manifest.
+"""One shard in, committed: process its items (images or video clips), write the tar, verify it, then
+write its manifest.
 
 The manifest is written last and is the shard's commit marker: a shard with a manifest is done and a
 rerun skips it; a shard without one is rebuilt from scratch, so a kill at any point loses nothing and
@@ -20,11 +21,15 @@ import webdataset as wds
 from atoken.pipeline.storage import LocalStaging, Storage, join
 from atoken.preprocess.images import ItemError, process_image
 from atoken.preprocess.sources import ItemSpec, read_item_bytes
+from atoken.preprocess.videos import ClipSettings, clip_video
 
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("source", pa.string()),
     ("caption", pa.string()), ("original_width", pa.int32()), ("original_height", pa.int32()),
     ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("bytes", pa.int64()),
+    # video clips only (null for images): where in the source the clip lies
+    ("source_key", pa.string()), ("start_seconds", pa.float64()), ("end_seconds", pa.float64()),
+    ("fps", pa.float64()), ("frames", pa.int32()),
 ])
 ERRORS_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("locator", pa.string()), ("stage", pa.string()),
@@ -51,9 +56,28 @@ class ShardResult:
 
 
 @dataclass(frozen=True)
+class ShardSample:
+    key: str
+    files: dict[str, bytes]  # extension → bytes, e.g. {"png": ...} or {"mp4": ...}
+    meta: dict
+
+
+@dataclass(frozen=True)
 class ImageSettings:
     resolution: int
     max_pixels: int
+
+    def process(self, data: bytes, item: ItemSpec) -> list[ShardSample]:
+        sample = process_image(data, item.key, self.resolution, self.max_pixels)
+        return [ShardSample(sample.key, {"png": sample.png}, sample.meta)]
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    clips: ClipSettings
+
+    def process(self, data: bytes, item: ItemSpec) -> list[ShardSample]:
+        return [ShardSample(c.key, {c.extension: c.data}, c.meta) for c in clip_video(data, item.key, self.clips)]
 
 
 def shard_uri(output: str, name: str) -> str:
@@ -68,7 +92,7 @@ def errors_uri(output: str, name: str) -> str:
     return join(output, "errors", f"{name}.parquet")
 
 
-def write_image_shard(plan: ShardPlan, storage: Storage, output: str, settings: ImageSettings) -> ShardResult:
+def write_shard(plan: ShardPlan, storage: Storage, output: str, settings: ImageSettings | VideoSettings) -> ShardResult:
     started = time.perf_counter()
     if storage.exists(manifest_uri(output, plan.name)):
         table = pq.read_table(io.BytesIO(storage.read_bytes(manifest_uri(output, plan.name))))
@@ -86,22 +110,18 @@ def write_image_shard(plan: ShardPlan, storage: Storage, output: str, settings: 
                 try:
                     data = read_item_bytes(item.locator)
                     stage = "decode"
-                    sample = process_image(data, item.key, settings.resolution, settings.max_pixels)
+                    samples = settings.process(data, item)
                 except (ItemError, OSError) as exc:
                     error_rows.append({"key": item.key, "source": item.source, "locator": item.locator,
                                        "stage": stage, "error": str(exc)[:500]})
                     continue
-                meta = {**sample.meta, "caption": item.caption, "source": item.source, "split": plan.split}
-                sink.write({"__key__": item.key, "png": sample.png, "json": json.dumps(meta).encode()})
-                rows.append({
-                    "key": item.key, "split": plan.split, "shard": plan.name, "source": item.source,
-                    "caption": item.caption, "original_width": meta["original_width"],
-                    "original_height": meta["original_height"], "width": meta["width"],
-                    "height": meta["height"], "sha256": meta["sha256"], "bytes": len(sample.png),
-                })
+                for sample in samples:
+                    meta = {**sample.meta, "caption": item.caption, "source": item.source, "split": plan.split}
+                    sink.write({"__key__": sample.key, **sample.files, "json": json.dumps(meta).encode()})
+                    rows.append(_manifest_row(sample, meta, plan))
         _verify_tar(tar_path, [row["key"] for row in rows])
         storage.upload(tar_path, shard_uri(output, plan.name))
-    # The manifest's measure (PNG bytes of the samples), so a skipped shard reports the same number.
+    # The manifest's measure (bytes of the samples' media), so a skipped shard reports the same number.
     size = sum(row["bytes"] for row in rows)
     storage.write_bytes(errors_uri(output, plan.name), _parquet(error_rows, ERRORS_SCHEMA))
     storage.write_bytes(manifest_uri(output, plan.name), _parquet(rows, MANIFEST_SCHEMA))
@@ -109,11 +129,24 @@ def write_image_shard(plan: ShardPlan, storage: Storage, output: str, settings: 
                        error_rows=error_rows)
 
 
+def _manifest_row(sample: ShardSample, meta: dict, plan: ShardPlan) -> dict:
+    return {
+        "key": sample.key, "split": plan.split, "shard": plan.name, "source": meta["source"],
+        "caption": meta["caption"],
+        "original_width": meta.get("original_width", meta.get("source_width")),
+        "original_height": meta.get("original_height", meta.get("source_height")),
+        "width": meta["width"], "height": meta["height"], "sha256": meta["sha256"],
+        "bytes": sum(len(b) for b in sample.files.values()),
+        "source_key": meta.get("source_key"), "start_seconds": meta.get("start_seconds"),
+        "end_seconds": meta.get("end_seconds"), "fps": meta.get("fps"), "frames": meta.get("frames"),
+    }
+
+
 def _verify_tar(path, expected_keys: list[str]) -> None:
-    """Re-read the tar before commit: every sample present once, with both its image and its metadata."""
+    """Re-read the tar before commit: every sample present once, with its media and its metadata."""
     with tarfile.open(path) as tar:
         names = tar.getnames()
-    keys = [name.rsplit(".", 1)[0] for name in names if name.endswith(".png")]
+    keys = [name.rsplit(".", 1)[0] for name in names if name.endswith(".json")]
     if keys != expected_keys or len(names) != 2 * len(expected_keys):
         raise RuntimeError(f"shard {path.name} failed verification: {len(keys)} of {len(expected_keys)} samples")
 

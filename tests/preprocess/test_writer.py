@@ -24,7 +24,7 @@ from atoken.preprocess.writer import (
     errors_uri,
     manifest_uri,
     shard_uri,
-    write_image_shard,
+    write_shard,
 )
 
 SKIMAGE_DATA = Path(importlib.util.find_spec("skimage").origin).parent / "data"
@@ -61,13 +61,13 @@ def read_parquet(storage: Storage, uri: str) -> list[dict]:
     return pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()
 
 
-def test_write_image_shard_commits_good_items_once_and_records_bad_ones(photo_folder, tmp_path):
+def test_write_shard_commits_good_items_once_and_records_bad_ones(photo_folder, tmp_path):
     items = list_folder(str(photo_folder))
     assert len(items) == 8
     storage, output = Storage(), str(tmp_path / "out")
     plan = ShardPlan("train-000000", "train", items)
 
-    result = write_image_shard(plan, storage, output, SETTINGS)
+    result = write_shard(plan, storage, output, SETTINGS)
 
     assert (result.name, result.samples, result.errors, result.skipped) == ("train-000000", 5, 3, False)
     errors = read_parquet(storage, errors_uri(output, plan.name))
@@ -106,7 +106,7 @@ def test_a_missing_file_fails_at_the_read_stage(tmp_path):
     good = ItemSpec("good", "test", str(SKIMAGE_DATA / "astronaut.png"))
     gone = ItemSpec("gone", "test", str(tmp_path / "deleted.jpg"))
 
-    result = write_image_shard(ShardPlan("val-000000", "val", [gone, good]), Storage(), str(tmp_path / "o"), SETTINGS)
+    result = write_shard(ShardPlan("val-000000", "val", [gone, good]), Storage(), str(tmp_path / "o"), SETTINGS)
 
     assert result.samples == 1 and result.errors == 1
     assert result.error_rows[0]["key"] == "gone" and result.error_rows[0]["stage"] == "read"
@@ -116,12 +116,12 @@ def test_a_missing_file_fails_at_the_read_stage(tmp_path):
 def test_a_committed_shard_is_skipped_without_rewriting(photo_folder, tmp_path):
     storage, output = Storage(), str(tmp_path / "out")
     plan = ShardPlan("train-000000", "train", list_folder(str(photo_folder)))
-    first = write_image_shard(plan, storage, output, SETTINGS)
+    first = write_shard(plan, storage, output, SETTINGS)
     paths = [Path(shard_uri(output, plan.name)), Path(manifest_uri(output, plan.name)),
              Path(errors_uri(output, plan.name))]
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in paths}
 
-    second = write_image_shard(plan, storage, output, SETTINGS)
+    second = write_shard(plan, storage, output, SETTINGS)
 
     assert second.skipped and not first.skipped
     assert (second.samples, second.errors, second.bytes) == (first.samples, first.errors, first.bytes)
@@ -133,7 +133,7 @@ def test_a_committed_shard_is_skipped_without_rewriting(photo_folder, tmp_path):
 def test_a_shard_without_its_manifest_is_rebuilt_to_the_same_keys(photo_folder, tmp_path, leftover):
     storage, output = Storage(), str(tmp_path / "out")
     plan = ShardPlan("train-000000", "train", list_folder(str(photo_folder)))
-    write_image_shard(plan, storage, output, SETTINGS)
+    write_shard(plan, storage, output, SETTINGS)
     tar_path = Path(shard_uri(output, plan.name))
     first_members = tar_members(tar_path.read_bytes())
     first_manifest = read_parquet(storage, manifest_uri(output, plan.name))
@@ -142,7 +142,7 @@ def test_a_shard_without_its_manifest_is_rebuilt_to_the_same_keys(photo_folder, 
     if leftover == "garbage tar":
         tar_path.write_bytes(tar_path.read_bytes()[:1000])
 
-    rebuilt = write_image_shard(plan, storage, output, SETTINGS)
+    rebuilt = write_shard(plan, storage, output, SETTINGS)
 
     assert not rebuilt.skipped and rebuilt.samples == 5 and rebuilt.errors == 3
     members = tar_members(tar_path.read_bytes())

@@ -1,0 +1,133 @@
+"""One video in, its clips out: decode with PyAV, resample to a frame rate, cut clips, resize, encode.
+
+A plain function (no Ray): preprocess/job.py maps it. Each clip keeps its timing (start, end, fps) and
+its source, so a clip can always be traced back to the seconds of the video it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import av
+import numpy as np
+from PIL import Image
+
+from atoken.preprocess.images import ItemError, resize_center_crop
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    clip_frames: int = 16  # frames per clip (the tokenizer's temporal tile is 16)
+    stride_frames: int = 16  # frames between clip starts, at the output rate (= clip_frames: no overlap)
+    fps: float = 8.0  # output frame rate; frames are picked by timestamp, never interpolated
+    resolution: int = 64
+    max_clips: int = 8  # per video, from its start
+    encoding: str = "mp4"  # mp4 (H.264) or npy (raw uint8 frames, lossless)
+    max_pixels: int = 3840 * 2160
+
+
+@dataclass(frozen=True)
+class ClipSample:
+    key: str
+    data: bytes
+    extension: str  # "mp4" or "npy"
+    meta: dict[str, Any]
+
+
+def decode_frames(data: bytes, fps: float, max_frames: int, max_pixels: int) -> tuple[list[np.ndarray], dict]:
+    """The frames nearest to each tick of `fps`, as (H, W, 3) uint8, and the source's properties."""
+    try:
+        container = av.open(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001 - PyAV raises many kinds for bad bytes; all mean "not a video"
+        raise ItemError(f"cannot open video: {type(exc).__name__}: {exc}") from exc
+    with container:
+        if not container.streams.video:
+            raise ItemError("no video stream")
+        stream = container.streams.video[0]
+        if stream.width * stream.height > max_pixels:
+            raise ItemError(f"{stream.width}x{stream.height} exceeds the {max_pixels}-pixel cap")
+        source = {"source_fps": float(stream.average_rate or 0), "source_width": stream.width,
+                  "source_height": stream.height, "codec": stream.codec_context.name}
+        frames: list[np.ndarray] = []
+        next_tick = 0.0
+        try:
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                if frame.time + 1e-6 >= next_tick:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                    next_tick += 1.0 / fps
+                    if len(frames) >= max_frames:
+                        break
+        except av.error.FFmpegError as exc:
+            if not frames:
+                raise ItemError(f"no decodable frames: {type(exc).__name__}: {exc}") from exc
+            source["truncated"] = True  # a damaged tail: keep what decoded before it
+    if not frames:
+        raise ItemError("no decodable frames")
+    return frames, source
+
+
+def clip_video(data: bytes, key: str, settings: ClipSettings) -> list[ClipSample]:
+    """Cut a video's bytes into clips of `clip_frames` frames at `fps`, resized and centre-cropped."""
+    wanted = (settings.max_clips - 1) * settings.stride_frames + settings.clip_frames
+    frames, source = decode_frames(data, settings.fps, wanted, settings.max_pixels)
+    if len(frames) < settings.clip_frames:
+        raise ItemError(f"only {len(frames)} frames at {settings.fps} fps, a clip needs {settings.clip_frames}")
+    clips = []
+    for index, start in enumerate(range(0, len(frames) - settings.clip_frames + 1, settings.stride_frames)):
+        if index >= settings.max_clips:
+            break
+        window = [resize_center_crop(Image.fromarray(f), settings.resolution) for f in
+                  frames[start:start + settings.clip_frames]]
+        array = np.stack([np.asarray(image) for image in window])  # (T, H, W, 3) uint8
+        payload = encode_clip(array, settings.fps) if settings.encoding == "mp4" else _npy(array)
+        meta = {
+            **source,
+            "key": f"{key}_c{index:04d}",
+            "source_key": key,
+            "clip_index": index,
+            "start_seconds": start / settings.fps,
+            "end_seconds": (start + settings.clip_frames) / settings.fps,
+            "fps": settings.fps,
+            "frames": settings.clip_frames,
+            "width": settings.resolution,
+            "height": settings.resolution,
+            "sha256": hashlib.sha256(payload).hexdigest(),
+        }
+        clips.append(ClipSample(meta["key"], payload, settings.encoding, meta))
+    return clips
+
+
+def encode_clip(frames: np.ndarray, fps: float) -> bytes:
+    """(T, H, W, 3) uint8 → an H.264 MP4 in memory (yuv420p, CRF 18: visually lossless, ~10x smaller)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18", "preset": "veryfast"}
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def decode_clip(data: bytes, extension: str) -> np.ndarray:
+    """A clip's bytes → (T, H, W, 3) uint8."""
+    if extension == "npy":
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    with av.open(io.BytesIO(data)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()

