@@ -55,7 +55,9 @@ class RaySection:
 
 @dataclass
 class SourceSection:
-    # builtin: name is one of preprocess.sources.BUILTIN_SOURCES; folder: path is a local folder of images.
+    # builtin: `name` is one of preprocess.sources.BUILTIN_SOURCES; folder: `path` is a local folder;
+    # s3: `path` is an s3:// prefix; list: `path` is a parquet/CSV/JSONL table (local or s3://) with a `path`
+    # or `url` column and optional `caption` and `key` columns.
     kind: str = "builtin"
     name: str = "skimage-photos"
     path: str | None = None
@@ -125,6 +127,7 @@ class PipelineConfig:
 
 
 KNOWN_METRICS = ("psnr", "ssim")
+SOURCE_KINDS = ("builtin", "folder", "s3", "list")
 KNOWN_MODELS = ("patch_autoencoder", "atoken")
 ATOKEN_PRESETS = ("tiny", "base", "so400m")
 
@@ -155,7 +158,7 @@ def resolve_local_paths(config: PipelineConfig) -> PipelineConfig:
     config.run.root = absolute(config.run.root)
     config.run.local_dir = absolute(config.run.local_dir)
     for source in config.ingest.sources:
-        if source.path:
+        if source.path and source.kind in ("folder", "list"):
             source.path = absolute(source.path)
     return config
 
@@ -300,12 +303,14 @@ def validate_ingest(ingest: IngestSection, where: str = "ingest") -> None:
     require(len(ingest.sources) > 0, f"{where}.sources", "needs at least one source")
     for i, source in enumerate(ingest.sources):
         at = f"{where}.sources[{i}]"
-        require(source.kind in ("builtin", "folder"), f"{at}.kind", "must be 'builtin' or 'folder'")
+        require(source.kind in SOURCE_KINDS, f"{at}.kind", f"must be one of {', '.join(SOURCE_KINDS)}")
         if source.kind == "builtin":
             require(source.name in BUILTIN_SOURCES, f"{at}.name",
                     f"unknown built-in set {source.name!r} (known: {', '.join(BUILTIN_SOURCES)})")
         else:
-            require(bool(source.path), f"{at}.path", "a folder source needs a path")
+            require(bool(source.path), f"{at}.path", f"a {source.kind} source needs a path")
+        if source.kind == "s3":
+            require(str(source.path).startswith("s3://"), f"{at}.path", "an s3 source needs an s3:// prefix")
         require(source.limit is None or source.limit > 0, f"{at}.limit", "must be > 0")
     require(ingest.resolution >= 8 and ingest.resolution % 8 == 0, f"{where}.resolution",
             "must be a multiple of 8, at least 8")

@@ -40,9 +40,10 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
 
 
 def preflight_ingest(config: PipelineConfig) -> None:
+    from atoken.pipeline.storage import Storage
     from atoken.preprocess.job import list_items
 
-    if not list_items(config.ingest):
+    if not list_items(config.ingest, Storage(config.storage)):
         raise ValueError("ingest.sources: the sources list no items")
 
 

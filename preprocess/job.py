@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from atoken.pipeline.config import IngestSection
 from atoken.pipeline.storage import Storage, join
-from atoken.preprocess.sources import BUILTIN_SOURCES, ItemSpec, list_folder
+from atoken.preprocess.sources import BUILTIN_SOURCES, ItemSpec, list_file, list_folder, list_s3_prefix
 from atoken.preprocess.writer import (
     ERRORS_SCHEMA,
     MANIFEST_SCHEMA,
@@ -29,13 +29,18 @@ from atoken.preprocess.writer import (
 )
 
 
-def list_items(section: IngestSection) -> list[ItemSpec]:
+def list_items(section: IngestSection, storage: Storage | None = None) -> list[ItemSpec]:
+    storage = storage or Storage()
     items: list[ItemSpec] = []
     for source in section.sources:
         if source.kind == "builtin":
             items.extend(BUILTIN_SOURCES[source.name](source.limit))
-        else:
+        elif source.kind == "folder":
             items.extend(list_folder(source.path, source.limit))
+        elif source.kind == "s3":
+            items.extend(list_s3_prefix(storage, source.path, source.limit))
+        else:
+            items.extend(list_file(source.path, storage, source.limit))
     keys = [item.key for item in items]
     if len(set(keys)) != len(keys):
         raise ValueError("ingest.sources: two sources list the same item keys (a source listed twice?)")
@@ -54,14 +59,14 @@ def plan_shards(items: list[ItemSpec], items_per_shard: int, val_every: int) -> 
     return plans
 
 
-def plan_image_shards(section: IngestSection) -> list[ShardPlan]:
-    return plan_shards(list_items(section), section.samples_per_shard, section.val_every)
+def plan_image_shards(section: IngestSection, storage: Storage | None = None) -> list[ShardPlan]:
+    return plan_shards(list_items(section, storage), section.samples_per_shard, section.val_every)
 
 
 def run_image_job(section: IngestSection, storage: Storage, output: str, progress: bool = True) -> dict[str, Any]:
     settings = ImageSettings(section.resolution, section.max_pixels)
-    return run_shard_job(plan_image_shards(section), settings, storage, output, section.parallelism, progress,
-                         "ingest images", "img")
+    return run_shard_job(plan_image_shards(section, storage), settings, storage, output, section.parallelism,
+                         progress, "ingest images", "img")
 
 
 def run_shard_job(plans: list[ShardPlan], settings: ImageSettings | VideoSettings, storage: Storage, output: str,

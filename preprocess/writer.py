@@ -3,7 +3,8 @@ write its manifest.
 
 The manifest is written last and is the shard's commit marker: a shard with a manifest is done and a
 rerun skips it; a shard without one is rebuilt from scratch, so a kill at any point loses nothing and
-duplicates nothing. Plain functions: preprocess/job.py maps them over Ray.
+duplicates nothing. A done shard with failed items is rebuilt on a rerun (up to MAX_ATTEMPTS), so an item
+that failed for a passing reason (a timeout, a file still being copied) lands the next time. Plain functions: preprocess/job.py maps them over Ray.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 ERRORS_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("locator", pa.string()), ("stage", pa.string()),
-    ("error", pa.string()),
+    ("error", pa.string()), ("attempts", pa.int32()),
 ])
+MAX_ATTEMPTS = 3
 
 
 @dataclass
@@ -94,11 +96,17 @@ def errors_uri(output: str, name: str) -> str:
 
 def write_shard(plan: ShardPlan, storage: Storage, output: str, settings: ImageSettings | VideoSettings) -> ShardResult:
     started = time.perf_counter()
+    attempt = 1
     if storage.exists(manifest_uri(output, plan.name)):
         table = pq.read_table(io.BytesIO(storage.read_bytes(manifest_uri(output, plan.name))))
         errors = pq.read_table(io.BytesIO(storage.read_bytes(errors_uri(output, plan.name))))
-        return ShardResult(plan.name, table.num_rows, errors.num_rows, int(sum(table.column("bytes").to_pylist())),
-                           0.0, skipped=True, error_rows=errors.to_pylist())
+        attempt = max(errors.column("attempts").to_pylist(), default=0) + 1
+        if errors.num_rows == 0 or attempt > MAX_ATTEMPTS:
+            return ShardResult(plan.name, table.num_rows, errors.num_rows,
+                               int(sum(table.column("bytes").to_pylist())), 0.0, skipped=True,
+                               error_rows=errors.to_pylist())
+        # Uncommit first: a kill during the rebuild then leaves a shard without manifest, rebuilt next time.
+        storage.delete(manifest_uri(output, plan.name))
 
     rows: list[dict] = []
     error_rows: list[dict] = []
@@ -108,12 +116,12 @@ def write_shard(plan: ShardPlan, storage: Storage, output: str, settings: ImageS
             for item in plan.items:
                 stage = "read"
                 try:
-                    data = read_item_bytes(item.locator)
+                    data = read_item_bytes(item.locator, storage)
                     stage = "decode"
                     samples = settings.process(data, item)
                 except (ItemError, OSError) as exc:
                     error_rows.append({"key": item.key, "source": item.source, "locator": item.locator,
-                                       "stage": stage, "error": str(exc)[:500]})
+                                       "stage": stage, "error": str(exc)[:500], "attempts": attempt})
                     continue
                 for sample in samples:
                     meta = {**sample.meta, "caption": item.caption, "source": item.source, "split": plan.split}

@@ -114,9 +114,12 @@ def test_a_missing_file_fails_at_the_read_stage(tmp_path):
 
 
 def test_a_committed_shard_is_skipped_without_rewriting(photo_folder, tmp_path):
+    from atoken.preprocess.writer import MAX_ATTEMPTS
+
     storage, output = Storage(), str(tmp_path / "out")
     plan = ShardPlan("train-000000", "train", list_folder(str(photo_folder)))
-    first = write_shard(plan, storage, output, SETTINGS)
+    for _ in range(MAX_ATTEMPTS):  # the folder's bad files are retried, then left alone
+        first = write_shard(plan, storage, output, SETTINGS)
     paths = [Path(shard_uri(output, plan.name)), Path(manifest_uri(output, plan.name)),
              Path(errors_uri(output, plan.name))]
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in paths}
@@ -211,3 +214,28 @@ def test_folder_keys_are_stable_and_dot_free(tmp_path):
     keys = [item.key for item in list_folder(str(folder))]
     assert keys == [item.key for item in list_folder(str(folder))]
     assert len(keys) == 4 and all("." not in key for key in keys)
+
+
+def test_failed_items_are_retried_on_rerun_and_land_once_they_work(tmp_path):
+    from atoken.preprocess.writer import MAX_ATTEMPTS
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo = (SKIMAGE_DATA / "astronaut.png").read_bytes()
+    (folder / "a.png").write_bytes(photo)
+    (folder / "late.png").write_bytes(b"")  # still being copied when the job first runs
+    (folder / "broken.png").write_bytes(b"never an image")
+    items = list_folder(str(folder))
+    plan = ShardPlan("train-000000", "train", items)
+    storage, output = Storage(), str(tmp_path / "out")
+    first = write_shard(plan, storage, output, SETTINGS)
+    assert (first.samples, first.errors) == (1, 2)
+    (folder / "late.png").write_bytes(photo)  # the copy finished
+    second = write_shard(plan, storage, output, SETTINGS)
+    assert not second.skipped and (second.samples, second.errors) == (2, 1)
+    assert second.error_rows[0]["attempts"] == 2 and second.error_rows[0]["locator"].endswith("broken.png")
+    for _ in range(MAX_ATTEMPTS):
+        last = write_shard(plan, storage, output, SETTINGS)
+    assert last.skipped and last.error_rows[0]["attempts"] == MAX_ATTEMPTS  # a permanent failure stops retrying
+    keys = [row["key"] for row in read_parquet(storage, f"{output}/manifests/train-000000.parquet")]
+    assert sorted(keys) == sorted(i.key for i in items if not i.locator.endswith("broken.png"))
