@@ -20,6 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 from atoken.pipeline.storage import Storage, StorageError, register_webdataset_opener
+from atoken.train.model.tokens import PackedBatch
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,17 @@ def read_shard(storage: Storage, uri: str, attempts: int = 3) -> list[dict]:
                 raise StorageError(f"cannot read shard {uri} after {attempts} attempts: {exc}") from exc
             time.sleep(0.5 * attempt)
     raise AssertionError("unreachable")
+
+
+def decode_media(sample: dict) -> torch.Tensor:
+    """An image sample → (1, 3, H, W); a clip sample (mp4 or npy) → (T, 3, H, W); values in [-1, 1]."""
+    if "png" in sample:
+        return decode_image(sample)[None]
+    from atoken.preprocess.videos import decode_clip
+
+    extension = "mp4" if "mp4" in sample else "npy"
+    frames = torch.from_numpy(decode_clip(sample[extension], extension)).float()  # (T, H, W, 3)
+    return frames.permute(0, 3, 1, 2) / 127.5 - 1.0  # (T, 3, H, W)
 
 
 def decode_image(sample: dict) -> torch.Tensor:
@@ -89,6 +101,29 @@ class ShardStream:
                     yield samples[i]
                 position = 0
             epoch += 1
+
+    def packed_batches(self, max_tokens: int, position: int = 0, patch: int = 16,
+                       temporal: int = 4) -> Iterator[tuple[PackedBatch, int]]:
+        """Images and clips packed greedily, in stream order, into sequences of at most `max_tokens` tokens
+        (no padding to the largest sample). Yields (batch, position after it): resuming from that
+        position yields exactly the batches that would have followed."""
+        from atoken.train.model.tokens import pack, patchify_video
+
+        stream = self.samples(position)
+        pending: list = []
+        tokens = 0
+        for sample in stream:
+            item = patchify_video(decode_media(sample), patch, temporal)
+            count = item[0].shape[0]
+            if count > max_tokens:
+                raise ValueError(f"sample {sample['__key__']} has {count} tokens, more than the {max_tokens}-token "
+                                 "budget: raise the budget or lower the resolution")
+            if tokens + count > max_tokens:
+                position += len(pending)
+                yield pack(pending), position
+                pending, tokens = [], 0
+            pending.append(item)
+            tokens += count
 
     def batches(self, batch_size: int, position: int = 0) -> Iterator[torch.Tensor]:
         """(B, 3, H, W) batches; batch n starts at sample position + n * batch_size."""

@@ -1,0 +1,76 @@
+"""Token-budget packing of images and clips from shards: budget kept, nothing padded, exact resume."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from atoken.pipeline.storage import Storage
+from atoken.train.data import ShardInfo, ShardStream
+
+
+def png(height: int, width: int, seed: int) -> bytes:
+    array = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def npy_clip(frames: int, size: int, seed: int) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.random.default_rng(seed).integers(0, 256, (frames, size, size, 3), dtype=np.uint8))
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def mixed_shards(tmp_path) -> list[ShardInfo]:
+    """Two shards of images (32-64 px) and 8-frame clips: 4 to 32 tokens each."""
+    shards = []
+    for shard in range(2):
+        path = tmp_path / f"train-{shard:06d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for index in range(6):
+                key = f"s{shard}_{index}"
+                if index % 3 == 2:
+                    sink.write({"__key__": key, "npy": npy_clip(8, 32, index), "json": b"{}"})
+                else:
+                    sink.write({"__key__": key, "png": png(32 + 16 * (index % 2), 64, index), "json": b"{}"})
+        shards.append(ShardInfo(str(path), 6))
+    return shards
+
+
+def test_packed_batches_keep_the_budget_and_every_sample_once(mixed_shards):
+    stream = ShardStream(mixed_shards, Storage(), seed=3)
+    batches = list(itertools.islice(stream.packed_batches(max_tokens=40), 6))
+    assert all(batch.patches.shape[0] <= 40 for batch, _ in batches)
+    # no padding: each sample's tokens are exactly its grid, images 2x4 or 3x4, clips 2x2x2
+    sizes = [int(n) for batch, _ in batches for n in batch.sample_ids.bincount()]
+    assert set(sizes) <= {8, 12} and 8 in sizes
+    modalities = {layout.modality for batch, _ in batches for layout in batch.layouts}
+    assert modalities == {"image", "video"}
+    positions = [position for _, position in batches]
+    assert positions == list(itertools.accumulate(batch.num_samples for batch, _ in batches))
+    # one epoch is 2 x (8 + 12 + 8 + 12 + 8 + 8) = 112 tokens: the batches before position 12 hold at most that
+    first_epoch = [batch for batch, position in batches if position <= 12]
+    assert sum(batch.patches.shape[0] for batch in first_epoch) <= 112
+
+
+def test_packed_batches_resume_exactly(mixed_shards):
+    stream = ShardStream(mixed_shards, Storage(), seed=5)
+    straight = list(itertools.islice(stream.packed_batches(max_tokens=40), 8))
+    _, position = straight[2]
+    resumed = list(itertools.islice(stream.packed_batches(max_tokens=40, position=position), 5))
+    for (a, _), (b, _) in zip(straight[3:], resumed, strict=True):
+        assert np.array_equal(a.patches.numpy(), b.patches.numpy())
+        assert a.layouts == b.layouts
+
+
+def test_a_sample_larger_than_the_budget_is_a_clear_error(mixed_shards):
+    stream = ShardStream(mixed_shards, Storage(), seed=0)
+    with pytest.raises(ValueError, match="more than the 6-token budget"):
+        next(stream.packed_batches(max_tokens=6))
