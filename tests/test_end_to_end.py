@@ -53,10 +53,12 @@ def expected_keys() -> list[str]:
     return sorted(item.key for item in list_items(config.ingest))
 
 
+STAGES = ("ingest", "ingest_videos", "train_stage1", "train_stage2", "evaluate")
+
+
 def summary_actions(stdout: str) -> dict[str, str]:
-    stages = ("ingest", "train_stage1", "train_stage2", "evaluate")
     return {line.split()[0]: line.split()[1] for line in stdout.splitlines() if line.split()[:1] and
-            line.split()[0] in stages}
+            line.split()[0] in STAGES}
 
 
 def run_args(folder: Path, *overrides: str) -> list[str]:
@@ -83,7 +85,7 @@ def test_quickstart_runs_skips_and_resumes_after_sigkill(tmp_path):
 
     parents, children = mlflow_runs(local_a)
     assert len(parents) == 1
-    assert sorted(r.info.run_name for r in children) == ["evaluate", "ingest", "train_stage1", "train_stage2"]
+    assert sorted(r.info.run_name for r in children) == sorted(STAGES)
     evaluate_run = next(r for r in children if r.info.run_name == "evaluate")
     assert evaluate_run.data.metrics["eval_psnr"] > 15.0  # it learned: a blank output scores ~6-10 dB
     assert "protocol.psnr" in evaluate_run.data.tags
@@ -96,20 +98,19 @@ def test_quickstart_runs_skips_and_resumes_after_sigkill(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert set(summary_actions(again.stdout).values()) == {"skipped"}
     parents_after, children_after = mlflow_runs(local_a)
-    assert len(parents_after) == 1 and len(children_after) == 4
+    assert len(parents_after) == 1 and len(children_after) == len(STAGES)
     assert rerun_seconds < 60
 
     # Kill -9 in the middle of the first training stage (after a checkpoint), then start again.
     root_b, local_b = tmp_path / "b" / "run", tmp_path / "b" / "local"
-    longer_stage1 = ("train.stages.0.steps=400", "train.stages.0.checkpoint_every=20")
-    args_b = run_args(tmp_path / "b", *longer_stage1)
+    args_b = run_args(tmp_path / "b")
     log = open(tmp_path / "killed.log", "w")
     process = subprocess.Popen([*ATOKEN, "run", *args_b], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not list(root_b.glob("train_stage1/*/checkpoints/latest.json")):
         assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-        time.sleep(0.2)
+        time.sleep(0.1)
     assert list(root_b.glob("train_stage1/*/checkpoints/latest.json")), "no checkpoint before the deadline"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -125,15 +126,12 @@ def test_quickstart_runs_skips_and_resumes_after_sigkill(tmp_path):
     assert sorted(keys_b) == expected_keys()
     parents_b, children_b = mlflow_runs(local_b)
     assert len(parents_b) == 1
-    assert sorted(r.info.run_name for r in children_b) == ["evaluate", "ingest", "train_stage1", "train_stage2"]
+    assert sorted(r.info.run_name for r in children_b) == sorted(STAGES)
     assert all(r.info.status == "FINISHED" for r in [*parents_b, *children_b])
 
-    # Exact resume: the interrupted stage ends with the same weights as one never interrupted.
-    clean_root = tmp_path / "c" / "run"
-    clean = run_cli(["run", *run_args(tmp_path / "c", *longer_stage1)], cwd=tmp_path)
-    assert clean.returncode == 0, clean.stderr[-3000:]
+    # Exact resume: the interrupted stage ends with the same weights as run A, which nothing interrupted.
     resumed_weights = next(root_b.glob("train_stage1/*/model.safetensors")).read_bytes()
-    clean_weights = next(clean_root.glob("train_stage1/*/model.safetensors")).read_bytes()
+    clean_weights = next(root_a.glob("train_stage1/*/model.safetensors")).read_bytes()
     assert resumed_weights == clean_weights
 
 

@@ -21,7 +21,7 @@ from atoken.pipeline.storage import Storage
 from atoken.pipeline.tracking import Tracker
 from atoken.train.checkpoint import load_latest_checkpoint, load_model_weights, save_checkpoint, save_model
 from atoken.train.data import ShardInfo, ShardStream
-from atoken.train.losses import reconstruction_losses, weighted_total
+from atoken.train.losses import packed_reconstruction_losses, reconstruction_losses, weighted_total
 from atoken.train.model import build_model
 
 
@@ -87,7 +87,10 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
         print(f"[{job.stage.name}] resuming at step {state['step']} from its last checkpoint", flush=True)
     model = runtime.prepare_model(model)
     stream = ShardStream(job.shards, job.storage, job.seed, rank, world_size)
-    batches = stream.batches(job.stage.batch_size, position=state["position"])
+    if job.stage.max_tokens:
+        batches = stream.packed_batches(job.stage.max_tokens, position=state["position"])
+    else:
+        batches = ((pixels, None) for pixels in stream.batches(job.stage.batch_size, position=state["position"]))
 
     step, position = state["step"], state["position"]
     window_start, window_steps = time.perf_counter(), 0
@@ -95,14 +98,19 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
     while step < job.stage.steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, job.stage)
-        pixels = next(batches).to(device)  # (B, 3, H, W)
-        out = model(pixels)
-        terms = reconstruction_losses(pixels, out["reconstruction"], out["mean"], out["logvar"])
+        batch, next_position = next(batches)
+        batch = batch.to(device)  # (B, 3, H, W) images, or a PackedBatch of images and clips
+        out = model(batch)
+        if job.stage.max_tokens:
+            terms = packed_reconstruction_losses(batch, out["patches"], out["mean"], out["logvar"])
+        else:
+            terms = reconstruction_losses(batch, out["reconstruction"], out["mean"], out["logvar"])
         loss = weighted_total(terms)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        step, position, window_steps = step + 1, position + job.stage.batch_size, window_steps + 1
+        position = next_position if next_position is not None else position + job.stage.batch_size
+        step, window_steps = step + 1, window_steps + 1
 
         if step % job.stage.log_every == 0 or step == job.stage.steps:
             seconds = time.perf_counter() - window_start

@@ -14,7 +14,7 @@ from atoken.pipeline.tracking import Tracker, grid_png, redact, resolve_tracking
 
 @pytest.mark.parametrize("key", [
     "aws_secret_access_key", "AWS_SECRET_ACCESS_KEY", "storage.password", "db_passwd", "hf_token", "token",
-    "MLFLOW_TRACKING_TOKEN", "access_key", "credentials_file", "api_key",
+    "MLFLOW_TRACKING_TOKEN", "access_key", "credentials_file", "api_key", "authToken", "apiKey",
 ])
 def test_secret_looking_keys_are_hidden(key):
     assert redact(key, "s3cr3t-value") == "***"
@@ -35,6 +35,7 @@ def test_url_userinfo_is_hidden(value, expected):
 @pytest.mark.parametrize(("key", "value"), [
     ("train.stages.0.steps", "300"), ("run.root", "s3://bucket/prefix"), ("atoken.init_from", "random"),
     ("atoken.stage", "train_stage1"), ("atoken.fingerprint", "ab12"), ("protocol.psnr", "PSNR on uint8"),
+    ("train.stages.1.max_tokens", "512"), ("model.tokenizer", "tiny"),
 ])
 def test_ordinary_keys_keep_their_values(key, value):
     assert redact(key, value) == value

@@ -195,9 +195,12 @@ class Tokenizer(nn.Module):
         out["latent"] = latent
         return out
 
-    def forward(self, pixels: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
-        """Images (B, 3, H, W) in [-1, 1] → reconstruction (B, 3, H, W), mean, logvar: the image-only
-        contract the pipeline's training and evaluation stages use for every model."""
+    def forward(self, pixels: torch.Tensor | PackedBatch, sample: bool = True) -> dict[str, torch.Tensor]:
+        """Images (B, 3, H, W) in [-1, 1] → reconstruction (B, 3, H, W), mean, logvar: the image contract the
+        pipeline's stages use for every model. A PackedBatch goes to `forward_packed` (through `forward`,
+        so that DistributedDataParallel sees the call)."""
+        if isinstance(pixels, PackedBatch):
+            return self.forward_packed(pixels, sample=sample)
         batch = pack_images(pixels, self.config.patch_size, self.config.temporal_patch)
         out = self.forward_packed(batch, sample=sample)
         images = unpack_images(out["patches"], batch, self.config.patch_size)  # (B, 3, H, W)
