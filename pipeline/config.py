@@ -319,22 +319,27 @@ def validate(config: PipelineConfig) -> None:
             "must be > 0")
 
 
-def validate_ingest(ingest: IngestSection, where: str = "ingest") -> None:
-    from atoken.preprocess.sources import BUILTIN_SOURCES
-
+def _validate_sources(sources: list[SourceSection], where: str, builtin: dict) -> None:
     require = _require
-    require(len(ingest.sources) > 0, f"{where}.sources", "needs at least one source")
-    for i, source in enumerate(ingest.sources):
-        at = f"{where}.sources[{i}]"
+    for i, source in enumerate(sources):
+        at = f"{where}[{i}]"
         require(source.kind in SOURCE_KINDS, f"{at}.kind", f"must be one of {', '.join(SOURCE_KINDS)}")
         if source.kind == "builtin":
-            require(source.name in BUILTIN_SOURCES, f"{at}.name",
-                    f"unknown built-in set {source.name!r} (known: {', '.join(BUILTIN_SOURCES)})")
+            require(source.name in builtin, f"{at}.name",
+                    f"unknown built-in set {source.name!r} (known: {', '.join(builtin)})")
         else:
             require(bool(source.path), f"{at}.path", f"a {source.kind} source needs a path")
         if source.kind == "s3":
             require(str(source.path).startswith("s3://"), f"{at}.path", "an s3 source needs an s3:// prefix")
         require(source.limit is None or source.limit > 0, f"{at}.limit", "must be > 0")
+
+
+def validate_ingest(ingest: IngestSection, where: str = "ingest") -> None:
+    from atoken.preprocess.sources import BUILTIN_SOURCES
+
+    require = _require
+    require(len(ingest.sources) > 0, f"{where}.sources", "needs at least one source")
+    _validate_sources(ingest.sources, f"{where}.sources", BUILTIN_SOURCES)
     require(ingest.resolution >= 8 and ingest.resolution % 8 == 0, f"{where}.resolution",
             "must be a multiple of 8, at least 8")
     require(ingest.samples_per_shard > 0, f"{where}.samples_per_shard", "must be > 0")
@@ -346,14 +351,7 @@ def validate_videos(videos: VideoIngestSection) -> None:
     from atoken.preprocess.sources import BUILTIN_VIDEO_SOURCES
 
     require = _require
-    for i, source in enumerate(videos.sources):
-        at = f"videos.sources[{i}]"
-        require(source.kind in SOURCE_KINDS, f"{at}.kind", f"must be one of {', '.join(SOURCE_KINDS)}")
-        if source.kind == "builtin":
-            require(source.name in BUILTIN_VIDEO_SOURCES, f"{at}.name",
-                    f"unknown built-in video set {source.name!r} (known: {', '.join(BUILTIN_VIDEO_SOURCES)})")
-        else:
-            require(bool(source.path), f"{at}.path", f"a {source.kind} source needs a path")
+    _validate_sources(videos.sources, "videos.sources", BUILTIN_VIDEO_SOURCES)
     for name in ("resolution", "clip_frames", "stride_frames", "max_clips", "videos_per_shard", "parallelism"):
         require(getattr(videos, name) > 0, f"videos.{name}", "must be > 0")
     require(videos.val_every >= 2, "videos.val_every", "must be >= 2")

@@ -7,6 +7,7 @@ workers log to the same runs and a relaunched driver reopens its runs instead of
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import re
@@ -26,7 +27,7 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 def is_secret_key(key: str) -> bool:
     words = re.split(r"[._\-\s/]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
-    return bool(SECRET_WORDS.intersection(words)) or any(pair in SECRET_PAIRS for pair in zip(words, words[1:]))
+    return bool(SECRET_WORDS.intersection(words)) or any(pair in SECRET_PAIRS for pair in itertools.pairwise(words))
 
 
 def redact(key: str, value: str) -> str:
