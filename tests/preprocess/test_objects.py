@@ -1,0 +1,335 @@
+"""preprocess/objects.py and the Blender child of preprocess/render.py: sources (pybullet_data, a mesh folder,
+an Objaverse mirror the test builds in the objaverse package's layout), shards of 3D samples, and the
+assets that break Blender (a failing importer, a hang, a crash)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import trimesh
+
+from atoken.pipeline.storage import Storage
+from atoken.preprocess.objects import (
+    ObjectSettings,
+    list_mesh_folder,
+    list_objaverse,
+    list_pybullet_objects,
+    load_object_sample,
+    pybullet_data_dir,
+)
+from atoken.preprocess.render import RenderSettings
+from atoken.preprocess.sources import ItemSpec, SourceError
+from atoken.preprocess.voxels import VoxelSettings
+from atoken.preprocess.writer import ShardPlan, errors_uri, manifest_uri, shard_uri, write_shard
+
+from helpers import REPO
+
+PYBULLET = pybullet_data_dir()
+SMALL = RenderSettings(views=6, resolution=64, samples=4)
+UIDS = ["0a1b2c3d4e5f60718293a4b5c6d7e8f9", "f0e1d2c3b4a5968778695a4b3c2d1e0f", "5555aaaa5555aaaa5555aaaa5555aaaa"]
+
+
+def settings_for(output: Path, render: RenderSettings = SMALL, **kwargs) -> ObjectSettings:
+    return ObjectSettings(render, VoxelSettings(), str(output), Storage(), log_assets=False, **kwargs)
+
+
+def read_parquet(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def shard_samples(path: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, extension = member.name.rsplit(".", 1)
+            samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
+    return samples
+
+
+# -- sources ---------------------------------------------------------------------------------------------------
+
+def test_pybullet_builtin_set_lists_named_meshes_then_the_random_objects():
+    items = list_pybullet_objects()
+    assert [i.key for i in items[:3]] == ["pybullet_bunny", "pybullet_duck", "pybullet_teddy"]
+    assert items[1].caption == "rubber duck" and Path(items[1].locator).is_file()
+    random = [i for i in items if i.key.startswith("pybullet_random_")]
+    assert len(random) == 1000 and random[0].key == "pybullet_random_000"
+    assert all(Path(i.locator).is_file() for i in items)
+    assert [i.key for i in list_pybullet_objects(4)] == [i.key for i in items[:4]]
+    assert len(list_pybullet_objects(named_only=True)) == len(items) - 1000
+
+
+def test_a_mesh_folder_lists_its_meshes_only(tmp_path):
+    for name in ("a.obj", "b.GLB", "sub/c.ply", "d.fbx", "e.stl", "f.gltf", "notes.txt", "a.mtl", "tex.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    items = list_mesh_folder(str(tmp_path))
+    assert sorted(Path(i.locator).name for i in items) == ["a.obj", "b.GLB", "c.ply", "d.fbx", "e.stl", "f.gltf"]
+    assert all("." not in i.key for i in items)
+
+
+@pytest.fixture(scope="module")
+def objaverse_mirror(tmp_path_factory) -> Path:
+    """A mirror in the objaverse package's layout: object paths, per-folder metadata, GLBs (two present)."""
+    root = tmp_path_factory.mktemp("objaverse")
+    versioned = root / "hf-objaverse-v1"
+    paths = {uid: f"glbs/000-{index:03d}/{uid}.glb" for index, uid in enumerate(UIDS)}
+    (versioned / "metadata").mkdir(parents=True)
+    with gzip.open(versioned / "object-paths.json.gz", "wt") as handle:
+        json.dump(paths, handle)
+    sources = {UIDS[0]: ("duck.obj", "Rubber Duck", "by"), UIDS[1]: ("bunny.obj", "Stanford Bunny", "cc0"),
+               UIDS[2]: (None, "Never Downloaded", "by-nc")}
+    for index, uid in enumerate(UIDS):
+        mesh, name, licence = sources[uid]
+        metadata = {uid: {"uid": uid, "name": name, "license": licence, "user": {"username": f"artist{index}"},
+                          "viewerUrl": f"https://sketchfab.com/3d-models/{uid}", "tags": [{"name": "toy"}]}}
+        with gzip.open(versioned / "metadata" / f"000-{index:03d}.json.gz", "wt") as handle:
+            json.dump(metadata, handle)
+        if mesh:
+            (versioned / paths[uid]).parent.mkdir(parents=True)
+            trimesh.load(PYBULLET / mesh).export(versioned / paths[uid])
+    return root
+
+
+def test_objaverse_mirror_lists_uids_with_captions(objaverse_mirror):
+    items = list_objaverse(objaverse_mirror)
+    assert [i.key for i in items] == [f"objaverse_{uid}" for uid in UIDS]  # by path: folder 000-000 first
+    by_key = {i.key: i for i in items}
+    assert by_key[f"objaverse_{UIDS[0]}"].caption == "Rubber Duck"
+    assert by_key[f"objaverse_{UIDS[0]}"].locator.endswith(f"glbs/000-000/{UIDS[0]}.glb")
+    assert [i.key for i in list_objaverse(objaverse_mirror / "hf-objaverse-v1", uids=[UIDS[1]])] == [
+        f"objaverse_{UIDS[1]}"]
+    with pytest.raises(SourceError, match="not in object-paths"):
+        list_objaverse(objaverse_mirror, uids=["ffffffffffffffffffffffffffffffff"])
+    with pytest.raises(SourceError, match="object-paths.json.gz"):
+        list_objaverse(objaverse_mirror / "nowhere")
+    import objaverse
+
+    assert objaverse._VERSIONED_PATH.endswith(os.path.join(".objaverse", "hf-objaverse-v1"))  # left as found
+
+
+def test_objaverse_assets_keep_their_licence_and_a_missing_glb_is_recorded(objaverse_mirror, tmp_path):
+    items = list_objaverse(objaverse_mirror)
+    result = write_shard(ShardPlan("train-000000", "train", items), Storage(), str(tmp_path),
+                         settings_for(tmp_path))
+    assert (result.samples, result.errors) == (2, 1)
+    assert result.error_rows[0]["key"] == f"objaverse_{UIDS[2]}" and result.error_rows[0]["stage"] == "read"
+    rows = {r["key"]: r for r in read_parquet(tmp_path / "manifests" / "train-000000.parquet")}
+    duck = rows[f"objaverse_{UIDS[0]}"]
+    assert duck["license"] == "by" and duck["caption"] == "Rubber Duck" and duck["flags"] == []
+    assert rows[f"objaverse_{UIDS[1]}"]["license"] == "cc0"
+    meta = json.loads(shard_samples(tmp_path / "shards" / "train-000000.tar")[duck["key"]]["json"])
+    assert meta["uid"] == UIDS[0] and meta["author"] == "artist0" and meta["objaverse"]["tags"] == ["toy"]
+    assert meta["source_url"].endswith(UIDS[0])
+
+
+# -- shards of 3D samples ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def broken_meshes(tmp_path) -> list[ItemSpec]:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "corrupt.glb").write_bytes(b"glTF" + np.random.default_rng(0).bytes(3000))
+    (folder / "no_faces.obj").write_text("v 0 0 0\nv 1 0 0\nnot an obj line\n")
+    (folder / "points.ply").write_text("not a ply header\n")
+    return list_mesh_folder(str(folder))
+
+
+def test_a_mesh_that_makes_the_importer_fail_is_recorded_and_the_others_land(tmp_path, broken_meshes):
+    good = list_pybullet_objects(named_only=True)[:3]  # bunny, duck, teddy
+    items = [good[0], broken_meshes[0], good[1], broken_meshes[1], good[2], broken_meshes[2]]
+    output = tmp_path / "out"
+    result = write_shard(ShardPlan("train-000000", "train", items), Storage(), str(output), settings_for(output))
+    assert (result.samples, result.errors) == (3, 3)
+    errors = {Path(r["locator"]).name: r for r in read_parquet(output / "errors" / "train-000000.parquet")}
+    assert set(errors) == {"corrupt.glb", "no_faces.obj", "points.ply"}
+    assert all(r["stage"] == "import" for r in errors.values())
+    assert "no faces" in errors["no_faces.obj"]["error"]
+    for row in errors.values():  # each failure keeps the Blender log it points at
+        log = Path(row["error"].rsplit("(Blender log: ", 1)[1].rstrip(")"))
+        assert log.is_file() and "[atoken] import failed" in log.read_text()
+
+    samples = shard_samples(output / "shards" / "train-000000.tar")
+    assert sorted(samples) == sorted(i.key for i in good)
+    duck = load_object_sample(samples["pybullet_duck"]["npz"])
+    voxels, features = duck["voxels"], duck["features"]
+    assert voxels.dtype == np.uint8 and voxels.shape[1] == 3 and voxels.max() < 64
+    assert features.dtype == np.float16 and features.shape == (len(voxels), 768)
+    assert len(np.unique(voxels, axis=0)) == len(voxels)
+    assert duck["views"].shape == (6, 64, 64, 4) and duck["c2w"].shape == (6, 4, 4)
+    assert duck["view_index"].max() < 6
+    manifest = {r["key"]: r for r in read_parquet(output / "manifests" / "train-000000.parquet")}
+    assert manifest["pybullet_duck"]["voxels"] == len(voxels) and manifest["pybullet_duck"]["views"] == 6
+    assert manifest["pybullet_bunny"]["flags"] == ["untextured"] and manifest["pybullet_duck"]["flags"] == []
+    assert manifest["pybullet_duck"]["render_seconds"] > 0
+    meta = json.loads(samples["pybullet_duck"]["json"])
+    assert meta["caption"] == "rubber duck" and meta["render"]["views"] == 6 and not meta["render"]["reused"]
+    kept = output / "renders" / "pybullet_duck"
+    assert {"transforms.json", "blender.log", "000.png", "005_depth.exr", "depth.npy"} <= {
+        p.name for p in kept.iterdir()}
+
+
+def test_a_rebuilt_shard_renders_only_what_never_finished(tmp_path):
+    items = list_pybullet_objects(named_only=True)[3:5]  # mug, lego
+    storage, output = Storage(), tmp_path / "out"
+    plan = ShardPlan("train-000000", "train", items)
+    first = write_shard(plan, storage, str(output), settings_for(output))
+    assert (first.samples, first.errors) == (2, 0)
+    before = shard_samples(output / "shards" / "train-000000.tar")
+    # A kill after the assets rendered but before the manifest: the shard is rebuilt, its renders reused.
+    storage.delete(manifest_uri(str(output), "train-000000"))
+    shutil.rmtree(output / "renders" / "pybullet_lego")  # ...except one asset's, as if never rendered
+    second = write_shard(plan, storage, str(output), settings_for(output))
+    after = shard_samples(output / "shards" / "train-000000.tar")
+    reused = {key: json.loads(files["json"])["render"]["reused"] for key, files in after.items()}
+    assert reused == {"pybullet_mug": True, "pybullet_lego": False} and second.samples == 2
+    for key in after:  # same cameras, same renders: the same sample
+        np.testing.assert_array_equal(load_object_sample(after[key]["npz"])["voxels"],
+                                      load_object_sample(before[key]["npz"])["voxels"])
+    # Renders made with other settings are not reused.
+    storage.delete(manifest_uri(str(output), "train-000000"))
+    third = write_shard(plan, storage, str(output), settings_for(output, RenderSettings(views=4, resolution=64,
+                                                                                        samples=4)))
+    metas = [json.loads(f["json"]) for f in shard_samples(output / "shards" / "train-000000.tar").values()]
+    assert third.samples == 2 and all(not m["render"]["reused"] and m["views"] == 4 for m in metas)
+
+
+def test_assets_with_a_dropped_flag_become_quality_errors(tmp_path):
+    items = list_pybullet_objects(named_only=True)[:2]  # bunny (untextured), duck
+    output = tmp_path / "out"
+    result = write_shard(ShardPlan("train-000000", "train", items), Storage(), str(output),
+                         settings_for(output, drop_flags=("untextured",)))
+    assert result.samples == 1 and result.error_rows[0]["key"] == "pybullet_bunny"
+    assert result.error_rows[0]["stage"] == "quality" and "untextured" in result.error_rows[0]["error"]
+
+
+# -- assets that break Blender ---------------------------------------------------------------------------------
+
+def fake_python(path: Path, body: str) -> str:
+    """An interpreter that answers the parent like the Blender child, then misbehaves: `body` is Python."""
+    script = (f"#!/bin/sh\nexec {sys.executable} -c '\nimport os, sys, signal, time\n"
+              "fd = int(sys.argv[-1])\nos.write(fd, b\"{\\\"ready\\\": true}\\n\")\nsys.stdin.readline()\n"
+              f"{body}\n' \"$@\"\n")
+    path.write_text(script)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def test_a_hanging_blender_is_killed_at_the_timeout_and_the_next_asset_renders(tmp_path):
+    bunny, duck = list_pybullet_objects(named_only=True)[:2]
+    output = tmp_path / "out"
+    slow = RenderSettings(views=400, resolution=128, samples=16, timeout_s=2.0)  # minutes of work in 2 s
+    first = write_shard(ShardPlan("train-000000", "train", [bunny]), Storage(), str(output),
+                        settings_for(output, slow))
+    row = first.error_rows[0]
+    assert first.samples == 0 and row["stage"] == "timeout" and "timed out after 2 s" in row["error"]
+    log = (output / "renders" / "pybullet_bunny" / "blender.log").read_text()
+    assert "[atoken] view 1/400" in log and "[atoken] killed" in log  # the log up to the kill, then why
+    second = write_shard(ShardPlan("train-000001", "train", [duck]), Storage(), str(output), settings_for(output))
+    assert (second.samples, second.errors) == (1, 0)
+
+
+def test_a_crashing_blender_is_recorded_and_the_next_asset_renders(tmp_path):
+    bunny, duck = list_pybullet_objects(named_only=True)[:2]
+    output = tmp_path / "out"
+    crashing = RenderSettings(views=4, resolution=64, samples=4, python=fake_python(
+        tmp_path / "python", "print(\"Writing: /tmp/blender.crash.txt\", flush=True)\n"
+                             "os.kill(os.getpid(), signal.SIGSEGV)"))
+    first = write_shard(ShardPlan("train-000000", "train", [bunny]), Storage(), str(output),
+                        settings_for(output, crashing))
+    row = first.error_rows[0]
+    assert row["stage"] == "crash" and "SIGSEGV" in row["error"]
+    log = (output / "renders" / "pybullet_bunny" / "blender.log").read_text()
+    assert "Blender died with signal SIGSEGV" in log
+    second = write_shard(ShardPlan("train-000001", "train", [duck]), Storage(), str(output), settings_for(output))
+    assert (second.samples, second.errors) == (1, 0)
+
+
+def test_an_interpreter_without_blender_fails_each_asset_with_one_line(tmp_path):
+    no_bpy = tmp_path / "python"
+    no_bpy.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named bpy' >&2\nexit 1\n")
+    no_bpy.chmod(0o755)
+    output = tmp_path / "out"
+    settings = settings_for(output, RenderSettings(views=4, resolution=64, samples=4, python=str(no_bpy)))
+    result = write_shard(ShardPlan("train-000000", "train", list_pybullet_objects(2)), Storage(), str(output),
+                         settings)
+    assert result.errors == 2 and all("No module named bpy" in r["error"] for r in result.error_rows)
+    assert all(r["stage"] == "crash" for r in result.error_rows)
+    missing = settings_for(output, RenderSettings(views=4, resolution=64, samples=4, python=str(tmp_path / "none")))
+    result = write_shard(ShardPlan("train-000001", "train", list_pybullet_objects(1)), Storage(), str(output),
+                         missing)
+    assert result.errors == 1 and "cannot start" in result.error_rows[0]["error"]
+
+
+# -- the standalone job ----------------------------------------------------------------------------------------
+
+SHIM = ("import argparse, sys\nfrom atoken.preprocess.objects import add_3d_arguments, preprocess_3d_main\n"
+        "parser = argparse.ArgumentParser()\nadd_3d_arguments(parser)\n"
+        "sys.exit(preprocess_3d_main(parser.parse_args()))")
+
+
+def run_3d(args: list[str]) -> subprocess.CompletedProcess:
+    """`atoken preprocess 3d ARGS` (the CLI calls the same two functions)."""
+    return subprocess.run([sys.executable, "-c", SHIM, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_preprocess_3d_end_to_end_over_ray_with_resume(tmp_path):
+    folder = tmp_path / "meshes"
+    folder.mkdir()
+    for name in ("duck.obj", "duck.mtl", "duckCM.png", "bunny.obj"):
+        shutil.copyfile(PYBULLET / name, folder / name)
+    trimesh.load(PYBULLET / "duck.obj").export(folder / "duck_copy.glb")
+    (folder / "broken.glb").write_bytes(b"glTF" + bytes(100))
+    out = tmp_path / "out"
+    args = [str(folder), str(out), "--views", "4", "--resolution", "64", "--samples", "4", "--assets-per-shard", "2",
+            "--val-every", "2", "--no-progress"]  # val: broken.glb + duck.obj
+    first = run_3d(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["samples"] == 3 and stats["failures"] == 1 and stats["views"] == 12
+    assert stats["seconds_per_view"] > 0 and stats["items_per_second"] > 0 and stats["flagged"]["untextured"] == 1
+    errors = read_parquet(out / "errors.parquet")
+    assert errors[0]["stage"] == "import" and errors[0]["locator"].endswith("broken.glb")
+    manifest = read_parquet(out / "manifest.parquet")
+    assert sorted(r["voxels"] > 0 for r in manifest) == [True] * 3
+    assert "atoken 3d:" in first.stdout + first.stderr  # the per-asset progress lines
+    # A rerun skips the committed shard and retries the shard with the failed asset, reusing its renders.
+    second = run_3d(args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads((out / "_stats.json").read_text())
+    assert again["samples"] == 3 and again["shards_skipped"] == 1
+    assert "reused renders" in second.stdout + second.stderr
+
+
+def test_preprocess_3d_refuses_bad_arguments_before_any_work(tmp_path):
+    bad = run_3d(["builtin:pybullet", str(tmp_path / "out"), "--views", "0"])
+    assert bad.returncode != 0 and "views" in bad.stderr
+    assert not (tmp_path / "out").exists()
+    unknown = run_3d(["builtin:nothing", str(tmp_path / "out")])
+    assert unknown.returncode != 0 and "unknown built-in set" in unknown.stderr
+
+
+def test_shard_layout_matches_the_image_and_video_jobs(tmp_path):
+    output = tmp_path / "out"
+    write_shard(ShardPlan("val-000000", "val", list_pybullet_objects(1)), Storage(), str(output),
+                settings_for(output))
+    for uri in (shard_uri(str(output), "val-000000"), manifest_uri(str(output), "val-000000"),
+                errors_uri(str(output), "val-000000")):
+        assert Path(uri).is_file()
+    with tarfile.open(output / "shards" / "val-000000.tar") as tar:
+        assert sorted(tar.getnames()) == ["pybullet_bunny.json", "pybullet_bunny.npz"]
+    table = pq.read_table(io.BytesIO((output / "manifests" / "val-000000.parquet").read_bytes()))
+    assert {"views", "voxels", "flags", "license", "render_seconds"} <= set(table.column_names)
