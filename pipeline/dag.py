@@ -84,15 +84,19 @@ def code_version(packages: tuple[str, ...]) -> str:
     return digest.hexdigest()
 
 
+def section_dict(stage: Stage, config: PipelineConfig) -> dict[str, Any]:
+    """The stage's config slice as plain JSON values: what its fingerprint hashes and its MLflow params show."""
+    return json.loads(json.dumps(stage.section(config), default=_plain))
+
+
 def fingerprint(stage: Stage, config: PipelineConfig, input_fingerprints: list[str]) -> str:
-    section = stage.section(config)
     payload = {
         "stage": stage.name,
-        "config": asdict(section) if hasattr(section, "__dataclass_fields__") else section,
+        "config": section_dict(stage, config),
         "inputs": input_fingerprints,
         "code": code_version(stage.code_packages),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=_plain).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def _plain(value: Any) -> Any:
@@ -178,8 +182,7 @@ class Pipeline:
             )
             # Committed before any work: a killed run finds its folder and MLflow run here next time.
             self.write_state(state)
-            section = json.loads(json.dumps(stage.section(self.config), default=_plain))
-            tracker.log_params(run_id, flatten(section if isinstance(section, dict) else {"value": section}))
+            tracker.log_params(run_id, flatten(section_dict(stage, self.config)))
             context = StageContext(self.config, self.storage, tracker, state.output,
                                    {d: finished[d] for d in stage.depends_on}, run_id, resumed, progress)
             try:
