@@ -84,7 +84,8 @@ class VideoIngestSection:
     fps: float = 8.0
     max_clips: int = 8
     encoding: str = "mp4"
-    videos_per_shard: int = 20
+    videos_per_shard: int = 20  # videos per worker task (a part); shards are cut by clips_per_shard
+    clips_per_shard: int = 64  # every shard holds exactly this many clips, but a split's last one
     val_every: int = 10
     parallelism: int = 2
 
@@ -352,7 +353,8 @@ def validate_videos(videos: VideoIngestSection) -> None:
 
     require = _require
     _validate_sources(videos.sources, "videos.sources", BUILTIN_VIDEO_SOURCES)
-    for name in ("resolution", "clip_frames", "stride_frames", "max_clips", "videos_per_shard", "parallelism"):
+    for name in ("resolution", "clip_frames", "stride_frames", "max_clips", "videos_per_shard", "clips_per_shard",
+                 "parallelism"):
         require(getattr(videos, name) > 0, f"videos.{name}", "must be > 0")
     require(videos.val_every >= 2, "videos.val_every", "must be >= 2")
     require(videos.fps > 0, "videos.fps", "must be > 0")

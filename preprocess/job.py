@@ -1,7 +1,11 @@
-"""Ingest jobs (images, videos): list sources, plan shards, map the shard writer over Ray, gather stats.
+"""Ingest jobs (images, videos): list sources, plan groups of items, write each as a part over Ray, repack
+the parts into shards of equal sample counts, gather manifest, errors and stats.
 
-Items are split and sharded by their position in a stable listing, so a rerun plans the very same
-shards and skips the committed ones (see preprocess/writer.py).
+Items are split and grouped by their position in a stable listing, and shards are cut from the parts in
+that order, so a rerun plans the very same parts and shards and skips the committed ones (see
+preprocess/writer.py). Layout under the output: shards/{split}-NNNNNN.tar, manifests/ (one parquet per
+shard), manifest.parquet, errors.parquet, _stats.json, and _parts/ (the staging parts' manifests and
+errors; their tars are deleted once no failed item can be retried).
 """
 
 from __future__ import annotations
@@ -30,11 +34,15 @@ from atoken.preprocess.videos import ClipSettings
 from atoken.preprocess.writer import (
     ERRORS_SCHEMA,
     MANIFEST_SCHEMA,
+    MAX_ATTEMPTS,
     ImageSettings,
+    RepackPlan,
     ShardPlan,
     ShardResult,
     VideoSettings,
     manifest_uri,
+    repack_shard,
+    shard_uri,
     write_shard,
 )
 
@@ -77,70 +85,158 @@ def plan_image_shards(section: IngestSection, storage: Storage | None = None) ->
     return plan_shards(list_items(section, storage), section.samples_per_shard, section.val_every)
 
 
-def run_image_job(section: IngestSection, storage: Storage, output: str, progress: bool = True) -> dict[str, Any]:
+def run_image_job(section: IngestSection, storage: Storage, output: str, progress: bool = True,
+                  resources: dict[str, float] | None = None) -> dict[str, Any]:
     settings = ImageSettings(section.resolution, section.max_pixels)
     return run_shard_job(plan_image_shards(section, storage), settings, storage, output, section.parallelism,
-                         progress, "ingest images", "img")
+                         progress, "ingest images", "img", section.samples_per_shard, resources)
 
 
-def run_video_job(section: VideoIngestSection, storage: Storage, output: str, progress: bool = True) -> dict[str, Any]:
+def run_video_job(section: VideoIngestSection, storage: Storage, output: str, progress: bool = True,
+                  resources: dict[str, float] | None = None) -> dict[str, Any]:
     clips = ClipSettings(section.clip_frames, section.stride_frames, section.fps, section.resolution,
                          section.max_clips, section.encoding)
     plans = plan_shards(list_items(section, storage), section.videos_per_shard, section.val_every)
     return run_shard_job(plans, VideoSettings(clips), storage, output, section.parallelism, progress,
-                         "ingest videos", "video")
+                         "ingest videos", "video", section.clips_per_shard, resources)
+
+
+def parts_folder(output: str) -> str:
+    """Where a job stages its parts (one per planned group of items) before repacking them into shards."""
+    return join(output, "_parts")
 
 
 def run_shard_job(plans: list[ShardPlan], settings: ImageSettings | VideoSettings, storage: Storage, output: str,
-                  parallelism: int, progress: bool, description: str, unit: str) -> dict[str, Any]:
-    """Write every planned shard (in parallel Ray tasks) and the job's manifest, errors and stats."""
+                  parallelism: int, progress: bool, description: str, unit: str,
+                  samples_per_shard: int | None = None,
+                  resources: dict[str, float] | None = None) -> dict[str, Any]:
+    """Write every planned group as a part, repack the parts into shards of exactly `samples_per_shard`
+    samples (default: the largest group's item count), then the job's manifest, errors and stats.
+
+    Both steps are parallel Ray tasks on the same workers; see preprocess/writer.py for how each commits.
+    `resources`: Ray custom resources every task asks for (config `ray.preprocess_resources`), which keeps the
+    work on a cluster's CPU render workers. A task whose node dies is rerun elsewhere (max_retries).
+    """
     import ray
 
     started = time.perf_counter()
-    remote_writer = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+    samples_per_shard = samples_per_shard or max((len(p.items) for p in plans), default=1)
+    parts_output = parts_folder(output)
     storage_ref = ray.put(storage)
-    pending = list(plans)
-    in_flight: list = []
-    results: list[ShardResult] = []
-    bar = tqdm(total=sum(len(p.items) for p in plans), desc=description, unit=unit, disable=not progress)
-    # A bounded window keeps a million-item job from materialising every task at once.
-    window = max(1, parallelism * 2)
-    while pending or in_flight:
-        while pending and len(in_flight) < window:
-            in_flight.append(remote_writer.remote(pending.pop(0), storage_ref, output, settings))
-        done, in_flight = ray.wait(in_flight, num_returns=1)
-        result: ShardResult = ray.get(done[0])
-        results.append(result)
-        plan = next(p for p in plans if p.name == result.name)
-        bar.update(len(plan.items))
-        bar.set_postfix(shards=f"{len(results)}/{len(plans)}", errors=sum(r.errors for r in results))
-    bar.close()
+    part_results: list[ShardResult] = _map_on_ray(
+        ray.remote(num_cpus=1, max_retries=2)(write_shard).options(resources=resources or None),
+        [(p, storage_ref, parts_output, settings) for p in plans],
+        [len(p.items) for p in plans], parallelism, progress, description, unit)
+    part_tables = {r.name: _read_parquet(storage, manifest_uri(parts_output, r.name)) for r in part_results}
 
-    results.sort(key=lambda r: r.name)
-    manifest = pa.concat_tables(
-        [pq.read_table(io.BytesIO(storage.read_bytes(manifest_uri(output, r.name)))) for r in results]
-    ) if results else MANIFEST_SCHEMA.empty_table()
-    errors = [row for r in results for row in r.error_rows]
+    repacks = plan_repack(plans, part_tables, samples_per_shard)
+    _delete_stale_shards(storage, output, {r.name for r in repacks})
+    shard_results: list[ShardResult] = _map_on_ray(
+        ray.remote(num_cpus=1, max_retries=2)(repack_shard).options(resources=resources or None),
+        [(r, storage_ref, output, parts_output) for r in repacks],
+        [r.manifest.num_rows for r in repacks], parallelism, progress, f"{description}: shards", "sample")
+
+    manifest = pa.concat_tables([r.manifest for r in repacks]) if repacks else MANIFEST_SCHEMA.empty_table()
+    errors = [row for r in part_results for row in r.error_rows]
     _write_parquet(storage, join(output, "manifest.parquet"), manifest)
     _write_parquet(storage, join(output, "errors.parquet"), pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
-    built = [r for r in results if not r.skipped]
-    built_items = sum(len(p.items) for p in plans if p.name in {r.name for r in built})
+    if not any(row["attempts"] < MAX_ATTEMPTS for row in errors):
+        # No item can land on a rerun any more, so no shard will be rebuilt: the parts' samples are
+        # only a second copy now. Their manifests and errors stay, so a rerun still skips every part.
+        for result in part_results:
+            storage.delete(shard_uri(parts_output, result.name))
+    built = {r.name for r in part_results if not r.skipped}
+    built_items = sum(len(p.items) for p in plans if p.name in built)
     seconds = time.perf_counter() - started
     splits = manifest.column("split").to_pylist()
     stats = {
-        "shards": len(results),
-        "shards_skipped": len(results) - len(built),
+        "shards": len(shard_results),
+        "shards_skipped": sum(r.skipped for r in shard_results),
+        "samples_per_shard": samples_per_shard,
+        "parts": len(part_results),
+        "parts_skipped": len(part_results) - len(built),
         "items": sum(len(p.items) for p in plans),
         "samples": manifest.num_rows,
         "samples_train": splits.count("train"),
         "samples_val": splits.count("val"),
         "failures": len(errors),
-        "bytes": sum(r.bytes for r in results),
+        "bytes": sum(r.bytes for r in shard_results),
         "seconds": round(seconds, 3),
         "items_per_second": round(built_items / seconds, 2) if built else 0.0,
     }
     storage.write_json(join(output, "_stats.json"), stats)
     return stats
+
+
+def plan_repack(plans: list[ShardPlan], part_tables: dict[str, pa.Table], samples_per_shard: int) -> list[RepackPlan]:
+    """Each split's samples, in part order, cut into shards of `samples_per_shard` (the last may hold fewer).
+
+    A function of the parts' manifests alone, so a rerun over the same parts plans the same shards.
+    """
+    repacks: list[RepackPlan] = []
+    for split in dict.fromkeys(p.split for p in plans):
+        pieces: list[tuple[str, int, int]] = []
+        slices: list[pa.Table] = []
+        for plan in (p for p in plans if p.split == split):
+            table = part_tables[plan.name]
+            offset = 0
+            while offset < table.num_rows:
+                take = min(samples_per_shard - sum(s.num_rows for s in slices), table.num_rows - offset)
+                pieces.append((plan.name, offset, offset + take))
+                slices.append(table.slice(offset, take))
+                offset += take
+                if sum(s.num_rows for s in slices) == samples_per_shard:
+                    repacks.append(_repack_plan(split, sum(r.split == split for r in repacks), pieces, slices))
+                    pieces, slices = [], []
+        if slices:
+            repacks.append(_repack_plan(split, sum(r.split == split for r in repacks), pieces, slices))
+    return repacks
+
+
+def _repack_plan(split: str, index: int, pieces: list[tuple[str, int, int]], slices: list[pa.Table]) -> RepackPlan:
+    name = f"{split}-{index:06d}"
+    table = pa.concat_tables(slices)
+    table = table.set_column(table.schema.get_field_index("shard"), "shard",
+                             pa.array([name] * table.num_rows, pa.string()))
+    return RepackPlan(name, split, pieces, table)
+
+
+def _delete_stale_shards(storage: Storage, output: str, planned: set[str]) -> None:
+    """Shards a previous run committed past today's last one (fewer samples landed this time): manifest first."""
+    for folder, suffix in (("manifests", ".parquet"), ("shards", ".tar")):
+        for uri in storage.list(join(output, folder)):
+            name = uri.rsplit("/", 1)[-1].removesuffix(suffix)
+            if uri.endswith(suffix) and name not in planned:
+                storage.delete(uri)
+
+
+def _map_on_ray(remote_function, calls: list[tuple], weights: list[int], parallelism: int, progress: bool,
+                description: str, unit: str) -> list:
+    """Run `remote_function(*call)` for every call, at most 2 x parallelism in flight; results in call order."""
+    import ray
+
+    results: list = [None] * len(calls)
+    pending = list(range(len(calls)))
+    in_flight: dict = {}
+    bar = tqdm(total=sum(weights), desc=description, unit=unit, disable=not progress)
+    # A bounded window keeps a million-item job from materialising every task at once.
+    window = max(1, parallelism * 2)
+    while pending or in_flight:
+        while pending and len(in_flight) < window:
+            index = pending.pop(0)
+            in_flight[remote_function.remote(*calls[index])] = index
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        index = in_flight.pop(done[0])
+        results[index] = ray.get(done[0])
+        bar.update(weights[index])
+        bar.set_postfix(done=f"{sum(r is not None for r in results)}/{len(calls)}",
+                        errors=sum(r.errors for r in results if r is not None))
+    bar.close()
+    return results
+
+
+def _read_parquet(storage: Storage, uri: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
 
 
 def _write_parquet(storage: Storage, uri: str, table: pa.Table) -> None:

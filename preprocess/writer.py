@@ -1,10 +1,18 @@
-"""One shard in, committed: process its items (images or video clips), write the tar, verify it, then
-write its manifest.
+"""Shards in two steps, each committed the same way: write the tar, re-read it, then write its manifest.
 
-The manifest is written last and is the shard's commit marker: a shard with a manifest is done and a
-rerun skips it; a shard without one is rebuilt from scratch, so a kill at any point loses nothing and
-duplicates nothing. A done shard with failed items is rebuilt on a rerun (up to MAX_ATTEMPTS), so an item
-that failed for a passing reason (a timeout, a file still being copied) lands the next time.
+1. `write_shard`: a planned group of items (images, videos, 3D assets) → one tar of their samples. A
+   job writes these as *parts* (a staging area), because a group's sample count is only known after
+   the work: items fail, a video gives a variable number of clips.
+2. `repack_shard`: consecutive samples of the committed parts → one final shard of exactly
+   `samples_per_shard` samples (only a split's last shard may hold fewer), so shards split evenly
+   over loader workers. The tar members are copied, never decoded again.
+
+The manifest is written last and is the commit marker: a tar with a manifest is done and a rerun skips
+it; one without is rebuilt from scratch, so a kill at any point loses nothing and duplicates nothing.
+A done part with failed items is rebuilt on a rerun (up to MAX_ATTEMPTS), so an item that failed for a
+passing reason (a timeout, a file still being copied) lands the next time; a final shard is skipped only
+if its manifest equals the one planned from the parts, so the shards after a newly landed item are
+rebuilt. Tars are written with fixed headers (mtime 0), so the same samples always give the same bytes.
 Plain functions: preprocess/job.py maps them over Ray.
 """
 
@@ -14,13 +22,13 @@ import io
 import json
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
-from atoken.pipeline.storage import LocalStaging, Storage, join
+from atoken.pipeline.storage import LocalStaging, Storage, StorageError, join
 from atoken.preprocess.images import ItemError, process_image
 from atoken.preprocess.sources import ItemSpec, read_item_bytes
 from atoken.preprocess.videos import ClipSettings, clip_video
@@ -49,6 +57,14 @@ class ShardPlan:
     name: str  # e.g. "train-000003"
     split: str
     items: list[ItemSpec]
+
+
+@dataclass
+class RepackPlan:
+    name: str  # the final shard, e.g. "train-000003"
+    split: str
+    pieces: list[tuple[str, int, int]]  # (part name, first sample, end sample), in stream order
+    manifest: pa.Table  # the rows the shard will hold, `shard` already set to `name`
 
 
 @dataclass
@@ -117,7 +133,7 @@ def write_shard(plan: ShardPlan, storage: Storage, output: str, settings: ImageS
     error_rows: list[dict] = []
     with LocalStaging() as staging:
         tar_path = staging / f"{plan.name}.tar"
-        with wds.TarWriter(str(tar_path)) as sink:
+        with _open_tar_sink(tar_path) as sink:
             for item in plan.items:
                 stage = "read"
                 try:
@@ -131,9 +147,9 @@ def write_shard(plan: ShardPlan, storage: Storage, output: str, settings: ImageS
                     continue
                 for sample in samples:
                     meta = {**sample.meta, "caption": item.caption, "source": item.source, "split": plan.split}
-                    sink.write({"__key__": sample.key, **sample.files, "json": json.dumps(meta).encode()})
+                    _add_sample(sink, sample.key, {**sample.files, "json": json.dumps(meta).encode()})
                     rows.append(_manifest_row(sample, meta, plan))
-        _verify_tar(tar_path, [row["key"] for row in rows])
+        _verify_tar(tar_path, [row["key"] for row in rows], sum(row["bytes"] for row in rows))
         storage.upload(tar_path, shard_uri(output, plan.name))
     # The manifest's measure (bytes of the samples' media), so a skipped shard reports the same number.
     size = sum(row["bytes"] for row in rows)
@@ -158,16 +174,83 @@ def _manifest_row(sample: ShardSample, meta: dict, plan: ShardPlan) -> dict:
     }
 
 
-def _verify_tar(path, expected_keys: list[str]) -> None:
-    """Re-read the tar before commit: every sample present once, with its media and its metadata."""
+def repack_shard(plan: RepackPlan, storage: Storage, output: str, parts_output: str) -> ShardResult:
+    """Copy the planned slices of committed parts into one final shard; skip it if already committed as planned."""
+    started = time.perf_counter()
+    size = int(sum(plan.manifest.column("bytes").to_pylist()))
+    if storage.exists(manifest_uri(output, plan.name)):
+        committed = pq.read_table(io.BytesIO(storage.read_bytes(manifest_uri(output, plan.name))))
+        if committed.equals(plan.manifest):
+            return ShardResult(plan.name, plan.manifest.num_rows, 0, size, 0.0, skipped=True)
+        # Planned differently (a retried item landed before it): uncommit first, as write_shard does.
+        storage.delete(manifest_uri(output, plan.name))
+    with LocalStaging() as staging:
+        tar_path = staging / f"{plan.name}.tar"
+        with _open_tar_sink(tar_path) as sink:
+            for part, start, end in plan.pieces:
+                part_uri = shard_uri(parts_output, part)
+                try:
+                    local = storage.download(part_uri, staging / f"part-{part}.tar")
+                except (OSError, StorageError) as exc:
+                    raise StorageError(f"part {part_uri} is gone, so shard {plan.name} cannot be rebuilt; delete "
+                                       f"{parts_output} and rerun to rebuild every part") from exc
+                with tarfile.open(local) as source:
+                    for index, members in enumerate(_samples_of(source)):
+                        if index >= end:
+                            break
+                        if index >= start:
+                            for member in members:
+                                sink.addfile(member, source.extractfile(member))
+                local.unlink()
+        _verify_tar(tar_path, plan.manifest.column("key").to_pylist(), size)
+        storage.upload(tar_path, shard_uri(output, plan.name))
+    storage.write_bytes(manifest_uri(output, plan.name), _parquet_table(plan.manifest))
+    return ShardResult(plan.name, plan.manifest.num_rows, 0, size, time.perf_counter() - started)
+
+
+def _open_tar_sink(path) -> tarfile.TarFile:
+    # Plain tarfile rather than webdataset's TarWriter: a worker then never imports webdataset (and with it
+    # torch, ~2 s per worker start), and headers are fixed, so the bytes depend on the samples alone.
+    return tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+
+
+def _add_sample(sink: tarfile.TarFile, key: str, files: dict[str, bytes]) -> None:
+    for extension in sorted(files):  # the member order webdataset writes
+        data = files[extension]
+        info = tarfile.TarInfo(f"{key}.{extension}")
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "bigdata", "bigdata"
+        sink.addfile(info, io.BytesIO(data))
+
+
+def _samples_of(tar: tarfile.TarFile) -> Iterator[list[tarfile.TarInfo]]:
+    """The members of a tar grouped per sample (consecutive members sharing a key, as WebDataset reads them)."""
+    group: list[tarfile.TarInfo] = []
+    for member in tar:
+        if group and member.name.split(".", 1)[0] != group[0].name.split(".", 1)[0]:
+            yield group
+            group = []
+        group.append(member)
+    if group:
+        yield group
+
+
+def _verify_tar(path, expected_keys: list[str], expected_media_bytes: int) -> None:
+    """Re-read the tar's headers before commit: every sample once, in order, with its metadata and all its
+    media bytes. Headers only: decoding every sample again would cost as much as making it."""
     with tarfile.open(path) as tar:
-        names = tar.getnames()
-    keys = [name.rsplit(".", 1)[0] for name in names if name.endswith(".json")]
-    if keys != expected_keys or len(names) != 2 * len(expected_keys):
-        raise RuntimeError(f"shard {path.name} failed verification: {len(keys)} of {len(expected_keys)} samples")
+        members = tar.getmembers()
+    keys = [member.name.rsplit(".", 1)[0] for member in members if member.name.endswith(".json")]
+    media_bytes = sum(member.size for member in members if not member.name.endswith(".json"))
+    if keys != expected_keys or media_bytes != expected_media_bytes:
+        raise RuntimeError(f"shard {path.name} failed verification: {len(keys)} of {len(expected_keys)} samples, "
+                           f"{media_bytes} of {expected_media_bytes} media bytes")
 
 
 def _parquet(rows: list[dict], schema: pa.Schema) -> bytes:
+    return _parquet_table(pa.Table.from_pylist(rows, schema=schema))
+
+
+def _parquet_table(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
+    pq.write_table(table, buffer)
     return buffer.getvalue()
