@@ -310,7 +310,7 @@ def test_preprocess_3d_end_to_end_over_ray_with_resume(tmp_path):
     second = run_3d(args)
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads((out / "_stats.json").read_text())
-    assert again["samples"] == 3 and again["shards_skipped"] == 1
+    assert again["samples"] == 3 and again["parts_skipped"] == 1 and again["shards_skipped"] == again["shards"]
     assert "reused renders" in second.stdout + second.stderr
 
 
