@@ -239,3 +239,46 @@ def test_failed_items_are_retried_on_rerun_and_land_once_they_work(tmp_path):
     assert last.skipped and last.error_rows[0]["attempts"] == MAX_ATTEMPTS  # a permanent failure stops retrying
     keys = [row["key"] for row in read_parquet(storage, f"{output}/manifests/train-000000.parquet")]
     assert sorted(keys) == sorted(i.key for i in items if not i.locator.endswith("broken.png"))
+
+
+# -- the tar format ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "size"), [("a.png", 0), ("file_coffee_0123456789.json", 12345), ("k.mp4", 10**9)])
+def test_tar_headers_are_the_ones_tarfile_writes(name, size):
+    from atoken.preprocess.writer import tar_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "bigdata", "bigdata"
+    assert tar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match="longer than 100 bytes"):
+        tar_header("k" * 101, 1)
+
+
+def test_tar_sink_is_read_back_by_tarfile_and_webdataset_and_copies_byte_ranges(tmp_path):
+    import webdataset as wds
+
+    from atoken.preprocess.writer import TarSink, sample_spans, scan_tar
+
+    samples = {f"s{i}": {"json": b'{"i": %d}' % i, "png": bytes(range(i * 37 % 256)) * (i + 1)} for i in range(6)}
+    with TarSink(tmp_path / "a.tar") as sink:
+        for key, files in samples.items():
+            for extension in sorted(files):
+                sink.add(f"{key}.{extension}", files[extension])
+    assert (tmp_path / "a.tar").stat().st_size % 10240 == 0
+    read = {s["__key__"]: {"json": s["json"], "png": s["png"]} for s in wds.WebDataset(str(tmp_path / "a.tar"),
+                                                                                         shardshuffle=False)}
+    assert read == samples
+    with open(tmp_path / "a.tar", "rb") as source:
+        spans = sample_spans(source)
+        assert [key for key, _, _ in spans] == list(samples)
+        with TarSink(tmp_path / "b.tar") as sink:
+            sink.copy_range(source, spans[2][1], spans[4][2])  # samples 2, 3, 4
+    assert list(tar_members((tmp_path / "b.tar").read_bytes())) == [f"s{i}.{e}" for i in (2, 3, 4) for e in ("json",
+                                                                                                           "png")]
+    data = bytearray((tmp_path / "a.tar").read_bytes())
+    data[spans[1][1] + 10] ^= 1  # one flipped bit in a header
+    with pytest.raises(RuntimeError, match="bad header checksum"):
+        scan_tar(io.BytesIO(bytes(data)))
+    with pytest.raises(RuntimeError, match="truncated"):
+        scan_tar(io.BytesIO((tmp_path / "a.tar").read_bytes()[:spans[3][1] + 100]))
