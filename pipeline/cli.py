@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     videos.add_argument("--fps", type=float, default=8.0)
     videos.add_argument("--max-clips", type=int, default=8, help="per video")
     videos.add_argument("--encoding", choices=("mp4", "npy"), default="mp4")
-    videos.add_argument("--videos-per-shard", type=int, default=50)
+    videos.add_argument("--videos-per-shard", type=int, default=50, help="videos per worker task (a part)")
+    videos.add_argument("--clips-per-shard", type=int, default=64, help="clips in every shard but a split's last")
     videos.add_argument("--val-every", type=int, default=10)
     videos.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint for OUT")
 
@@ -173,7 +174,7 @@ def _preprocess_videos(args: argparse.Namespace) -> int:
     section = VideoIngestSection(sources=[source], resolution=args.resolution, clip_frames=args.clip_frames,
                                  stride_frames=args.stride_frames, fps=args.fps, max_clips=args.max_clips,
                                  encoding=args.encoding, videos_per_shard=args.videos_per_shard,
-                                 val_every=args.val_every)
+                                 clips_per_shard=args.clips_per_shard, val_every=args.val_every)
     validate_videos(section)
     out = args.out if is_s3(args.out) else str(Path(args.out).resolve())
     config = PipelineConfig(videos=section, storage=StorageSection(endpoint_url=args.endpoint_url))

@@ -19,3 +19,17 @@ name=$("$PYTHON" -c "import re, torch; print(re.sub('[^a-z0-9]+', '-', torch.cud
 out="benchmarks/results/model-throughput-$name.json"
 "$PYTHON" benchmarks/gpu/bench_model.py --device "$DEVICE" --out "$out"
 echo "results: $out"
+# Issue 5's reader goal (>= 2x the samples/s `base` consumes, one loader worker per core): the reader's
+# per-core rate from benchmarks/results/preprocess-cpu.json (256-px photo shards) times this node's cores,
+# next to base's samples/s just measured. An estimate where this node's cores differ from the CPU machine's.
+"$PYTHON" - "$out" <<'PY'
+import json, os, sys
+model = json.load(open(sys.argv[1]))["tokenizer"].get("base")
+reader = json.load(open("benchmarks/results/preprocess-cpu.json")).get("reader", {})
+per_core = reader.get("reader_samples_per_second_per_core")
+if model and per_core:
+    consumed = model["samples_per_step"] / model["seconds_per_step"]
+    supplied = per_core * os.cpu_count()
+    print(f"reader {supplied:.0f} samples/s ({os.cpu_count()} cores x {per_core:.1f}) vs base {consumed:.0f} "
+          f"samples/s: {supplied / consumed:.2f}x (goal >= 2x)")
+PY
