@@ -53,16 +53,47 @@ def main(argv: list[str] | None = None) -> int:
 
     from atoken.preprocess.objects import add_3d_arguments
 
-    add_3d_arguments(kinds.add_parser("3d", help="meshes (a folder, builtin:pybullet, objaverse:MIRROR) → Blender "
-                                                 "renders, 64³ voxels + nearest-view patches in shards + manifests"))
+    objects = kinds.add_parser("3d", help="meshes (a folder, builtin:pybullet, objaverse:MIRROR) → Blender "
+                                          "renders, 64³ voxels + nearest-view patches in shards + manifests")
+    add_3d_arguments(objects)
+    for kind in (images, videos, objects):
+        kind.add_argument("--resources", type=_resources, default=None, metavar="JSON",
+                          help='Ray custom resources per task, e.g. \'{"render": 1}\' to run on render workers')
 
+    submit = commands.add_parser("submit", help="run CONFIG (or `-- COMMAND...`, any atoken command) on a Ray "
+                                                "cluster as a job (Ray Jobs API); or inspect, follow or stop a job")
+    submit.add_argument("config", nargs="?", help="a YAML config inside the working dir")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one field (repeatable), passed to the job's `atoken run`")
+    submit.add_argument("--address", default=None,
+                        help="the head's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS)")
+    submit.add_argument("--working-dir", default=".", help="the folder shipped with the job (default: .)")
+    submit.add_argument("--submission-id", default=None, help="a job id of your choosing (default: Ray's)")
+    submit.add_argument("--no-wait", action="store_true",
+                        help="return once the job has reported its MLflow parent run, without following it")
+    action = submit.add_mutually_exclusive_group()
+    action.add_argument("--status", metavar="JOB_ID", help="the job's state, entrypoint and MLflow parent run")
+    action.add_argument("--logs", metavar="JOB_ID", help="the job's logs so far")
+    action.add_argument("--follow", metavar="JOB_ID", help="stream the job's logs until it ends")
+    action.add_argument("--stop", metavar="JOB_ID", help="stop the job and wait for it to end")
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `atoken submit [options] -- preprocess images SRC OUT ...`: what follows `--` is an atoken command to run
+    # on the cluster as it is, so argparse never sees it.
+    passthrough: list[str] = []
+    if argv[:1] == ["submit"] and "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
+    args.passthrough = passthrough
 
     try:
         if args.command == "run":
             return _run(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "submit":
+            return _submit(args)
         if args.kind == "3d":
             from atoken.preprocess.objects import preprocess_3d_main
 
@@ -100,7 +131,9 @@ def _run(args: argparse.Namespace) -> int:
 
     print(f"atoken: run {config.run.name!r} → {config.run.root}", flush=True)
     started = time.perf_counter()
-    result = run_pipeline(config, progress=not args.no_progress)
+    # Said before any stage runs: `atoken submit` reads this line from a cluster job's logs.
+    result = run_pipeline(config, progress=not args.no_progress, on_parent_run=lambda run_id, uri: print(
+        f"atoken: MLflow parent run {run_id} at {_redacted(uri)}", flush=True))
     rows = []
     for outcome in result.outcomes:
         numbers = ", ".join(f"{k}={_short(v)}" for k, v in outcome.state.summary.items()
@@ -146,7 +179,7 @@ def _preprocess_images(args: argparse.Namespace) -> int:
     storage = Storage(config.storage)
     storage.check_writable(out)
     start_ray(config)
-    stats = run_image_job(section, storage, out)
+    stats = run_image_job(section, storage, out, resources=args.resources)
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -181,8 +214,59 @@ def _preprocess_videos(args: argparse.Namespace) -> int:
     storage = Storage(config.storage)
     storage.check_writable(out)
     start_ray(config)
-    print(json.dumps(run_video_job(section, storage, out), indent=2))
+    print(json.dumps(run_video_job(section, storage, out, resources=args.resources), indent=2))
     return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from atoken.pipeline import submit
+
+    if args.status:
+        print(json.dumps(submit.describe(args.status, args.address), indent=2))
+        return 0
+    if args.logs:
+        print(submit.logs(args.logs, args.address), end="")
+        return 0
+    if args.stop:
+        status = submit.stop(args.stop, args.address)
+        print(f"atoken: job {args.stop}: {status}")
+        return 0 if status in submit.TERMINAL else EXIT_FAILURE
+    if args.follow:
+        status, _ = submit.follow(args.follow, args.address)
+        print(f"atoken: job {args.follow}: {status}")
+        return 0 if status == "SUCCEEDED" else EXIT_FAILURE
+    if args.passthrough:
+        if args.config or args.overrides:
+            raise ConfigError("submit: give either CONFIG (with --set) or an atoken command after --, not both")
+        job = submit.submit_command(args.passthrough, args.address, args.working_dir, args.submission_id)
+        print(f"atoken: submitted job {job.job_id} to {job.address}: {job.entrypoint}", flush=True)
+        if args.no_wait:
+            return 0
+        status, _ = submit.follow(job.job_id, args.address)
+        print(f"atoken: job {job.job_id}: {status}")
+        return 0 if status == "SUCCEEDED" else EXIT_FAILURE
+    if not args.config:
+        raise ConfigError("submit: give a CONFIG to run, an atoken command after --, or one of "
+                          "--status/--logs/--follow/--stop JOB_ID")
+    job = submit.submit(args.config, args.overrides, args.address, args.working_dir, args.submission_id)
+    print(f"atoken: submitted job {job.job_id} to {job.address}: {job.entrypoint}", flush=True)
+    status, parent = submit.follow(job.job_id, args.address, until_parent_run=args.no_wait)
+    if parent:
+        print(f"atoken: job {job.job_id}: MLflow parent run {parent}", flush=True)
+    if args.no_wait:
+        print(f"atoken: job {job.job_id} is {status}; follow it with `atoken submit --follow {job.job_id} "
+              f"--address {job.address}`")
+        return 0 if status not in ("FAILED", "STOPPED") else EXIT_FAILURE
+    print(f"atoken: job {job.job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else EXIT_FAILURE
+
+
+def _resources(text: str) -> dict[str, float]:
+    """`--resources '{"render": 1}'` → {"render": 1.0}; argparse turns the ValueError into a usage error."""
+    value = json.loads(text)
+    if not isinstance(value, dict) or not all(isinstance(v, int | float) and v > 0 for v in value.values()):
+        raise ValueError(text)
+    return {str(k): float(v) for k, v in value.items()}
 
 
 def _short(value: float) -> str:

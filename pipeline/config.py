@@ -51,6 +51,12 @@ class TrackingSection:
 class RaySection:
     # Only for a local cluster started by `atoken run`; RAY_ADDRESS connects to an existing one instead.
     num_cpus: int | None = None
+    # Ray custom resources that pin work to a node pool on a cluster (infra/kuberay, infra/cluster):
+    # preprocessing tasks (images, videos, 3D renders) ask for `preprocess_resources` (e.g. {render: 1} for the
+    # CPU render workers) and each Ray Train worker for `train_resources` (e.g. {train: 1} for the GPU workers).
+    # Empty: anywhere, as on a laptop.
+    preprocess_resources: dict[str, float] = field(default_factory=dict)
+    train_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -258,6 +264,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if value is None:
             return None
         return _coerce(options[0], value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_hint, item_hint = typing.get_args(hint)
+        return {_coerce(key_hint, k, f"{where}.{k}"): _coerce(item_hint, v, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -307,6 +318,9 @@ def validate(config: PipelineConfig) -> None:
     require(not config.run.root.startswith("s3://") or len(config.run.root) > 5, "run.root", "needs a bucket")
     require(config.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
     require(config.storage.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
+    for name in ("preprocess_resources", "train_resources"):
+        for resource, amount in getattr(config.ray, name).items():
+            require(amount > 0, f"ray.{name}.{resource}", "must be > 0")
     validate_ingest(config.ingest)
     validate_videos(config.videos)
     validate_train(config.train, config.ingest.resolution)
@@ -391,12 +405,13 @@ def validate_train(train: TrainSection, resolution: int) -> None:
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     """Nested config → {'train.stages.0.steps': '200'}: what MLflow's log_params can take."""
     flat: dict[str, str] = {}
-    if isinstance(value, dict):
+    if isinstance(value, dict) and value:
         for key, item in value.items():
             flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
     elif isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
         for i, item in enumerate(value):
             flat.update(flatten(item, f"{prefix}.{i}"))
     else:
-        flat[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
+        # An empty mapping (ray.train_resources: {}) is a leaf too, logged as "{}".
+        flat[prefix] = json.dumps(value) if isinstance(value, list | dict) else str(value)
     return flat

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import yaml
@@ -51,7 +52,9 @@ def start_ray(config: PipelineConfig) -> bool:
     return True
 
 
-def run_pipeline(config: PipelineConfig, progress: bool = True) -> RunResult:
+def run_pipeline(config: PipelineConfig, progress: bool = True,
+                 on_parent_run: Callable[[str, str], None] | None = None) -> RunResult:
+    """`on_parent_run(run_id, tracking_uri)` is called once the MLflow parent run exists, before any stage."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     pipeline, storage = prepare(config)
     tracking_uri = resolve_tracking_uri(config.tracking.uri, config.run.local_dir)
@@ -65,6 +68,8 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> RunResult:
                                             "name": config.run.name})
     tracker.log_params(parent_id, flatten(config.to_dict()))
     tracker.log_bytes(parent_id, yaml.safe_dump(config.to_dict(), sort_keys=False).encode(), "config/resolved.yaml")
+    if on_parent_run:
+        on_parent_run(parent_id, tracking_uri)
 
     started_ray = False
 

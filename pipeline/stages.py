@@ -57,7 +57,8 @@ def preflight_videos(config: PipelineConfig) -> None:
 def run_ingest_videos(ctx: StageContext) -> dict[str, Any]:
     from atoken.preprocess.job import run_video_job
 
-    stats = run_video_job(ctx.config.videos, ctx.storage, ctx.output, progress=ctx.progress)
+    stats = run_video_job(ctx.config.videos, ctx.storage, ctx.output, progress=ctx.progress,
+                          resources=ctx.config.ray.preprocess_resources)
     for name in ("manifest.parquet", "errors.parquet", "_stats.json"):
         ctx.tracker.log_bytes(ctx.run_id, ctx.storage.read_bytes(join(ctx.output, name)), f"ingest_videos/{name}")
     return stats
@@ -92,7 +93,8 @@ def run_ingest(ctx: StageContext) -> dict[str, Any]:
     from atoken.preprocess.job import run_image_job
     from atoken.train.data import decode_image, read_shard
 
-    stats = run_image_job(ctx.config.ingest, ctx.storage, ctx.output, progress=ctx.progress)
+    stats = run_image_job(ctx.config.ingest, ctx.storage, ctx.output, progress=ctx.progress,
+                          resources=ctx.config.ray.preprocess_resources)
     for name in ("manifest.parquet", "errors.parquet", "_stats.json"):
         ctx.tracker.log_bytes(ctx.run_id, ctx.storage.read_bytes(join(ctx.output, name)), f"ingest/{name}")
     first = sorted(_shards(ctx.storage, ctx.output, "train"), key=lambda s: s.uri)
@@ -131,7 +133,7 @@ def run_train(ctx: StageContext, index: int, previous: str | None) -> dict[str, 
                                       if section.max_tokens else f"{section.batch_size} images"})
     job = StageJob(section, ctx.config.train.model, shards, ctx.output, init_weights, ctx.storage,
                    ctx.tracker, ctx.run_id, ctx.config.run.seed)
-    run_train_stage(job, ctx.config.run.local_dir)
+    run_train_stage(job, ctx.config.run.local_dir, ctx.config.ray.train_resources)
     final = ctx.storage.read_json(join(ctx.output, "model.json"))
     ctx.tracker.log_bytes(ctx.run_id, json.dumps(final, indent=2).encode(), "train/model.json")
     latest = ctx.storage.read_json(join(ctx.output, "checkpoints", "latest.json"))

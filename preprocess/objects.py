@@ -430,7 +430,8 @@ def preprocess_3d_main(args: argparse.Namespace) -> int:
           f"samples, device {render.device}, {args.parallelism} worker(s) x {threads} threads → {out}", flush=True)
     start_ray(config)
     stats = run_shard_job(plan_shards(items, args.assets_per_shard, args.val_every), settings, storage, out,
-                          args.parallelism, not args.no_progress, "preprocess 3d", "asset")
+                          args.parallelism, not args.no_progress, "preprocess 3d", "asset",
+                          resources=getattr(args, "resources", None))
     manifest = pq.read_table(io.BytesIO(storage.read_bytes(join(out, "manifest.parquet"))))
     stats.update(_render_stats(manifest))
     storage.write_json(join(out, "_stats.json"), stats)

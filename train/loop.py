@@ -135,19 +135,28 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def run_train_stage(job: StageJob, local_dir: str) -> None:
-    """Run `train_worker` on Ray Train workers and wait; raises if any worker fails."""
+def run_train_stage(job: StageJob, local_dir: str, resources: dict[str, float] | None = None) -> None:
+    """Run `train_worker` on Ray Train workers and wait; raises if any worker fails.
+
+    `resources`: Ray custom resources each worker also asks for (config `ray.train_resources`), which keeps
+    training on a cluster's GPU workers.
+    """
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // job.stage.num_workers)
+    resources = resources or {}
+    # A worker lives on one node: share the largest eligible node's CPUs, not the cluster's total.
+    node_cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]
+                 and all(node["Resources"].get(name, 0) >= amount for name, amount in resources.items())]
+    cpus = max(1, int(max(node_cpus, default=1)) // job.stage.num_workers)
     # Ray sets OMP_NUM_THREADS=1 in its workers: give torch the cores each CPU worker was granted.
     threads = None if job.stage.use_gpu else cpus
     trainer = TorchTrainer(
         functools.partial(_threads_then_train, job, threads),
         scaling_config=ScalingConfig(num_workers=job.stage.num_workers, use_gpu=job.stage.use_gpu,
-                                     resources_per_worker=None if job.stage.use_gpu else {"CPU": cpus}),
+                                     resources_per_worker=({"GPU": 1} if job.stage.use_gpu else {"CPU": cpus})
+                                     | resources),
         run_config=RunConfig(name=f"{job.stage.name}-{job.run_id[:8]}",
                              storage_path=str(Path(local_dir).resolve() / "ray_train")),
     )
