@@ -1,7 +1,8 @@
 """`atoken submit`: run a config on a Ray cluster through Ray's Jobs API, and follow, inspect or stop the job.
 
-The job is `atoken run CONFIG` on the cluster, in a copy of the working directory (the config and any files
-it names travel with it); the code itself comes from the cluster's image, where atoken is installed.
+The job is `atoken run CONFIG` (or any other atoken command) on the cluster, in a copy of the working
+directory, so the config and the small files it names travel with it; the code itself comes from the
+cluster's image, where atoken is installed (infra/docker).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from atoken.pipeline.config import ConfigError, load_config
 
 # What never travels with a job: environments, run outputs, local scratch, VCS data, and the large binary
 # files a working tree collects (shards, weights, media); Ray refuses working dirs over its package limit.
+# (Parquet stays: a list-file source may be one.)
 WORKING_DIR_EXCLUDES = [
     ".venv/",
     ".git/",
@@ -36,7 +38,6 @@ WORKING_DIR_EXCLUDES = [
     "*.ckpt",
     "*.npz",
     "*.mp4",
-    "*.parquet",
     "*.whl",
 ]
 PARENT_RUN_LINE = re.compile(r"atoken: MLflow parent run (?P<run_id>[0-9a-f]{32}) at (?P<uri>\S+)")
