@@ -189,10 +189,11 @@ def test_images_install_the_way_the_readme_does_with_pins():
         requirement = Requirement(line)
         if requirement.marker and not requirement.marker.evaluate():
             continue
-        assert requirement.name in pins, f"constraints.txt pins no {requirement.name}"
-        assert requirement.specifier.contains(pins[requirement.name], prereleases=True), (requirement, pins)
+        regenerate = "regenerate it: .venv/bin/python infra/docker/freeze.py > infra/docker/constraints.txt"
+        assert requirement.name in pins, f"constraints.txt pins no {requirement.name}; {regenerate}"
+        assert requirement.specifier.contains(pins[requirement.name], prereleases=True), (requirement, regenerate)
         checked += 1
-    assert checked >= 10 and pins["ray"] == ray.__version__
+    assert checked >= 10
 
 
 def test_kubernetes_objects_validate_against_kubernetes_schemas():
@@ -237,7 +238,9 @@ def test_rayjob_runs_the_same_cluster_and_pins_work_to_the_pools():
     gpu_limits = groups["train-gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu_limits["nvidia.com/gpu"] == groups["train-gpu"]["rayStartParams"]["num-gpus"]
     assert "nvidia.com/gpu" not in json.dumps(groups["render-cpu"])
-    assert cluster["spec"]["rayVersion"] == ray.__version__
+    # The operator's view of Ray must be the images' Ray.
+    constraints = (INFRA / "docker" / "constraints.txt").read_text()
+    assert f"ray=={cluster['spec']['rayVersion']}\n" in constraints
     # The job asks for exactly those resources, and its config is a valid one.
     from atoken.pipeline.config import load_config
 
