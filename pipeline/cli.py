@@ -84,6 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["submit"] and "--" in argv:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1 :]
+    evaluate = commands.add_parser("eval", help="run the evaluation suite alone on a run's data: its last training "
+                                                "stage, or --checkpoint PATH")
+    _config_arguments(evaluate)
+    evaluate.add_argument("--checkpoint", default=None, metavar="PATH",
+                          help="a training stage's output folder (model.safetensors + model.json) to evaluate instead")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    compare = commands.add_parser("compare", help="evaluation runs side by side; refuses metrics whose protocols "
+                                                  "differ")
+    compare.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="MLflow run ids (pipeline or evaluation runs)")
+    compare.add_argument("--tracking-uri", default=None,
+                         help="default: MLFLOW_TRACKING_URI, else sqlite:///.atoken/mlflow.db as `atoken run` uses")
+    compare.add_argument("--out", default=None, help="the Markdown report (default: compare-<first run id>.md)")
+
     args = parser.parse_args(argv)
     args.passthrough = passthrough
 
@@ -92,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "submit":
             return _submit(args)
         if args.kind == "3d":
@@ -267,6 +284,36 @@ def _resources(text: str) -> dict[str, float]:
     if not isinstance(value, dict) or not all(isinstance(v, int | float) and v > 0 for v in value.values()):
         raise ValueError(text)
     return {str(k): float(v) for k, v in value.items()}
+
+
+def _eval(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from atoken.evaluate.stage import run_standalone
+
+    run_id, summary = run_standalone(config, args.checkpoint, progress=not args.no_progress)
+    _table(("metric", "value"), [(k, _short(v)) for k, v in sorted(summary.items())])
+    print(f"atoken: evaluation run {run_id}; report at {config.run.root}/eval/{run_id}/report.md")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from atoken.evaluate.compare import compare_runs, side_by_side
+    from atoken.evaluate.protocols import ProtocolMismatch
+    from atoken.pipeline.tracking import resolve_tracking_uri
+
+    try:
+        runs, report = compare_runs(args.run_ids, resolve_tracking_uri(args.tracking_uri, ".atoken"))
+    except ProtocolMismatch as exc:
+        print(f"atoken: refused: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    header, rows = side_by_side(runs)
+    _table(tuple(header), [tuple("–" if c is None else _short(c) for c in row) for row in rows])
+    out = Path(args.out or f"compare-{args.run_ids[0][:12]}.md")
+    out.write_text(report)
+    print(f"atoken: report written to {out}")
+    return 0
 
 
 def _short(value: float) -> str:

@@ -132,9 +132,21 @@ class TrainSection:
 
 @dataclass
 class EvaluateSection:
+    # psnr, ssim, lpips (LPIPS from lpips_backbone, else the declared EfficientNet stand-in), rfid, rfvd (the run's
+    # val clips), zero_shot and retrieval (through the frozen text encoder), render_3d (the run's 3D val assets).
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])
     max_samples: int | None = None
     grid_samples: int = 8
+    fid_samples: int | None = None  # images (first N) feeding rFID; its protocol records the count
+    fvd_clips: int | None = None  # clips (first N) feeding rFVD
+    worst_k: int = 8  # lowest-PSNR images shown in the report
+    lpips_backbone: str | None = None  # a VGG16 safetensors file; null: the perceptual stand-in, declared
+    text_encoder: str | None = None  # a Hugging Face text model folder; null: the packaged MiniLM stand-in
+    held_out_views: list[int] = field(default_factory=lambda: [3, 7, 11, 15])  # 3D views rendered and scored
+    # A conventional baseline (e.g. kind conv_vae) trained by the same stage-1 harness on the same images and
+    # scored beside the tokenizer; baseline_steps defaults to train.stages[0].steps (the same budget).
+    baseline: ModelSection | None = None
+    baseline_steps: int | None = None
 
 
 @dataclass
@@ -152,9 +164,9 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
 
-KNOWN_METRICS = ("psnr", "ssim")
+KNOWN_METRICS = ("psnr", "ssim", "lpips", "rfid", "rfvd", "zero_shot", "retrieval", "render_3d")
 SOURCE_KINDS = ("builtin", "folder", "s3", "list")
-KNOWN_MODELS = ("patch_autoencoder", "atoken")
+KNOWN_MODELS = ("patch_autoencoder", "atoken", "conv_vae")
 ATOKEN_PRESETS = ("tiny", "base", "so400m")
 
 
@@ -332,6 +344,13 @@ def validate(config: PipelineConfig) -> None:
                 f"unknown metric {metric!r} (known: {', '.join(KNOWN_METRICS)})")
     require(config.evaluate.max_samples is None or config.evaluate.max_samples > 0, "evaluate.max_samples",
             "must be > 0")
+    for name in ("fid_samples", "fvd_clips", "baseline_steps"):
+        require(getattr(config.evaluate, name) is None or getattr(config.evaluate, name) > 1, f"evaluate.{name}",
+                "must be > 1")
+    require(config.evaluate.baseline is None or config.evaluate.baseline.kind != "atoken", "evaluate.baseline.kind",
+            "the baseline is a conventional image model (conv_vae or patch_autoencoder)")
+    require(config.evaluate.lpips_backbone is None or Path(config.evaluate.lpips_backbone).is_file(),
+            "evaluate.lpips_backbone", f"{config.evaluate.lpips_backbone} is not a file")
 
 
 def _validate_sources(sources: list[SourceSection], where: str, builtin: dict) -> None:

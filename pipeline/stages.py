@@ -6,6 +6,7 @@ lives in preprocess/, train/ and evaluate/, and runs on Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from typing import Any
@@ -41,7 +42,17 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
             preflight=preflight_model if index == 0 else None,
         ))
         previous = name
-    stages.append(Stage("evaluate", ("ingest", previous), ("evaluate", "train"),
+    if config.evaluate.baseline is not None:
+        # The conventional baseline: the same stage-1 harness, the same images, the same number of steps.
+        stages.append(Stage("train_baseline", ("ingest",), ("train",),
+                            lambda c: {"model": c.evaluate.baseline, "stage": baseline_config(c).train.stages[0],
+                                       "seed": c.run.seed},
+                            lambda ctx: run_train(dataclasses.replace(ctx, config=baseline_config(ctx.config)), 0,
+                                                  None)))
+    from atoken.evaluate.stage import OPTIONAL_INPUTS
+
+    optional = tuple(s.name for s in stages if s.name in OPTIONAL_INPUTS)
+    stages.append(Stage("evaluate", ("ingest", previous, *optional), ("evaluate", "train"),
                         lambda c: c.evaluate, lambda ctx, last=previous: run_evaluate(ctx, last)))
     return stages
 
@@ -140,28 +151,15 @@ def run_train(ctx: StageContext, index: int, previous: str | None) -> dict[str, 
     return {"steps": final["steps"], "last_checkpoint_step": latest["step"]}
 
 
+def baseline_config(config: PipelineConfig) -> PipelineConfig:
+    """The run's config with the baseline model and one image stage: stage 1's schedule, baseline_steps steps."""
+    stage = dataclasses.replace(config.train.stages[0], name="baseline", max_tokens=None,
+                                steps=config.evaluate.baseline_steps or config.train.stages[0].steps)
+    train = dataclasses.replace(config.train, model=config.evaluate.baseline, stages=[stage])
+    return dataclasses.replace(config, train=train)
+
+
 def run_evaluate(ctx: StageContext, last_train_stage: str) -> dict[str, Any]:
-    import pyarrow as pa
-    import ray
+    from atoken.evaluate.stage import run_evaluate_stage
 
-    from atoken.evaluate.reconstruction import evaluate_reconstruction
-
-    section = ctx.config.evaluate
-    shards = _shards(ctx.storage, ctx.inputs["ingest"].output, "val")
-    if not shards:
-        raise ValueError("no validation shards to evaluate on (ingest.val_every too large for the data?)")
-    weights = join(ctx.inputs[last_train_stage].output, "model.safetensors")
-    task = ray.remote(num_cpus=1)(evaluate_reconstruction)
-    report = ray.get(task.remote(ctx.config.train.model, weights, shards, ctx.storage, section.metrics,
-                                 section.max_samples, section.grid_samples))
-    ctx.storage.write_json(join(ctx.output, "metrics.json"),
-                           {"summary": report.summary, "protocol": report.protocol, "weights": weights})
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(report.rows), buffer)
-    ctx.storage.write_bytes(join(ctx.output, "per_sample.parquet"), buffer.getvalue())
-    grid = grid_png(report.grid)
-    ctx.storage.write_bytes(join(ctx.output, "reconstructions.png"), grid)
-    ctx.tracker.log_bytes(ctx.run_id, grid, "evaluate/reconstructions.png")
-    ctx.tracker.log_bytes(ctx.run_id, json.dumps(report.protocol, indent=2).encode(), "evaluate/protocol.json")
-    ctx.tracker.set_tags(ctx.run_id, {f"protocol.{k}": v for k, v in report.protocol.items()})
-    return {f"eval_{name}": value for name, value in report.summary.items()} | {"eval_samples": len(report.rows)}
+    return run_evaluate_stage(ctx, last_train_stage)

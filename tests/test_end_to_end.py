@@ -88,7 +88,7 @@ def test_quickstart_runs_skips_and_resumes_after_sigkill(tmp_path):
     assert sorted(r.info.run_name for r in children) == sorted(STAGES)
     evaluate_run = next(r for r in children if r.info.run_name == "evaluate")
     assert evaluate_run.data.metrics["eval_psnr"] > 15.0  # it learned: a blank output scores ~6-10 dB
-    assert "protocol.psnr" in evaluate_run.data.tags
+    assert evaluate_run.data.tags["protocol.psnr.samples"] == str(int(evaluate_run.data.metrics["eval_samples"]))
     assert any(p.startswith("train.stages.0") for p in parents[0].data.params)
 
     # A rerun skips every stage and creates no run.

@@ -122,7 +122,7 @@ def error_for(overrides: list[str], path: Path = QUICKSTART) -> str:
     ("train.stages.0.use_gpu=1", "train.stages[0].use_gpu", "expected true or false"),
     ("run.name=5", "run.name", "expected a string"),
     ("evaluate.metrics=psnr", "evaluate.metrics", "expected a list"),
-    ("evaluate.metrics=[psnr, lpips]", "evaluate.metrics[1]", "unknown metric 'lpips'"),
+    ("evaluate.metrics=[psnr, fvd]", "evaluate.metrics[1]", "unknown metric 'fvd'"),
     (f"train.stages.1.name={STAGES[0]['name']}", "train.stages[1].name", f"duplicate stage name {STAGES[0]['name']!r}"),
     (f"train.model.patch_size={RESOLUTION + 1}", "train.model.patch_size",
      f"must divide ingest.resolution ({RESOLUTION})"),

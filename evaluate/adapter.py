@@ -1,0 +1,108 @@
+"""One adapter through which any tokenizer is evaluated: encode and decode callables (plus optional heads).
+
+Media are what the shards decode to: (T, 3, H, W) float in [-1, 1], an image being T = 1. `encode` takes a
+list of media and returns whatever latent the tokenizer keeps; `decode` turns that latent back into the list
+of media. The suite never looks inside the latent, so a baseline VAE, the AToken transformer or an external
+tokenizer wrapped in two functions are scored by the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+Media = torch.Tensor  # (T, 3, H, W) in [-1, 1]
+
+
+@dataclass
+class TokenizerAdapter:
+    name: str
+    encode: Callable[[list[Media]], Any]
+    decode: Callable[[Any], list[Media]]
+    # Pooled embeddings (S, D), for zero-shot classification and retrieval; None: the tokenizer has none.
+    embed: Callable[[list[Media]], torch.Tensor] | None = None
+    # 3D: (voxels (V, 3) int, features (V, F)) → Gaussians (a dict as GaussianHead returns); None: no 3D head.
+    decode_gaussians: Callable[[np.ndarray, np.ndarray], dict[str, torch.Tensor]] | None = None
+
+    @torch.no_grad()
+    def reconstruct(self, media: list[Media]) -> list[Media]:
+        out = self.decode(self.encode(media))
+        if len(out) != len(media) or any(o.shape != m.shape for o, m in zip(out, media, strict=True)):
+            raise ValueError(
+                f"tokenizer {self.name!r}: decode returned shapes {[tuple(o.shape) for o in out]} "
+                f"for inputs {[tuple(m.shape) for m in media]}"
+            )
+        return out
+
+
+def image_model_adapter(model: nn.Module, name: str) -> TokenizerAdapter:
+    """A model with the pipeline's image contract: encode(pixels (B, 3, H, W)) → (mean, logvar), decode(latent).
+
+    A video is its frames, each coded as an image (what a per-frame 2D VAE does); the posterior mean is used,
+    never a sample, so evaluation is deterministic."""
+
+    def encode(media: list[Media]) -> tuple[torch.Tensor, list[int]]:
+        lengths = [m.shape[0] for m in media]
+        mean, _ = model.encode(torch.cat(media))  # (ΣT, C, h, w)
+        return mean, lengths
+
+    def decode(latent: tuple[torch.Tensor, list[int]]) -> list[Media]:
+        mean, lengths = latent
+        return list(model.decode(mean).split(lengths))  # each (T, 3, H, W)
+
+    return TokenizerAdapter(name, encode, decode)
+
+
+def atoken_adapter(model: nn.Module, name: str) -> TokenizerAdapter:
+    """The AToken transformer: media packed into one sequence, posterior mean decoded to pixel patches."""
+    from atoken.train.model.tokens import pack, patchify_video, split_samples, unpatchify, voxel_tokens
+
+    patch, temporal = model.config.patch_size, model.config.temporal_patch
+
+    def packed(media: list[Media]):
+        return pack([patchify_video(m, patch, temporal) for m in media])
+
+    def encode(media: list[Media]):
+        batch = packed(media)
+        return batch, model.encode(batch)["mean"]  # (N, C)
+
+    def decode(latent) -> list[Media]:
+        batch, mean = latent
+        patches = model.decode(mean, batch)["patches"]  # (N, 3072)
+        return [
+            unpatchify(part, layout, patch, temporal)
+            for part, layout in zip(split_samples(patches, batch), batch.layouts, strict=True)
+        ]
+
+    @torch.no_grad()
+    def embed(media: list[Media]) -> torch.Tensor:
+        return model.embed(packed(media))  # (S, D)
+
+    @torch.no_grad()
+    def decode_gaussians(voxels: np.ndarray, features: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = pack(
+            [
+                voxel_tokens(
+                    torch.from_numpy(np.asarray(voxels)).long(),
+                    torch.from_numpy(np.asarray(features, dtype=np.float32)),
+                    model.config.patch_dim,
+                )
+            ]
+        )
+        mean = model.encode(batch)["mean"]  # (V, C)
+        return model.decode(mean, batch)["gaussians"]
+
+    return TokenizerAdapter(name, encode, decode, embed, decode_gaussians)
+
+
+def adapter_for_model(model: nn.Module, name: str) -> TokenizerAdapter:
+    """The adapter for a model `atoken.train.model.build_model` made."""
+    from atoken.train.model import Tokenizer
+
+    model.eval()
+    return atoken_adapter(model, name) if isinstance(model, Tokenizer) else image_model_adapter(model, name)

@@ -1,0 +1,131 @@
+"""Every number's protocol, as MLflow tags, and the rule that numbers under different protocols never meet.
+
+A metric's protocol is a flat dict of the fields that change its value: resize and crop, colour range,
+sample and frame counts, the feature network and its file's sha256, the implementation version, and
+whether a stand-in replaced the published network. They are logged as tags `protocol.<metric>.<field>`;
+`compare_protocols` names the first field in which two runs differ, and `atoken compare` refuses to put
+such numbers side by side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+TAG_PREFIX = "protocol."
+# Which protocol a summary number was measured under: tag `protocol_of.<summary key>` = metric name.
+METRIC_TAG_PREFIX = "protocol_of."
+# The fields every protocol carries (a metric adds its own details beside them).
+COMMON_FIELDS = (
+    "resize",
+    "crop",
+    "colour_range",
+    "samples",
+    "frames",
+    "feature_network",
+    "feature_network_sha256",
+    "implementation",
+    "stand_in",
+)
+
+
+class ProtocolMismatch(ValueError):
+    """Two numbers of one metric were measured under different protocols; the message names the field."""
+
+
+def implementation_version(module_file: str) -> str:
+    """`atoken <file name>@<sha256[:12] of its source>`: any change to the metric's code changes the version."""
+    path = Path(module_file)
+    return f"atoken {path.stem}@{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+
+
+def protocol(
+    *,
+    resize: str,
+    crop: str,
+    colour_range: str,
+    samples: int,
+    frames: int | str,
+    feature_network: str,
+    feature_network_sha256: str,
+    implementation: str,
+    stand_in: bool | str,
+    **details: Any,
+) -> dict[str, Any]:
+    """A metric's protocol: the common fields (all required, so none is forgotten) and its own details."""
+    return {
+        "resize": resize,
+        "crop": crop,
+        "colour_range": colour_range,
+        "samples": samples,
+        "frames": frames,
+        "feature_network": feature_network,
+        "feature_network_sha256": feature_network_sha256,
+        "implementation": implementation,
+        "stand_in": stand_in,
+        **details,
+    }
+
+
+def _tag_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def flatten_protocol(fields: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested protocol → {"videos.reference": "6", ...}: dotted keys, values as strings (what a tag holds)."""
+    flat: dict[str, str] = {}
+    for key, value in fields.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_protocol(value, f"{name}."))
+        else:
+            flat[name] = _tag_value(value)
+    return flat
+
+
+def protocol_tags(protocols: dict[str, dict[str, Any]], metric_protocols: dict[str, str]) -> dict[str, str]:
+    """{metric: protocol} and {summary key: metric} → MLflow tags."""
+    tags = {
+        f"{TAG_PREFIX}{metric}.{key}": value
+        for metric, fields in protocols.items()
+        for key, value in flatten_protocol(fields).items()
+    }
+    tags |= {f"{METRIC_TAG_PREFIX}{key}": metric for key, metric in metric_protocols.items()}
+    return tags
+
+
+def protocols_from_tags(tags: dict[str, str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """The inverse of `protocol_tags`, on flattened values: ({metric: {field: value}}, {summary key: metric})."""
+    protocols: dict[str, dict[str, str]] = {}
+    for key, value in tags.items():
+        if key.startswith(TAG_PREFIX):
+            metric, _, field = key.removeprefix(TAG_PREFIX).partition(".")
+            protocols.setdefault(metric, {})[field] = value
+    metric_protocols = {
+        key.removeprefix(METRIC_TAG_PREFIX): value for key, value in tags.items() if key.startswith(METRIC_TAG_PREFIX)
+    }
+    return protocols, metric_protocols
+
+
+def differing_field(first: dict[str, Any], second: dict[str, Any]) -> str | None:
+    """The first field (sorted, dotted) whose value differs or exists on one side only; None if the same."""
+    a, b = flatten_protocol(first), flatten_protocol(second)
+    for field in sorted(set(a) | set(b)):
+        if a.get(field) != b.get(field):
+            return field
+    return None
+
+
+def compare_protocols(
+    metric: str, first: dict[str, Any], second: dict[str, Any], names: tuple[str, str] = ("first", "second")
+) -> None:
+    """Raise ProtocolMismatch naming the metric, the field and both values if the protocols differ."""
+    field = differing_field(first, second)
+    if field is not None:
+        a, b = flatten_protocol(first), flatten_protocol(second)
+        raise ProtocolMismatch(
+            f"{metric}: protocol field {field!r} differs ({names[0]}: "
+            f"{a.get(field, '<absent>')}, {names[1]}: {b.get(field, '<absent>')})"
+        )

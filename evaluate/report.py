@@ -1,0 +1,106 @@
+"""The evaluation report: Markdown beside PNG images (reconstruction grids, worst-k samples, clip frames),
+numbers of every tokenizer side by side, per-resolution tables and each metric's protocol."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from atoken.evaluate.suite import SuiteReport
+from atoken.pipeline.tracking import grid_png
+
+PER_SAMPLE = ("psnr", "ssim", "lpips", "perceptual_stand_in")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def per_resolution_rows(report: SuiteReport) -> list[list[Any]]:
+    """(modality, resolution, count, mean of each per-sample metric) for each group of rows."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in report.rows:
+        groups[(row["modality"], str(row.get("resolution", "-")))].append(row)
+    out = []
+    for (modality, resolution), rows in sorted(groups.items()):
+        means = [float(np.mean([r[m] for r in rows])) if all(m in r for r in rows) else None for m in PER_SAMPLE]
+        out.append([modality, resolution, len(rows), *means])
+    return out
+
+
+def images(reports: dict[str, SuiteReport]) -> dict[str, bytes]:
+    """PNG files of the report, by file name."""
+    files: dict[str, bytes] = {}
+    for name, report in reports.items():
+        if report.grid and report.grid[0]:
+            files[f"{name}_reconstructions.png"] = grid_png(report.grid)
+        if report.worst:
+            files[f"{name}_worst.png"] = grid_png(
+                [[w["original"] for w in report.worst], [w["reconstruction"] for w in report.worst]]
+            )
+        if report.video_grid:
+            files[f"{name}_clips.png"] = grid_png(report.video_grid)
+    return files
+
+
+def render_markdown(
+    title: str, reports: dict[str, SuiteReport], image_files: dict[str, bytes], notes: dict[str, str] | None = None
+) -> str:
+    names = list(reports)
+    lines = [f"# {title}", ""]
+    for key, value in (notes or {}).items():
+        lines.append(f"- **{key}**: {value}")
+    keys = sorted({k for r in reports.values() for k in r.summary})
+    lines += ["", "## Metrics", "", "Each number was measured under the protocol named beside it (tables below).", ""]
+    rows = [
+        [
+            key,
+            next(r.metric_protocols[key] for r in reports.values() if key in r.metric_protocols),
+            *[reports[n].summary.get(key) for n in names],
+        ]
+        for key in keys
+    ]
+    lines += [markdown_table(["metric", "protocol", *names], rows), ""]
+    skipped = [[n, metric, why] for n in names for metric, why in sorted(reports[n].skipped.items())]
+    if skipped:
+        lines += ["## Not measured", "", markdown_table(["tokenizer", "metric", "why"], skipped), ""]
+    lines += ["## Per resolution", ""]
+    for name in names:
+        lines += [
+            f"### {name}",
+            "",
+            markdown_table(["modality", "resolution", "samples", *PER_SAMPLE], per_resolution_rows(reports[name])),
+            "",
+        ]
+    lines += ["## Images", ""]
+    for name in names:
+        for suffix, caption in (
+            ("reconstructions", "originals (top), reconstructions (bottom)"),
+            ("worst", f"the {len(reports[name].worst)} lowest-PSNR images"),
+            ("clips", "clip frames 0, 4, 8, 12: original, reconstruction"),
+        ):
+            file = f"{name}_{suffix}.png"
+            if file in image_files:
+                lines += [f"**{name}**: {caption}", "", f"![{name} {suffix}]({file})", ""]
+        if reports[name].worst:
+            lines += [
+                markdown_table(
+                    ["rank", "key", "psnr"], [[i + 1, w["key"], w["psnr"]] for i, w in enumerate(reports[name].worst)]
+                ),
+                "",
+            ]
+    lines += ["## Protocols", ""]
+    first = reports[names[0]]
+    for metric, fields in sorted(first.protocols.items()):
+        lines += [f"### {metric}", "", markdown_table(["field", "value"], [[k, v] for k, v in fields.items()]), ""]
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""evaluate/protocols.py: protocols as tags and back, and comparisons that name the differing field."""
+
+from __future__ import annotations
+
+import pytest
+
+from atoken.evaluate.protocols import (
+    ProtocolMismatch,
+    compare_protocols,
+    differing_field,
+    flatten_protocol,
+    implementation_version,
+    protocol,
+    protocol_tags,
+    protocols_from_tags,
+)
+
+
+def example(**changes):
+    fields = protocol(
+        resize="none",
+        crop="none",
+        colour_range="uint8",
+        samples=103,
+        frames=1,
+        feature_network="InceptionV3",
+        feature_network_sha256="7ff4a8",
+        implementation="atoken fid@1",
+        stand_in=False,
+        videos={"reference": 6, "reconstructed": 6},
+        layers=["a", "b"],
+    )
+    return fields | changes
+
+
+def test_protocol_requires_every_common_field():
+    with pytest.raises(TypeError):
+        protocol(resize="none", crop="none", colour_range="uint8", samples=1, frames=1)  # no network, no version
+
+
+def test_same_protocols_compare_and_nested_fields_are_named():
+    compare_protocols("rfid", example(), example())
+    assert differing_field(example(), example(samples=50)) == "samples"
+    assert differing_field(example(), example(videos={"reference": 6, "reconstructed": 5})) == "videos.reconstructed"
+    assert differing_field(example(), {k: v for k, v in example().items() if k != "stand_in"}) == "stand_in"
+
+
+def test_mismatch_message_names_metric_field_and_values():
+    with pytest.raises(ProtocolMismatch) as error:
+        compare_protocols("eval_rfid", example(), example(feature_network_sha256="000000"), ("run-a", "run-b"))
+    message = str(error.value)
+    assert "eval_rfid" in message and "'feature_network_sha256'" in message
+    assert "run-a: 7ff4a8" in message and "run-b: 000000" in message
+    assert "\n" not in message
+
+
+def test_tags_round_trip_to_the_same_comparison():
+    tags = protocol_tags({"rfid": example()}, {"eval_rfid": "rfid"})
+    assert tags["protocol.rfid.samples"] == "103" and tags["protocol.rfid.stand_in"] == "false"
+    assert tags["protocol_of.eval_rfid"] == "rfid"
+    protocols, metric_protocols = protocols_from_tags({**tags, "mlflow.runName": "x"})
+    assert metric_protocols == {"eval_rfid": "rfid"}
+    assert protocols["rfid"] == flatten_protocol(example())
+    assert differing_field(protocols["rfid"], example()) is None
+    assert differing_field(protocols["rfid"], example(samples=104)) == "samples"
+
+
+def test_implementation_version_follows_the_source(tmp_path):
+    source = tmp_path / "metric.py"
+    source.write_text("A = 1\n")
+    first = implementation_version(str(source))
+    source.write_text("A = 2\n")
+    assert first.startswith("atoken metric@") and implementation_version(str(source)) != first

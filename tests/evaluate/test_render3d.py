@@ -1,0 +1,95 @@
+"""evaluate/metrics/render3d.py: camera conventions against the preprocessing's own poses, and the metric
+against the renderer called directly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from atoken.evaluate.metrics.psnr import psnr_uint8
+from atoken.evaluate.metrics.render3d import composite_on_white, render_metrics, render_views, viewmats_from_c2w
+from atoken.preprocess.render import RenderSettings, camera_poses, intrinsics
+from atoken.train.model.gaussians import render_gaussians_reference
+
+pytest.importorskip("gsplat")
+SETTINGS = RenderSettings(views=8, resolution=32)
+
+
+def test_viewmats_put_the_origin_ahead_and_world_up_on_image_up():
+    poses = camera_poses(SETTINGS, (0.3, 0.7))  # Blender/OpenGL camera-to-world, cameras looking at the origin
+    viewmats = viewmats_from_c2w(poses).double().numpy()
+    K = intrinsics(SETTINGS)
+    for pose, viewmat in zip(poses, viewmats, strict=True):
+        origin = viewmat @ np.array([0.0, 0.0, 0.0, 1.0])
+        np.testing.assert_allclose(origin[:3], [0.0, 0.0, SETTINGS.radius], atol=1e-6)  # OpenCV: +z ahead
+        # A point a little above the origin along the camera's up axis lands above the image centre (smaller v).
+        above = viewmat @ np.append(0.1 * pose[:3, 1], 1.0)
+        v = K[1, 1] * above[1] / above[2] + K[1, 2]
+        assert v < K[1, 2]
+
+
+def gaussians(color: float) -> dict[str, torch.Tensor]:
+    rng = torch.Generator().manual_seed(0)
+    count = 40
+    return {
+        "means": (torch.rand(count, 3, generator=rng) - 0.5) * 0.6,
+        "quats": torch.nn.functional.normalize(torch.randn(count, 4, generator=rng), dim=-1),
+        "scales": torch.full((count, 3), 0.06),
+        "opacities": torch.full((count,), 0.8),
+        "colors": torch.rand(count, 3, generator=rng) * 0.5 + color,
+    }
+
+
+def sample_rendered_from(truth: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A 3D sample as preprocessing stores it, whose views are renders of `truth` (opaque RGBA)."""
+    poses = camera_poses(SETTINGS, (0.1, 0.2))
+    rgb = render_views(truth, poses, intrinsics(SETTINGS), (SETTINGS.resolution,) * 2)  # (V, H, W, 3)
+    views = np.concatenate([rgb, np.full(rgb.shape[:3] + (1,), 255, np.uint8)], axis=-1)  # (V, H, W, 4)
+    return {
+        "voxels": np.zeros((1, 3), np.int64),
+        "features": np.zeros((1, 768), np.float16),
+        "views": views,
+        "c2w": poses.astype(np.float32),
+        "intrinsics": intrinsics(SETTINGS).astype(np.float32),
+    }
+
+
+def test_gaussians_equal_to_the_truth_score_perfectly():
+    truth = gaussians(0.2)
+    rows = render_metrics(lambda voxels, features: truth, sample_rendered_from(truth), held_out_views=[1, 5])
+    assert [r["view"] for r in rows] == [1, 5]
+    assert all(r["psnr"] == float("inf") and r["ssim"] == pytest.approx(1.0) for r in rows)
+
+
+def test_scores_equal_the_renderer_called_directly():
+    truth, decoded = gaussians(0.2), gaussians(0.45)
+    sample = sample_rendered_from(truth)
+    rows = render_metrics(lambda voxels, features: decoded, sample, held_out_views=[2, 6, 99])  # 99: no such view
+    assert [r["view"] for r in rows] == [2, 6]
+    poses = camera_poses(SETTINGS, (0.1, 0.2))
+    # The renderer directly, with the OpenGL → OpenCV conversion written out here: flip y and z, invert.
+    viewmats = torch.from_numpy(np.linalg.inv(poses[[2, 6]] @ np.diag([1.0, -1, -1, 1]))).float()
+    ks = torch.from_numpy(intrinsics(SETTINGS)).float().expand(2, 3, 3)
+    rgb, _ = render_gaussians_reference(
+        decoded["means"],
+        decoded["quats"],
+        decoded["scales"],
+        decoded["opacities"],
+        decoded["colors"],
+        viewmats,
+        ks,
+        32,
+        32,
+    )
+    direct = (rgb.clamp(0, 1) * 255).round().byte().numpy()
+    for row, reference, output in zip(rows, sample["views"][[2, 6], ..., :3], direct, strict=True):
+        assert row["psnr"] == pytest.approx(psnr_uint8(reference, output), abs=1e-9)
+        assert row["psnr"] < 40
+
+
+def test_refuses_samples_without_views_and_composites_over_white():
+    with pytest.raises(ValueError, match="views"):
+        render_metrics(lambda v, f: {}, {"voxels": np.zeros((1, 3)), "features": np.zeros((1, 768))}, [0])
+    rgba = np.array([[[[0, 0, 0, 0], [200, 100, 0, 255], [0, 0, 0, 128]]]], np.uint8)
+    assert composite_on_white(rgba).tolist() == [[[[255, 255, 255], [200, 100, 0], [127, 127, 127]]]]

@@ -1,0 +1,122 @@
+"""evaluate/suite.py, adapter.py, report.py: one tokenizer adapter, the suite on real photos, the report."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from atoken.evaluate.adapter import adapter_for_model, image_model_adapter
+from atoken.evaluate.metrics.psnr import psnr_uint8
+from atoken.evaluate.protocols import COMMON_FIELDS
+from atoken.evaluate.reconstruction import to_uint8
+from atoken.evaluate.report import images, render_markdown
+from atoken.evaluate.suite import SuiteSettings, run_suite
+from atoken.train.model import ConvVAE, Tokenizer
+
+PHOTOS = Path(importlib.util.find_spec("skimage").origin).parent / "data"
+
+
+def photo_samples(count: int = 6, size: int = 64) -> list[dict]:
+    """Shard samples as ingest writes them: a PNG and its JSON metadata."""
+    samples = []
+    for path in sorted(PHOTOS.glob("*.png"))[:count]:
+        image = Image.open(path).convert("RGB").resize((size, size))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        meta = {"caption": path.stem.replace("_", " "), "source": "skimage-photos"}
+        samples.append({"__key__": f"skimage_{path.stem}", "png": buffer.getvalue(), "json": json.dumps(meta).encode()})
+    return samples
+
+
+def clip_samples(count: int = 2, frames: int = 12, size: int = 32) -> list[dict]:
+    rng = np.random.default_rng(0)
+    out = []
+    for index in range(count):
+        clip = np.clip(np.cumsum(rng.integers(-8, 9, (frames, size, size, 3)), axis=0) + 128, 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        np.save(buffer, clip)
+        out.append(
+            {
+                "__key__": f"clip_{index}",
+                "npy": buffer.getvalue(),
+                "json": json.dumps({"caption": f"clip {index}", "source": "synthetic"}).encode(),
+            }
+        )
+    return out
+
+
+def tiny_tokenizer() -> Tokenizer:
+    torch.manual_seed(0)
+    return Tokenizer.from_preset("tiny", latent_channels=8, patch_size=16).eval()
+
+
+def test_atoken_adapter_round_trips_images_and_clips_of_mixed_sizes():
+    adapter = adapter_for_model(tiny_tokenizer(), "atoken")
+    media = [torch.rand(1, 3, 32, 48) * 2 - 1, torch.rand(6, 3, 32, 32) * 2 - 1]  # an image and a 6-frame clip
+    out = adapter.reconstruct(media)
+    assert [tuple(o.shape) for o in out] == [(1, 3, 32, 48), (6, 3, 32, 32)]
+    # Each sample is decoded as if alone: packing changes nothing (per-sample attention).
+    alone = adapter.reconstruct(media[1:])[0]
+    torch.testing.assert_close(out[1], alone, atol=1e-5, rtol=1e-5)
+    assert adapter.embed(media).shape[0] == 2
+
+
+def test_image_model_adapter_codes_a_clip_frame_by_frame():
+    model = ConvVAE(hidden_channels=8, latent_channels=4).eval()
+    adapter = image_model_adapter(model, "baseline")
+    clip = torch.rand(3, 3, 32, 32) * 2 - 1
+    (out,) = adapter.reconstruct([clip])
+    with torch.no_grad():
+        expected = model.decode(model.encode(clip)[0])
+    torch.testing.assert_close(out, expected)
+    assert adapter.embed is None and adapter.decode_gaussians is None
+
+
+def test_suite_scores_each_image_as_the_metrics_do_and_records_protocols():
+    samples = photo_samples()
+    model = tiny_tokenizer()
+    settings = SuiteSettings(metrics=["psnr", "ssim", "lpips"], grid_samples=3, worst_k=2, batch_size=4)
+    report = run_suite(adapter_for_model(model, "atoken"), settings, samples, clip_samples())
+    image_rows = [r for r in report.rows if r["modality"] == "image"]
+    assert [r["key"] for r in image_rows] == [s["__key__"] for s in samples]
+    # Independently: decode, reconstruct, quantise, PSNR.
+    from atoken.train.data import decode_image
+
+    adapter = adapter_for_model(model, "atoken")
+    for sample, row in zip(samples, image_rows, strict=True):
+        pixels = decode_image(sample)
+        (decoded,) = adapter.reconstruct([pixels[None]])
+        assert row["psnr"] == pytest.approx(psnr_uint8(to_uint8(pixels), to_uint8(decoded[0])), abs=1e-9)
+    assert report.summary["eval_psnr"] == pytest.approx(np.mean([r["psnr"] for r in image_rows]))
+    assert "eval_perceptual_stand_in" in report.summary and "eval_lpips" not in report.summary  # declared
+    assert report.protocols["perceptual_stand_in"]["stand_in"].startswith("EfficientNet")
+    assert report.summary["eval_video_psnr"] > 0 and report.protocols["video_psnr"]["frames"] == 12
+    for metric, fields in report.protocols.items():
+        assert set(COMMON_FIELDS) <= set(fields), metric
+    assert report.protocols["psnr"]["samples"] == len(samples)
+    # Worst-k: the two lowest PSNRs, lowest first.
+    lowest = sorted(r["psnr"] for r in image_rows)[:2]
+    assert [w["psnr"] for w in report.worst] == pytest.approx(lowest)
+    assert len(report.grid[0]) == 3
+    files = images({"atoken": report})
+    markdown = render_markdown("test", {"atoken": report}, files)
+    assert "atoken_worst.png" in files and "](atoken_worst.png)" in markdown
+    assert "| image | 64x64 | 6 |" in markdown and "| video | 32x32 | 2 |" in markdown
+
+
+def test_suite_skips_what_a_tokenizer_cannot_do_and_says_why():
+    settings = SuiteSettings(metrics=["psnr", "zero_shot", "retrieval", "render_3d", "rfvd"])
+    adapter = image_model_adapter(ConvVAE(hidden_channels=8, latent_channels=4).eval(), "baseline")
+    report = run_suite(adapter, settings, photo_samples(2))
+    assert "no pooled embedding head" in report.skipped["zero_shot"]
+    assert "no 3D validation samples" in report.skipped["render_3d"]
+    assert "no video clips" in report.skipped["rfvd"]
+    with pytest.raises(ValueError, match="unknown metric 'fvd'"):
+        run_suite(adapter, SuiteSettings(metrics=["fvd"]), photo_samples(2))
