@@ -91,15 +91,20 @@ def score_checkpoint(
         )
 
 
+def score_checkpoints(
+    checkpoints: list[Checkpoint], data: EvalData, storage: Storage, settings: SuiteSettings, threads: int | None = None
+) -> dict[str, SuiteReport]:
+    """All checkpoints in one process: the feature networks load once and reference features are shared."""
+    return {c.name: score_checkpoint(c, data, storage, settings, threads) for c in checkpoints}
+
+
 def score_on_ray(
     checkpoints: list[Checkpoint], data: EvalData, storage: Storage, settings: SuiteSettings
 ) -> dict[str, SuiteReport]:
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    task = ray.remote(num_cpus=cpus)(score_checkpoint)
-    # One after the other: each task takes every CPU, and their peak memory does not add up.
-    return {c.name: ray.get(task.remote(c, data, storage, settings, cpus)) for c in checkpoints}
+    return ray.get(ray.remote(num_cpus=cpus)(score_checkpoints).remote(checkpoints, data, storage, settings, cpus))
 
 
 def combined(reports: dict[str, SuiteReport]) -> tuple[dict[str, float], dict[str, dict], dict[str, str]]:

@@ -11,6 +11,7 @@ A plain function (`run_suite`); the pipeline's evaluate stage and `atoken eval` 
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 from dataclasses import dataclass, field
@@ -57,6 +58,30 @@ class SuiteReport:
     worst: list[dict[str, Any]]  # the worst-k images by PSNR: key, psnr, original, reconstruction
     video_grid: list[list[np.ndarray]] = field(default_factory=list)  # per clip: original / reconstructed frames
     skipped: dict[str, str] = field(default_factory=dict)  # metric → why it did not run
+
+
+@functools.lru_cache(maxsize=8)
+def shared_network(kind: str, path: str | None = None):
+    """One copy per process of each frozen feature network: a baseline scored after the tokenizer reuses it."""
+    from atoken.evaluate.metrics import fid, i3d, lpips
+
+    if kind == "inception":
+        return fid.InceptionFeatures()
+    if kind == "i3d":
+        return i3d.load_i3d(i3d.default_i3d_path())
+    return lpips.LPIPS(path) if kind == "lpips" else lpips.PerceptualStandIn()
+
+
+# Reference-side features depend on the data alone, so every tokenizer scored on the same items in this process
+# shares them: (metric, item keys) → features.
+REFERENCE_FEATURES: dict[tuple, Any] = {}
+
+
+def reference_features(metric: str, keys: list[str], compute) -> Any:
+    cache_key = (metric, tuple(keys))
+    if cache_key not in REFERENCE_FEATURES:
+        REFERENCE_FEATURES[cache_key] = compute()
+    return REFERENCE_FEATURES[cache_key]
 
 
 def perceptual_distances(network: torch.nn.Module, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[float]:
@@ -199,11 +224,9 @@ class Suite:
         return grid, [e[2] for e in ordered]
 
     def _perceptual(self):
-        from atoken.evaluate.metrics.lpips import LPIPS, PerceptualStandIn
-
         if self.settings.lpips_backbone:
-            return "lpips", LPIPS(self.settings.lpips_backbone)
-        return "perceptual_stand_in", PerceptualStandIn()
+            return "lpips", shared_network("lpips", self.settings.lpips_backbone)
+        return "perceptual_stand_in", shared_network("stand_in")
 
     def _perceptual_fields(self, network) -> dict[str, Any]:
         from atoken.evaluate.metrics import lpips
@@ -225,8 +248,11 @@ class Suite:
         if len(references) < 2:
             self.skipped["rfid"] = f"needs at least 2 images, got {len(references)}"
             return
-        network = fid.InceptionFeatures()
-        reference = fid.inception_stats(references, network=network, progress=self.progress)
+        network = shared_network("inception")
+        keys = [r["key"] for r in self.rows if r["modality"] == "image"][: len(references)]
+        reference = reference_features(
+            "rfid", keys, lambda: fid.inception_stats(references, network=network, progress=self.progress)
+        )
         reconstructed = fid.inception_stats(outputs, network=network, progress=self.progress)
         fields = network.protocol
         self.record(
@@ -310,8 +336,12 @@ class Suite:
             if len(references) < 2:
                 self.skipped["rfvd"] = f"needs at least 2 clips, got {len(references)}"
             else:
-                accumulator = fvd.FVDAccumulator()
-                accumulator.update(references, outputs)
+                accumulator = fvd.FVDAccumulator(model=shared_network("i3d"))
+                keys = [r["key"] for r in clips][: len(references)]
+                accumulator.update_features(
+                    reference_features("rfvd", keys, lambda: fvd.video_features(accumulator.model, references)),
+                    fvd.video_features(accumulator.model, outputs),
+                )
                 fields = accumulator.protocol()
                 self.record(
                     "rfvd",
