@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections import deque
 from typing import Any
 
 import pyarrow as pa
@@ -177,24 +178,26 @@ def plan_repack(plans: list[ShardPlan], part_tables: dict[str, pa.Table], sample
     for split in dict.fromkeys(p.split for p in plans):
         pieces: list[tuple[str, int, int]] = []
         slices: list[pa.Table] = []
+        filled = 0
+        count = 0
         for plan in (p for p in plans if p.split == split):
             table = part_tables[plan.name]
             offset = 0
             while offset < table.num_rows:
-                take = min(samples_per_shard - sum(s.num_rows for s in slices), table.num_rows - offset)
+                take = min(samples_per_shard - filled, table.num_rows - offset)
                 pieces.append((plan.name, offset, offset + take))
                 slices.append(table.slice(offset, take))
                 offset += take
-                if sum(s.num_rows for s in slices) == samples_per_shard:
-                    repacks.append(_repack_plan(split, sum(r.split == split for r in repacks), pieces, slices))
-                    pieces, slices = [], []
+                filled += take
+                if filled == samples_per_shard:
+                    repacks.append(_repack_plan(f"{split}-{count:06d}", split, pieces, slices))
+                    pieces, slices, filled, count = [], [], 0, count + 1
         if slices:
-            repacks.append(_repack_plan(split, sum(r.split == split for r in repacks), pieces, slices))
+            repacks.append(_repack_plan(f"{split}-{count:06d}", split, pieces, slices))
     return repacks
 
 
-def _repack_plan(split: str, index: int, pieces: list[tuple[str, int, int]], slices: list[pa.Table]) -> RepackPlan:
-    name = f"{split}-{index:06d}"
+def _repack_plan(name: str, split: str, pieces: list[tuple[str, int, int]], slices: list[pa.Table]) -> RepackPlan:
     table = pa.concat_tables(slices)
     table = table.set_column(table.schema.get_field_index("shard"), "shard",
                              pa.array([name] * table.num_rows, pa.string()))
@@ -216,21 +219,22 @@ def _map_on_ray(remote_function, calls: list[tuple], weights: list[int], paralle
     import ray
 
     results: list = [None] * len(calls)
-    pending = list(range(len(calls)))
+    pending = deque(range(len(calls)))
     in_flight: dict = {}
+    done_count = errors = 0
     bar = tqdm(total=sum(weights), desc=description, unit=unit, disable=not progress)
     # A bounded window keeps a million-item job from materialising every task at once.
     window = max(1, parallelism * 2)
     while pending or in_flight:
         while pending and len(in_flight) < window:
-            index = pending.pop(0)
+            index = pending.popleft()
             in_flight[remote_function.remote(*calls[index])] = index
         done, _ = ray.wait(list(in_flight), num_returns=1)
         index = in_flight.pop(done[0])
         results[index] = ray.get(done[0])
+        done_count, errors = done_count + 1, errors + results[index].errors
         bar.update(weights[index])
-        bar.set_postfix(done=f"{sum(r is not None for r in results)}/{len(calls)}",
-                        errors=sum(r.errors for r in results if r is not None))
+        bar.set_postfix(done=f"{done_count}/{len(calls)}", errors=errors)
     bar.close()
     return results
 
