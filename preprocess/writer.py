@@ -226,6 +226,7 @@ def _part_gone(uri: str, shard: str) -> StorageError:
 # writes), so the same samples always give the same bytes.
 
 _BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
 _RECORD = 20 * _BLOCK  # tar's record size: the archive is padded to a whole record, as tar(1) and tarfile do
 
 
@@ -284,15 +285,20 @@ def scan_tar(source: BinaryIO) -> list[tuple[str, int, int]]:
         header = source.read(_BLOCK)
         if len(header) < _BLOCK:
             raise RuntimeError(f"{getattr(source, 'name', 'tar')}: truncated at byte {offset}")
-        if header == bytes(_BLOCK):
+        if header == _ZERO_BLOCK:
             return members
         stored = int(header[148:156].strip(b" \x00") or b"0", 8)
-        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+        if stored != sum(header) - sum(header[148:156]) + 8 * 32:  # the checksum field counts as 8 spaces
             raise RuntimeError(f"{getattr(source, 'name', 'tar')}: bad header checksum at byte {offset}")
         size = int(header[124:136].strip(b" \x00") or b"0", 8)
         members.append((header[:100].split(b"\x00", 1)[0].decode(), offset, size))
-        offset += _BLOCK + size + (-size % _BLOCK)
-        source.seek(offset)
+        padded = size + (-size % _BLOCK)
+        offset += _BLOCK + padded
+        # Small members are read past (the buffer already holds them); a seek would drop the buffer.
+        if padded <= 1 << 16:
+            source.read(padded)
+        else:
+            source.seek(offset)
 
 
 def sample_spans(source: BinaryIO) -> list[tuple[str, int, int]]:
