@@ -103,7 +103,9 @@ def score_on_ray(
 ) -> dict[str, SuiteReport]:
     import ray
 
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # One task lives on one node: take the largest node's CPUs, not the cluster's total, which no node of a
+    # multi-node cluster has (the task would wait forever).
+    cpus = max(1, int(max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)))
     return ray.get(ray.remote(num_cpus=cpus)(score_checkpoints).remote(checkpoints, data, storage, settings, cpus))
 
 
