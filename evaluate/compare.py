@@ -19,9 +19,10 @@ KEY_PARAMS = (
     "ingest.resolution",
     "train.stages.0.steps",
     "train.stages.1.steps",
-    "evaluate.baseline",
+    "evaluate.baseline.kind",
     "evaluate.fid_samples",
     "run.seed",
+    "checkpoint",
 )
 EVAL_STAGES = ("evaluate", "eval")
 
@@ -73,6 +74,9 @@ def load_run(client, run_id: str) -> EvalRun:
     parent_id = evaluation.data.tags.get("mlflow.parentRunId")
     params = client.get_run(parent_id).data.params if parent_id else run.data.params
     name = client.get_run(parent_id).info.run_name if parent_id else run.info.run_name
+    params = dict(params) | (
+        {"checkpoint": evaluation.data.tags["atoken.checkpoint"]} if "atoken.checkpoint" in evaluation.data.tags else {}
+    )
     return EvalRun(
         run_id,
         name or run_id[:8],
@@ -111,7 +115,7 @@ def side_by_side(runs: list[EvalRun]) -> tuple[list[str], list[list]]:
     for key in KEY_PARAMS:
         if any(key in r.params for r in runs):
             rows.append([key, *[r.params.get(key) for r in runs]])
-    rows.append(["stand-ins", *["; ".join(r.stand_ins) or "none" for r in runs]])
+    rows.append(["stand-ins", *[", ".join(s.split(":")[0] for s in r.stand_ins) or "none" for r in runs]])
     return header, rows
 
 
@@ -125,7 +129,12 @@ def compare_report(runs: list[EvalRun]) -> str:
         "",
         markdown_table(header, rows),
         "",
+        "## Stand-ins declared by each run",
+        "",
     ]
+    for run in runs:
+        lines += [f"- **{run.name} ({run.run_id[:8]})**: " + ("; ".join(run.stand_ins) or "none")]
+    lines.append("")
     return "\n".join(lines)
 
 

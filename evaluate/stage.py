@@ -106,7 +106,11 @@ def score_on_ray(
     # One task lives on one node: take the largest node's CPUs, not the cluster's total, which no node of a
     # multi-node cluster has (the task would wait forever).
     cpus = max(1, int(max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)))
-    return ray.get(ray.remote(num_cpus=cpus)(score_checkpoints).remote(checkpoints, data, storage, settings, cpus))
+    try:
+        return ray.get(ray.remote(num_cpus=cpus)(score_checkpoints).remote(checkpoints, data, storage, settings, cpus))
+    except ray.exceptions.RayTaskError as exc:
+        # The task's own error, so that the stage and the CLI say what went wrong in one line, not "ray::task()".
+        raise exc.cause if isinstance(exc.cause, Exception) else exc from None
 
 
 def combined(reports: dict[str, SuiteReport]) -> tuple[dict[str, float], dict[str, dict], dict[str, str]]:
@@ -251,6 +255,7 @@ def run_evaluate_stage(ctx, last_train_stage: str) -> dict[str, Any]:
 def run_standalone(config, checkpoint_folder: str | None = None, progress: bool = True) -> tuple[str, dict]:
     """`atoken eval CONFIG [--checkpoint PATH]`: the suite alone, on a run whose ingest (and training) is done,
     into a new MLflow run `eval` and a new folder <run.root>/eval/<run id>. → (MLflow run id, summary)."""
+    from atoken.pipeline.config import flatten
     from atoken.pipeline.dag import Pipeline
     from atoken.pipeline.runner import start_ray
     from atoken.pipeline.stages import build_stages
@@ -282,6 +287,7 @@ def run_standalone(config, checkpoint_folder: str | None = None, progress: bool 
         config.run.local_dir,
     )
     run_id, _ = tracker.reopen_or_create(None, "eval", tags={"atoken.stage": "eval", "atoken.checkpoint": folder})
+    tracker.log_params(run_id, flatten(config.to_dict()))  # what `atoken compare` shows as key params
     output = join(config.run.root, "eval", run_id)
     started = start_ray(config)
     try:
