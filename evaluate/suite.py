@@ -477,14 +477,15 @@ class Suite:
         perceptual = self._perceptual()
         per_view: list[dict[str, float]] = []
         for sample in tqdm(samples, desc="evaluate: 3D", disable=not self.progress, leave=False):
+            arrays = load_object_sample(sample["npz"])
             views = render3d.render_metrics(
-                self.adapter.decode_gaussians,
-                load_object_sample(sample["npz"]),
-                self.settings.held_out_views,
-                perceptual=perceptual[1],
+                self.adapter.decode_gaussians, arrays, self.settings.held_out_views, perceptual=perceptual[1]
             )
+            size = "x".join(str(n) for n in arrays["views"].shape[1:3])
             for view in views:
-                self.rows.append({"key": sample["__key__"], "modality": "3d", **view})
+                row = {"key": f"{sample['__key__']}/view{view['view']}", "modality": "3d", "resolution": size}
+                row |= {"psnr": view["psnr"], "ssim": view["ssim"], perceptual[0]: view["perceptual"]}
+                self.rows.append(row)
             per_view += views
         names = ("psnr", "ssim", "perceptual")
         self.record(

@@ -20,6 +20,7 @@ SMALL = [
     "--set", "train.stages.0.warmup_steps=5",
     "--set", "train.stages.1.steps=20", "--set", "train.stages.1.checkpoint_every=10",
     "--set", "train.stages.1.warmup_steps=2",
+    "--set", "evaluate.baseline_steps=20", "--set", "evaluate.fid_samples=16",
 ]
 
 

@@ -120,3 +120,40 @@ def test_suite_skips_what_a_tokenizer_cannot_do_and_says_why():
     assert "no video clips" in report.skipped["rfvd"]
     with pytest.raises(ValueError, match="unknown metric 'fvd'"):
         run_suite(adapter, SuiteSettings(metrics=["fvd"]), photo_samples(2))
+
+
+def object_sample(key: str, views: int = 4, size: int = 32) -> dict:
+    """A 3D shard sample as preprocessing writes it (npz: voxels, features, views, cameras)."""
+    from atoken.preprocess.render import RenderSettings, camera_poses, intrinsics
+
+    settings = RenderSettings(views=views, resolution=size)
+    rng = np.random.default_rng(len(key))
+    voxels = rng.integers(4, 12, (20, 3))
+    arrays = {
+        "voxels": voxels,
+        "features": rng.random((20, 768)).astype(np.float16),
+        "views": rng.integers(0, 256, (views, size, size, 4), dtype=np.uint8),
+        "c2w": camera_poses(settings, (0.1, 0.2)).astype(np.float32),
+        "intrinsics": intrinsics(settings).astype(np.float32),
+    }
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return {"__key__": key, "npz": buffer.getvalue(), "json": b"{}"}
+
+
+def test_suite_renders_decoded_gaussians_at_the_held_out_views():
+    pytest.importorskip("gsplat")
+    torch.manual_seed(0)
+    model = Tokenizer.from_preset("tiny", latent_channels=8, patch_size=16, gaussians_per_voxel=2, voxel_grid=16)
+    settings = SuiteSettings(metrics=["psnr", "render_3d"], held_out_views=[1, 3, 9])
+    report = run_suite(
+        adapter_for_model(model.eval(), "atoken"),
+        settings,
+        photo_samples(1),
+        objects=[object_sample("a"), object_sample("bb")],
+    )
+    rows = [r for r in report.rows if r["modality"] == "3d"]
+    assert [r["key"] for r in rows] == ["a/view1", "a/view3", "bb/view1", "bb/view3"]  # view 9 does not exist
+    assert report.summary["eval_3d_psnr"] == pytest.approx(np.mean([r["psnr"] for r in rows]))
+    assert "eval_3d_perceptual_stand_in" in report.summary
+    assert report.protocols["render_3d"]["samples"] == 2 and "[1, 3]" in report.protocols["render_3d"]["frames"]
