@@ -28,6 +28,7 @@ class TokenizerAdapter:
     embed: Callable[[list[Media]], torch.Tensor] | None = None
     # 3D: (voxels (V, 3) int, features (V, F)) → Gaussians (a dict as GaussianHead returns); None: no 3D head.
     decode_gaussians: Callable[[np.ndarray, np.ndarray], dict[str, torch.Tensor]] | None = None
+    latent: str = "posterior mean (no sampling)"  # what `decode` receives: a protocol field of every metric
 
     @torch.no_grad()
     def reconstruct(self, media: list[Media]) -> list[Media]:
@@ -58,8 +59,9 @@ def image_model_adapter(model: nn.Module, name: str) -> TokenizerAdapter:
     return TokenizerAdapter(name, encode, decode)
 
 
-def atoken_adapter(model: nn.Module, name: str) -> TokenizerAdapter:
-    """The AToken transformer: media packed into one sequence, posterior mean decoded to pixel patches."""
+def atoken_adapter(model: nn.Module, name: str, quantize: bool = False) -> TokenizerAdapter:
+    """The AToken transformer: media packed into one sequence, posterior mean (FSQ-quantized for a model trained
+    with quantize, curriculum stage 4) decoded to pixel patches."""
     from atoken.train.model.tokens import pack, patchify_video, split_samples, unpatchify, voxel_tokens
 
     patch, temporal = model.config.patch_size, model.config.temporal_patch
@@ -69,7 +71,8 @@ def atoken_adapter(model: nn.Module, name: str) -> TokenizerAdapter:
 
     def encode(media: list[Media]):
         batch = packed(media)
-        return batch, model.encode(batch)["mean"]  # (N, C)
+        mean = model.encode(batch)["mean"]  # (N, C)
+        return batch, model.quantize(mean)[0] if quantize else mean
 
     def decode(latent) -> list[Media]:
         batch, mean = latent
@@ -95,14 +98,19 @@ def atoken_adapter(model: nn.Module, name: str) -> TokenizerAdapter:
             ]
         )
         mean = model.encode(batch)["mean"]  # (V, C)
-        return model.decode(mean, batch)["gaussians"]
+        return model.decode(model.quantize(mean)[0] if quantize else mean, batch)["gaussians"]
 
-    return TokenizerAdapter(name, encode, decode, embed, decode_gaussians)
+    latent = "FSQ-quantized posterior mean" if quantize else "posterior mean (no sampling)"
+    return TokenizerAdapter(name, encode, decode, embed, decode_gaussians, latent)
 
 
-def adapter_for_model(model: nn.Module, name: str) -> TokenizerAdapter:
+def adapter_for_model(model: nn.Module, name: str, quantize: bool = False) -> TokenizerAdapter:
     """The adapter for a model `atoken.train.model.build_model` made."""
     from atoken.train.model import Tokenizer
 
     model.eval()
-    return atoken_adapter(model, name) if isinstance(model, Tokenizer) else image_model_adapter(model, name)
+    if isinstance(model, Tokenizer):
+        return atoken_adapter(model, name, quantize)
+    if quantize:
+        raise ValueError(f"tokenizer {name!r}: only the atoken model has an FSQ quantizer")
+    return image_model_adapter(model, name)

@@ -24,6 +24,7 @@ class Checkpoint:
     name: str  # how the report calls it: "atoken", "baseline"
     model: ModelSection
     weights_uri: str
+    quantize: bool = False  # decode FSQ-quantized latents (a model whose last stage trained with FSQ)
 
 
 @dataclass
@@ -47,12 +48,15 @@ def suite_settings(section: EvaluateSection) -> SuiteSettings:
     )
 
 
-def checkpoint_from_folder(storage: Storage, folder: str, name: str = "checkpoint") -> Checkpoint:
+def checkpoint_from_folder(
+    storage: Storage, folder: str, name: str = "checkpoint", quantize: bool = False
+) -> Checkpoint:
     """A training stage's output folder (model.safetensors + model.json) → what to evaluate."""
     config_uri = join(folder, "model.json")
     if not storage.exists(config_uri):
         raise FileNotFoundError(f"--checkpoint {folder}: no model.json (pass a training stage's output folder)")
-    return Checkpoint(name, ModelSection(**storage.read_json(config_uri)["model"]), join(folder, "model.safetensors"))
+    model = ModelSection(**storage.read_json(config_uri)["model"])
+    return Checkpoint(name, model, join(folder, "model.safetensors"), quantize)
 
 
 def score_checkpoint(
@@ -82,7 +86,7 @@ def score_checkpoint(
 
     with torch.no_grad():
         return run_suite(
-            adapter_for_model(model, checkpoint.name),
+            adapter_for_model(model, checkpoint.name, checkpoint.quantize),
             settings,
             samples(data.images),
             samples(data.clips),
@@ -245,10 +249,17 @@ def evaluate_outputs(
     return summary | {"eval_samples": sum(1 for r in first.rows if r["modality"] == "image")}
 
 
+def last_stage_quantizes(config) -> bool:
+    """A tokenizer whose last stage trained through FSQ (curriculum stage 4) is scored on its quantized latents."""
+    return bool(getattr(config.train.stages[-1], "quantize", False))
+
+
 def run_evaluate_stage(ctx, last_train_stage: str) -> dict[str, Any]:
     """The pipeline's evaluate stage: the last training stage's model (its own model.json says its shape)."""
     outputs = {name: state.output for name, state in ctx.inputs.items()}
-    checkpoint = checkpoint_from_folder(ctx.storage, outputs[last_train_stage], ctx.config.train.model.kind)
+    checkpoint = checkpoint_from_folder(
+        ctx.storage, outputs[last_train_stage], ctx.config.train.model.kind, last_stage_quantizes(ctx.config)
+    )
     return evaluate_outputs(ctx.config, ctx.storage, outputs, checkpoint, ctx.output, ctx.tracker, ctx.run_id)
 
 
@@ -278,8 +289,11 @@ def run_standalone(config, checkpoint_folder: str | None = None, progress: bool 
     if checkpoint_folder is None and last_train not in outputs:
         raise ValueError(f"atoken eval: {last_train} is not done for this config; run it, or pass --checkpoint PATH")
     folder = checkpoint_folder or outputs[last_train]
+    # The run's own last stage is scored as it trained (FSQ latents after stage 4); a checkpoint given by path as
+    # its model.json says, on continuous latents.
+    own = checkpoint_folder is None
     checkpoint = checkpoint_from_folder(
-        storage, folder, config.train.model.kind if checkpoint_folder is None else "checkpoint"
+        storage, folder, config.train.model.kind if own else "checkpoint", own and last_stage_quantizes(config)
     )
     tracker = Tracker(
         resolve_tracking_uri(config.tracking.uri, config.run.local_dir),

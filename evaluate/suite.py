@@ -193,6 +193,7 @@ class Suite:
             colour_range="uint8 [0, 255] RGB",
             samples=len(images),
             frames=1,
+            latent=self.adapter.latent,
         )
         for name, module in (("psnr", psnr), ("ssim", ssim)):
             if name in self.wants:
@@ -208,7 +209,6 @@ class Suite:
                         definition=module.PROTOCOL,
                         resolution=resolution,
                         split="val",
-                        latent="posterior mean (no sampling)",
                     ),
                 )
         if perceptual is not None:
@@ -314,6 +314,7 @@ class Suite:
             colour_range="uint8 [0, 255] RGB, decoded from the stored clip",
             samples=len(clips),
             frames=frames[0] if len(frames) == 1 else json.dumps(frames),
+            latent=self.adapter.latent,
         )
         resolution = ", ".join(sorted({r["resolution"] for r in clips}))
         for name, module in (("psnr", psnr), ("ssim", ssim)):
@@ -500,6 +501,7 @@ class Suite:
                 **{k: v for k, v in self._perceptual_fields(perceptual[1]).items() if k != "implementation"},
                 implementation=implementation_version(render3d.__file__),
                 renderer=render3d.RENDERER,
+                latent=self.adapter.latent,
                 average="mean over views, then assets",
             ),
         )

@@ -157,3 +157,17 @@ def test_suite_renders_decoded_gaussians_at_the_held_out_views():
     assert report.summary["eval_3d_psnr"] == pytest.approx(np.mean([r["psnr"] for r in rows]))
     assert "eval_3d_perceptual_stand_in" in report.summary
     assert report.protocols["render_3d"]["samples"] == 2 and "[1, 3]" in report.protocols["render_3d"]["frames"]
+
+
+def test_a_quantizing_adapter_decodes_fsq_codes_and_says_so():
+    torch.manual_seed(0)
+    model = Tokenizer.from_preset("tiny", latent_channels=48, patch_size=16).eval()
+    image = [torch.rand(1, 3, 32, 32) * 2 - 1]
+    quantized = adapter_for_model(model, "atoken", quantize=True)
+    batch, latent = quantized.encode(image)
+    torch.testing.assert_close(latent, model.quantize(model.encode(batch)["mean"])[0])
+    assert not torch.allclose(quantized.reconstruct(image)[0], adapter_for_model(model, "atoken").reconstruct(image)[0])
+    report = run_suite(quantized, SuiteSettings(metrics=["psnr"]), photo_samples(1))
+    assert report.protocols["psnr"]["latent"] == "FSQ-quantized posterior mean"
+    with pytest.raises(ValueError, match="FSQ"):
+        adapter_for_model(ConvVAE(hidden_channels=8, latent_channels=4), "baseline", quantize=True)
