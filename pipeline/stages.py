@@ -25,19 +25,25 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
     if config.videos.sources:
         stages.append(Stage("ingest_videos", (), ("preprocess",), lambda c: c.videos, run_ingest_videos,
                             preflight=preflight_videos))
+    if config.objects.sources:
+        stages.append(Stage("ingest_3d", (), ("preprocess",), lambda c: c.objects, run_ingest_3d,
+                            preflight=preflight_3d))
     previous = None
     for index, train_stage in enumerate(config.train.stages):
         name = f"train_{train_stage.name}"
-        # A packed stage also reads the video clips; every stage after the first starts from the one before.
+        # A stage reads the ingest outputs its tasks need; every stage after the first starts from the one before.
         inputs = ["ingest"]
-        if train_stage.max_tokens and config.videos.sources:
+        if "video" in train_stage.tasks:
             inputs.append("ingest_videos")
+        if "3d" in train_stage.tasks:
+            inputs.append("ingest_3d")
         if previous:
             inputs.append(previous)
         stages.append(Stage(
             name, tuple(inputs), ("train",),
-            # The model's shape and the stage's schedule; the seed changes the samples it sees.
-            lambda c, i=index: {"model": c.train.model, "stage": c.train.stages[i], "seed": c.run.seed},
+            # The model's shape, the losses and the stage's schedule; the seed changes the samples it sees.
+            lambda c, i=index: {"model": c.train.stage_model(i), "losses": c.train.losses,
+                                "stage": c.train.stages[i], "seed": c.run.seed},
             lambda ctx, i=index, prev=previous: run_train(ctx, i, prev),
             preflight=preflight_model if index == 0 else None,
         ))
@@ -129,21 +135,56 @@ def _shards(storage, ingest_output: str, split: str) -> list[ShardInfo]:
     return [ShardInfo(shard_uri(ingest_output, name), count) for name, count in sorted(counts.items())]
 
 
+def preflight_3d(config: PipelineConfig) -> None:
+    from atoken.preprocess.objects import list_3d_source
+
+    for source in config.objects.sources:
+        if not list_3d_source(source, config.objects.limit):
+            raise ValueError(f"objects.sources: {source} lists no assets")
+
+
+def run_ingest_3d(ctx: StageContext) -> dict[str, Any]:
+    import dataclasses
+    import os
+
+    from atoken.preprocess.objects import ObjectSettings, list_3d_source, run_object_job
+    from atoken.preprocess.render import PRESETS
+    from atoken.preprocess.voxels import VoxelSettings
+
+    section = ctx.config.objects
+    overrides = {"views": section.views, "resolution": section.resolution, "samples": section.samples}
+    render = dataclasses.replace(PRESETS[section.preset], **{k: v for k, v in overrides.items() if v is not None},
+                                 threads=max(1, (os.cpu_count() or 1) // section.parallelism),
+                                 timeout_s=section.timeout_s)
+    items = [item for source in section.sources for item in list_3d_source(source, section.limit)]
+    settings = ObjectSettings(render, VoxelSettings(grid=section.voxel_grid, min_voxels=section.min_voxels),
+                              ctx.output, ctx.storage, log_assets=False)
+    stats = run_object_job(items, settings, section.assets_per_shard, section.val_every, section.parallelism,
+                           ctx.progress, "ingest 3d", resources=ctx.config.ray.preprocess_resources)
+    for name in ("manifest.parquet", "errors.parquet", "_stats.json"):
+        ctx.tracker.log_bytes(ctx.run_id, ctx.storage.read_bytes(join(ctx.output, name)), f"ingest_3d/{name}")
+    return {k: v for k, v in stats.items() if isinstance(v, int | float)}
+
+
 def run_train(ctx: StageContext, index: int, previous: str | None) -> dict[str, Any]:
     from atoken.train.loop import StageJob, run_train_stage
+    from atoken.train.tasks import TaskShards
 
     section = ctx.config.train.stages[index]
-    shards = _shards(ctx.storage, ctx.inputs["ingest"].output, "train")
-    if not shards:
+    shards = TaskShards(image=_shards(ctx.storage, ctx.inputs["ingest"].output, "train"))
+    if not shards.image:
         raise ValueError("no training shards: every ingested item failed or went to validation")
     if "ingest_videos" in ctx.inputs:
-        shards = shards + _shards(ctx.storage, ctx.inputs["ingest_videos"].output, "train")
+        shards.video = _shards(ctx.storage, ctx.inputs["ingest_videos"].output, "train")
+    if "ingest_3d" in ctx.inputs:
+        shards.objects = _shards(ctx.storage, ctx.inputs["ingest_3d"].output, "train")
     init_weights = None if previous is None else join(ctx.inputs[previous].output, "model.safetensors")
     ctx.tracker.set_tags(ctx.run_id, {"atoken.init_from": init_weights or "random",
+                                      "atoken.tasks": " ".join(section.tasks),
                                       "atoken.batches": f"packed, {section.max_tokens} tokens"
                                       if section.max_tokens else f"{section.batch_size} images"})
-    job = StageJob(section, ctx.config.train.model, shards, ctx.output, init_weights, ctx.storage,
-                   ctx.tracker, ctx.run_id, ctx.config.run.seed)
+    job = StageJob(section, ctx.config.train.stage_model(index), shards, ctx.output, init_weights, ctx.storage,
+                   ctx.tracker, ctx.run_id, ctx.config.run.seed, ctx.config.train.losses)
     run_train_stage(job, ctx.config.run.local_dir, ctx.config.ray.train_resources)
     final = ctx.storage.read_json(join(ctx.output, "model.json"))
     ctx.tracker.log_bytes(ctx.run_id, json.dumps(final, indent=2).encode(), "train/model.json")

@@ -392,12 +392,9 @@ def preprocess_3d_main(args: argparse.Namespace) -> int:
     """`atoken preprocess 3d SRC OUT`: render, voxelise and shard every asset of SRC; print the job's stats."""
     import dataclasses
 
-    import pyarrow.parquet as pq
-
     from atoken.pipeline.config import ConfigError, PipelineConfig, StorageSection
     from atoken.pipeline.runner import start_ray
     from atoken.pipeline.storage import is_s3
-    from atoken.preprocess.job import plan_shards, run_shard_job
 
     for name in ("assets_per_shard", "val_every", "parallelism", "assets_per_process", "min_voxels"):
         if getattr(args, name) < 1:
@@ -429,14 +426,28 @@ def preprocess_3d_main(args: argparse.Namespace) -> int:
     print(f"atoken 3d: {len(items)} assets, {render.views} views at {render.resolution} px, {render.samples} "
           f"samples, device {render.device}, {args.parallelism} worker(s) x {threads} threads → {out}", flush=True)
     start_ray(config)
-    stats = run_shard_job(plan_shards(items, args.assets_per_shard, args.val_every), settings, storage, out,
-                          args.parallelism, not args.no_progress, "preprocess 3d", "asset",
-                          resources=getattr(args, "resources", None))
+    stats = run_object_job(items, settings, args.assets_per_shard, args.val_every, args.parallelism,
+                           not args.no_progress, "preprocess 3d", resources=getattr(args, "resources", None))
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def run_object_job(items: list[ItemSpec], settings: ObjectSettings, assets_per_shard: int, val_every: int,
+                   parallelism: int, progress: bool, description: str,
+                   resources: dict[str, float] | None = None) -> dict:
+    """Render, voxelise and shard `items` into settings.output on Ray; the job's stats, render figures added.
+    What `atoken preprocess 3d` and the pipeline's ingest_3d stage both run."""
+    import pyarrow.parquet as pq
+
+    from atoken.preprocess.job import plan_shards, run_shard_job
+
+    out, storage = settings.output, settings.storage
+    stats = run_shard_job(plan_shards(items, assets_per_shard, val_every), settings, storage, out, parallelism,
+                          progress, description, "asset", resources=resources)
     manifest = pq.read_table(io.BytesIO(storage.read_bytes(join(out, "manifest.parquet"))))
     stats.update(_render_stats(manifest))
     storage.write_json(join(out, "_stats.json"), stats)
-    print(json.dumps(stats, indent=2))
-    return 0
+    return stats
 
 
 def _render_stats(manifest) -> dict:

@@ -21,6 +21,11 @@ SMALL = [
     "--set", "train.stages.1.steps=20", "--set", "train.stages.1.checkpoint_every=10",
     "--set", "train.stages.1.warmup_steps=2",
     "--set", "evaluate.baseline_steps=20", "--set", "evaluate.fid_samples=16",
+    "--set", "objects.limit=4",
+    "--set", "train.stages.2.steps=3", "--set", "train.stages.2.checkpoint_every=3",
+    "--set", "train.stages.2.warmup_steps=1",
+    "--set", "train.stages.3.steps=3", "--set", "train.stages.3.checkpoint_every=3",
+    "--set", "train.stages.3.warmup_steps=1",
 ]
 
 

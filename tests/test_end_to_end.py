@@ -53,7 +53,8 @@ def expected_keys() -> list[str]:
     return sorted(item.key for item in list_items(config.ingest))
 
 
-STAGES = ("ingest", "ingest_videos", "train_stage1", "train_stage2", "evaluate")
+STAGES = ("ingest", "ingest_videos", "ingest_3d", "train_stage1", "train_stage2", "train_stage3", "train_stage4",
+          "evaluate")
 
 
 def summary_actions(stdout: str) -> dict[str, str]:
@@ -90,6 +91,7 @@ def test_quickstart_runs_skips_and_resumes_after_sigkill(tmp_path):
     assert evaluate_run.data.metrics["eval_psnr"] > 15.0  # it learned: a blank output scores ~6-10 dB
     assert evaluate_run.data.tags["protocol.psnr.samples"] == str(int(evaluate_run.data.metrics["eval_samples"]))
     assert any(p.startswith("train.stages.0") for p in parents[0].data.params)
+    assert_curriculum_tracked(local_a, children)
 
     # A rerun skips every stage and creates no run.
     started = time.perf_counter()
@@ -129,10 +131,50 @@ def test_quickstart_runs_skips_and_resumes_after_sigkill(tmp_path):
     assert sorted(r.info.run_name for r in children_b) == sorted(STAGES)
     assert all(r.info.status == "FINISHED" for r in [*parents_b, *children_b])
 
-    # Exact resume: the interrupted stage ends with the same weights as run A, which nothing interrupted.
+    # Exact resume: the interrupted stage logs the same losses after its restart as run A, which nothing
+    # interrupted, and ends with the same weights.
+    resumed_from = int((resumed.stdout + resumed.stderr).split("resuming at step ")[1].split()[0])
+    clean_losses = loss_history(local_a, children, "train_stage1")
+    resumed_losses = loss_history(local_b, children_b, "train_stage1")
+    later = [step for step in clean_losses if step > resumed_from]
+    assert later, "no loss was logged after the resume point"
+    assert [resumed_losses[step] for step in later] == [clean_losses[step] for step in later]
     resumed_weights = next(root_b.glob("train_stage1/*/model.safetensors")).read_bytes()
     clean_weights = next(root_a.glob("train_stage1/*/model.safetensors")).read_bytes()
     assert resumed_weights == clean_weights
+
+
+def loss_history(local_dir: Path, children, stage: str) -> dict[int, float]:
+    """step → the last train/loss logged at that step by the stage's run."""
+    client = MlflowClient(f"sqlite:///{local_dir / 'mlflow.db'}")
+    run = next(r for r in children if r.info.run_name == stage)
+    history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.timestamp)
+    return {m.step: m.value for m in history}
+
+
+def assert_curriculum_tracked(local_dir: Path, children) -> None:
+    """Every stage logs its tasks' loss terms, throughput and artifacts; stand-ins are tagged."""
+    client = MlflowClient(f"sqlite:///{local_dir / 'mlflow.db'}")
+    runs = {r.info.run_name: r for r in children}
+    expected_terms = {
+        "train_stage1": ["train/image/l1", "train/image/lpips", "train/image/gram", "train/image/clip_perceptual",
+                         "train/image/sigmoid", "train/image/kl"],
+        "train_stage2": ["train/video/l1", "train/video/sigmoid"],
+        "train_stage3": ["train/3d/render_l1", "train/3d/render_ssim", "train/3d/render_lpips", "train/3d/sigmoid"],
+        "train_stage4": ["train/3d/render_l1", "train/video/l1", "train/image/l1"],
+    }
+    artifacts = {"train_stage1": ["image_reconstruction.png"], "train_stage2": ["video_reconstruction.gif"],
+                 "train_stage3": ["gaussian_turntable.gif"], "train_stage4": ["gaussian_turntable.gif"]}
+    for stage, terms in expected_terms.items():
+        metrics = runs[stage].data.metrics
+        for name in [*terms, "train/tokens_per_second", "train/step_seconds", "train/data_wait_seconds",
+                     "train/lr"]:
+            assert name in metrics, f"{stage} did not log {name}"
+        assert runs[stage].data.tags["stand_in.text_encoder"].startswith("sentence-transformers") or \
+            "not SigLIP2" in runs[stage].data.tags["stand_in.text_encoder"]
+        logged = [a.path for a in client.list_artifacts(runs[stage].info.run_id, stage.removeprefix("train_"))]
+        for name in artifacts[stage]:
+            assert f"{stage.removeprefix('train_')}/{name}" in logged, f"{stage} has no {name}: {logged}"
 
 
 def test_pipeline_on_s3_endpoint_and_no_credentials_leak(tmp_path, s3_endpoint, s3_credentials):

@@ -10,6 +10,7 @@ would have seen.
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,18 +30,31 @@ class ShardInfo:
     samples: int
 
 
+def _every_shard(urls):
+    return urls
+
+
 def read_shard(storage: Storage, uri: str, attempts: int = 3) -> list[dict]:
     """Every sample of one shard, read whole; a failed or truncated read is retried, never half-used."""
     register_webdataset_opener(storage)
     for attempt in range(1, attempts + 1):
         try:
-            dataset = wds.WebDataset(uri, shardshuffle=False, empty_check=False)
+            # One named shard, read whole: the stream already chose it for this rank, so webdataset must not
+            # split the (one-element) shard list again across torch.distributed ranks or loader workers.
+            dataset = wds.WebDataset(uri, shardshuffle=False, empty_check=False, nodesplitter=_every_shard,
+                                     workersplitter=_every_shard)
             return list(dataset)
         except (OSError, StorageError, ValueError) as exc:
             if attempt == attempts:
                 raise StorageError(f"cannot read shard {uri} after {attempts} attempts: {exc}") from exc
             time.sleep(0.5 * attempt)
     raise AssertionError("unreachable")
+
+
+def caption_of(sample: dict) -> str:
+    """The sample's caption (class name, file name or the user's caption column); its key when it has none."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    return meta.get("caption") or sample["__key__"]
 
 
 def decode_media(sample: dict) -> torch.Tensor:
@@ -111,6 +125,7 @@ class ShardStream:
 
         stream = self.samples(position)
         pending: list = []
+        captions: list[str] = []
         tokens = 0
         for sample in stream:
             item = patchify_video(decode_media(sample), patch, temporal)
@@ -120,9 +135,12 @@ class ShardStream:
                                  "budget: raise the budget or lower the resolution")
             if tokens + count > max_tokens:
                 position += len(pending)
-                yield pack(pending), position
-                pending, tokens = [], 0
+                batch = pack(pending)
+                batch.captions = captions
+                yield batch, position
+                pending, captions, tokens = [], [], 0
             pending.append(item)
+            captions.append(caption_of(sample))
             tokens += count
 
     def batches(self, batch_size: int, position: int = 0) -> Iterator[torch.Tensor]:

@@ -5,6 +5,12 @@
 #   bash benchmarks/gpu/run_all.sh                             (on the GPU machine)
 #   DEVICE=cpu bash benchmarks/gpu/run_all.sh                  (the same ratios on a CPU, small models)
 # Results land in benchmarks/results/, named after the device.
+# The timed training run (issue 7: `base` for 10 minutes on real images and clips, PSNR curve, tokens/s, MFU with
+# data loading on) needs shards carried in benchmarks/gpu/data (ignored by git; carry it, ~40 MB):
+#   .venv/bin/python benchmarks/gpu/bench_train.py --prepare benchmarks/gpu/data    (CPU machine)
+# and, since one device command may run 10 minutes at most, runs as its own call:
+#   PART=train bash benchmarks/gpu/run_all.sh       (PART=model: the model benchmark only; default: both)
+PART="${PART:-all}"
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON="${PYTHON:-python3}"
@@ -16,6 +22,19 @@ fi
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true; fi
 name=$("$PYTHON" -c "import re, torch; print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-') if '$DEVICE' == 'cuda' else 'cpu')")
+if [ "$PART" = train ] || [ "$PART" = all ]; then
+  if [ -d benchmarks/gpu/data/images ]; then
+    minutes=10; preset=base
+    [ "$DEVICE" = cpu ] && { minutes=1; preset=tiny; }
+    videos=(); [ -d benchmarks/gpu/data/videos ] && "$PYTHON" -c "import av" 2>/dev/null && \
+      videos=(--videos benchmarks/gpu/data/videos)
+    "$PYTHON" benchmarks/gpu/bench_train.py --images benchmarks/gpu/data/images "${videos[@]}" --preset "$preset" \
+      --minutes "$minutes" --device "$DEVICE" --out "benchmarks/results/train-$preset-$name.json"
+  else
+    echo "no benchmarks/gpu/data: skipping the training run (see the top of this file)"
+  fi
+  [ "$PART" = train ] && exit 0
+fi
 out="benchmarks/results/model-throughput-$name.json"
 "$PYTHON" benchmarks/gpu/bench_model.py --device "$DEVICE" --out "$out"
 echo "results: $out"

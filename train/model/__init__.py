@@ -18,7 +18,9 @@ def build_model(section: ModelSection) -> nn.Module:
         return ConvVAE(section.hidden_channels, section.latent_channels)
     if section.kind == "atoken":
         return Tokenizer.from_preset(section.preset, latent_channels=section.latent_channels,
-                                     patch_size=section.patch_size)
+                                     patch_size=section.patch_size, text_dim=section.text_dim,
+                                     gaussians_per_voxel=section.gaussians_per_voxel,
+                                     voxel_grid=section.voxel_grid)
     raise ValueError(f"train.model.kind: unknown model {section.kind!r}")
 
 

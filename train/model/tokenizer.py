@@ -11,6 +11,7 @@ Sizes are data (PRESETS); the paper's figures are in ../shared/reference/atoken-
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -46,6 +47,9 @@ class TokenizerConfig:
     fsq_groups: int = 8
     fsq_levels: tuple[int, ...] = (4, 4, 4, 4, 4, 4)
     attention_backend: str = "auto"  # auto (flex on CUDA, masked elsewhere), flex, masked
+    # The frozen text encoder's width. None: the pooled embedding is already in the text space (a SigLIP2
+    # encoder beside SigLIP2's text tower); otherwise a linear projection maps it there (e.g. 384 for MiniLM).
+    text_dim: int | None = None
 
     @property
     def patch_dim(self) -> int:
@@ -113,6 +117,11 @@ class Tokenizer(nn.Module):
                              backend=backend)
         self.post_layernorm = nn.LayerNorm(c.width, eps=c.layer_norm_eps)
         self.head = AttentionPooling(c.width, c.heads, c.mlp_width, layer_norm_eps=c.layer_norm_eps)
+        self.text_projection = nn.Linear(c.width, c.text_dim, bias=False) if c.text_dim else None
+        # SigLIP's learnable temperature and bias of the sigmoid loss, at SigLIP's initialisation (spec).
+        # Shape (1,) as SigLIP2's own (and FSDP2 cannot shard a 0-d parameter).
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(10.0)]))
+        self.logit_bias = nn.Parameter(torch.tensor([-10.0]))
         self.kl = KLHead(c.width, c.latent_channels)
         fsq_channels = c.fsq_groups * len(c.fsq_levels)
         self.fsq = FSQ(fsq_channels, c.fsq_groups, tuple(c.fsq_levels)) if c.latent_channels == fsq_channels else None
@@ -181,30 +190,40 @@ class Tokenizer(nn.Module):
                              f"this model has {self.config.latent_channels}")
         return self.fsq(latent)
 
-    def embed(self, batch: PackedBatch) -> torch.Tensor:
-        """One embedding per sample (S, width), for alignment with text."""
-        return self.head(self.encode(batch)["hidden"], batch.sample_ids, batch.num_samples)
+    def embed(self, batch: PackedBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """One embedding per sample (S, text_dim or width), in the text encoder's space; pass the encoder's
+        `hidden` (N, width) when it is already computed."""
+        hidden = self.encode(batch)["hidden"] if hidden is None else hidden
+        pooled = self.head(hidden, batch.sample_ids, batch.num_samples)  # (S, width)
+        return pooled if self.text_projection is None else self.text_projection(pooled)
 
-    def forward_packed(self, batch: PackedBatch, sample: bool = True, quantize: bool = False) -> dict[str, object]:
+    def forward_packed(self, batch: PackedBatch, sample: bool = True, quantize: bool = False,
+                       embed: bool = False) -> dict[str, object]:
         encoded = self.encode(batch)
         latent = self.kl.sample(encoded["mean"], encoded["logvar"]) if sample else encoded["mean"]
         out: dict[str, object] = dict(encoded)
+        if embed:
+            out["embedding"] = self.embed(batch, hidden=encoded["hidden"])  # (S, text_dim or width)
         if quantize:
             latent, out["codes"] = self.quantize(latent)
         out |= self.decode(latent, batch)
         out["latent"] = latent
         return out
 
-    def forward(self, pixels: torch.Tensor | PackedBatch, sample: bool = True) -> dict[str, torch.Tensor]:
-        """Images (B, 3, H, W) in [-1, 1] → reconstruction (B, 3, H, W), mean, logvar: the image contract the
-        pipeline's stages use for every model. A PackedBatch goes to `forward_packed` (through `forward`,
-        so that DistributedDataParallel sees the call)."""
+    def forward(self, pixels: torch.Tensor | PackedBatch, sample: bool = True, quantize: bool = False,
+                embed: bool = False) -> dict[str, torch.Tensor]:
+        """Images (B, 3, H, W) in [-1, 1] → reconstruction (B, 3, H, W), mean, logvar (and embedding): the image
+        contract the pipeline's stages use for every model. A PackedBatch goes to `forward_packed` (through
+        `forward`, so that DistributedDataParallel sees the call)."""
         if isinstance(pixels, PackedBatch):
-            return self.forward_packed(pixels, sample=sample)
+            return self.forward_packed(pixels, sample=sample, quantize=quantize, embed=embed)
         batch = pack_images(pixels, self.config.patch_size, self.config.temporal_patch)
-        out = self.forward_packed(batch, sample=sample)
+        out = self.forward_packed(batch, sample=sample, quantize=quantize, embed=embed)
         images = unpack_images(out["patches"], batch, self.config.patch_size)  # (B, 3, H, W)
-        return {"reconstruction": images, "mean": out["mean"], "logvar": out["logvar"]}
+        result = {"reconstruction": images, "mean": out["mean"], "logvar": out["logvar"]}
+        if embed:
+            result["embedding"] = out["embedding"]
+        return result
 
     # -- long videos ---------------------------------------------------------------------------------
 

@@ -33,13 +33,15 @@ class PackedBatch:
     coords: torch.Tensor  # (N, 4) int64: t, x, y, z
     sample_ids: torch.Tensor  # (N,) int64, sample index of each token, non-decreasing
     layouts: list[SampleLayout]
+    captions: list[str] | None = None  # one per sample, for the understanding losses
 
     @property
     def num_samples(self) -> int:
         return len(self.layouts)
 
     def to(self, device: torch.device | str) -> PackedBatch:
-        return PackedBatch(self.patches.to(device), self.coords.to(device), self.sample_ids.to(device), self.layouts)
+        return PackedBatch(self.patches.to(device), self.coords.to(device), self.sample_ids.to(device), self.layouts,
+                           self.captions)
 
     def modality_mask(self, modality: str) -> torch.Tensor:
         """(N,) bool: the tokens of samples of one modality."""

@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from atoken.train.losses.semantic import sigmoid_loss
 from atoken.train.model.tokenizer import PRESETS, Tokenizer
 from atoken.train.model.tokens import (
     IMAGE,
@@ -156,7 +157,11 @@ def test_gradients_reach_every_trainable_parameter():
     gaussians = out["gaussians"]
     loss = out["patches"].abs().mean() + out["mean"].pow(2).mean() + out["logvar"].mean()
     loss = loss + sum(value.float().mean() for key, value in gaussians.items() if key != "token_index")
-    loss = loss + model.embed(batch).pow(2).mean()
+    embedding = model.embed(batch)  # (S, width)
+    text = torch.randn(embedding.shape, generator=torch.Generator().manual_seed(9))
+    # The sigmoid loss is what trains the learnable logit scale and bias.
+    loss = loss + sigmoid_loss(embedding, text, torch.eye(len(embedding), dtype=torch.bool), model.logit_scale,
+                               model.logit_bias)
     loss.backward()
     silent = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     # The position table only reaches these samples' grids; every other parameter must learn.

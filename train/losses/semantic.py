@@ -1,0 +1,42 @@
+"""Understanding terms (spec: losses): image–text distillation for images, SigLIP's sigmoid loss for video and 3D.
+
+Captions repeat in a batch (class names): every pair of samples with the same caption counts as a match, in
+the sigmoid loss's labels and in the distillation's text list (one row per distinct caption).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def caption_matches(captions: list[str]) -> torch.Tensor:
+    """(S, S) bool: sample i's caption equals sample j's."""
+    index = {caption: i for i, caption in enumerate(dict.fromkeys(captions))}
+    ids = torch.tensor([index[c] for c in captions])
+    return ids[:, None] == ids[None, :]
+
+
+def sigmoid_loss(embeddings: torch.Tensor, text: torch.Tensor, matches: torch.Tensor, logit_scale: torch.Tensor,
+                 logit_bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP (Zhai et al. 2023): −1/S Σ_ij log σ(z_ij (e^t ⟨x_i, y_j⟩ + b)), z = +1 for a match, −1 otherwise.
+
+    embeddings (S, D) and text (S, D) are unit-normalised here; matches (S, S) bool."""
+    logits = logit_scale.exp() * F.normalize(embeddings, dim=-1) @ F.normalize(text, dim=-1).T + logit_bias  # (S, S)
+    signs = matches.to(logits.device, logits.dtype) * 2.0 - 1.0
+    return -F.logsigmoid(signs * logits).sum() / embeddings.shape[0]
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, text: torch.Tensor, temperature: float = 2.0,
+                      scale: float = 100.0) -> torch.Tensor:
+    """KL(p_teacher ‖ p_student) of the image→text distributions softmax(scale·cos / τ), times τ² (Hinton et al.
+    2015, so the gradient's size does not shrink with τ).
+
+    student (S, D) and teacher (S, D) embed the same images; text (C, D) the batch's distinct captions, from the
+    frozen text encoder both share."""
+    text = F.normalize(text, dim=-1)
+    student_logits = scale * F.normalize(student, dim=-1) @ text.T / temperature  # (S, C)
+    teacher_logits = scale * F.normalize(teacher, dim=-1) @ text.T / temperature  # (S, C)
+    teacher_log_probs = F.log_softmax(teacher_logits.detach(), dim=-1)
+    return F.kl_div(F.log_softmax(student_logits, dim=-1), teacher_log_probs, log_target=True,
+                    reduction="batchmean") * temperature**2
