@@ -97,15 +97,19 @@ def protocol_tags(protocols: dict[str, dict[str, Any]], metric_protocols: dict[s
 
 
 def protocols_from_tags(tags: dict[str, str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
-    """The inverse of `protocol_tags`, on flattened values: ({metric: {field: value}}, {summary key: metric})."""
-    protocols: dict[str, dict[str, str]] = {}
-    for key, value in tags.items():
-        if key.startswith(TAG_PREFIX):
-            metric, _, field = key.removeprefix(TAG_PREFIX).partition(".")
-            protocols.setdefault(metric, {})[field] = value
+    """The inverse of `protocol_tags`, on flattened values: ({metric: {field: value}}, {summary key: metric}).
+    Metric names may hold dots (a baseline's own protocol is `baseline.psnr`): the names `protocol_of.*` tags
+    give are matched first, longest first."""
     metric_protocols = {
         key.removeprefix(METRIC_TAG_PREFIX): value for key, value in tags.items() if key.startswith(METRIC_TAG_PREFIX)
     }
+    names = sorted(set(metric_protocols.values()), key=len, reverse=True)
+    protocols: dict[str, dict[str, str]] = {}
+    for key, value in tags.items():
+        if key.startswith(TAG_PREFIX):
+            rest = key.removeprefix(TAG_PREFIX)
+            metric = next((name for name in names if rest.startswith(f"{name}.")), rest.partition(".")[0])
+            protocols.setdefault(metric, {})[rest[len(metric) + 1 :]] = value
     return protocols, metric_protocols
 
 

@@ -71,3 +71,16 @@ def test_implementation_version_follows_the_source(tmp_path):
     first = implementation_version(str(source))
     source.write_text("A = 2\n")
     assert first.startswith("atoken metric@") and implementation_version(str(source)) != first
+
+
+def test_dotted_metric_names_round_trip():
+    """A baseline measured under its own protocol is logged as `baseline.psnr`; its fields must not merge into
+    a metric called `baseline`."""
+    tags = protocol_tags(
+        {"psnr": example(), "baseline.psnr": example(samples=7)},
+        {"eval_psnr": "psnr", "baseline_eval_psnr": "baseline.psnr"},
+    )
+    protocols, metric_protocols = protocols_from_tags(tags)
+    assert set(protocols) == {"psnr", "baseline.psnr"}
+    assert protocols["baseline.psnr"]["samples"] == "7" and protocols["psnr"]["samples"] == "103"
+    assert differing_field(protocols["baseline.psnr"], example(samples=7)) is None
