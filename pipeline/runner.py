@@ -28,7 +28,9 @@ def prepare(config: PipelineConfig) -> tuple[Pipeline, Storage]:
     storage = Storage(config.storage)
     storage.check_writable(config.run.root)
     stages = build_stages(config)
-    for stage in stages:
+    # The training stages' checks (a GPU where the config asks for one) first: they cost nothing, while listing a
+    # cluster's data sources can take long and would fail on a laptop before the more useful message.
+    for stage in sorted(stages, key=lambda s: not s.name.startswith("train_")):
         if stage.preflight:
             stage.preflight(config)
     return Pipeline(config, stages, storage), storage
