@@ -77,13 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--follow", metavar="JOB_ID", help="stream the job's logs until it ends")
     action.add_argument("--stop", metavar="JOB_ID", help="stop the job and wait for it to end")
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    # `atoken submit [options] -- preprocess images SRC OUT ...`: what follows `--` is an atoken command to run
-    # on the cluster as it is, so argparse never sees it.
-    passthrough: list[str] = []
-    if argv[:1] == ["submit"] and "--" in argv:
-        cut = argv.index("--")
-        argv, passthrough = argv[:cut], argv[cut + 1 :]
     evaluate = commands.add_parser("eval", help="run the evaluation suite alone on a run's data: its last training "
                                                 "stage, or --checkpoint PATH")
     _config_arguments(evaluate)
@@ -97,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
                          help="default: MLFLOW_TRACKING_URI, else sqlite:///.atoken/mlflow.db as `atoken run` uses")
     compare.add_argument("--out", default=None, help="the Markdown report (default: compare-<first run id>.md)")
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `atoken submit [options] -- preprocess images SRC OUT ...`: what follows `--` is an atoken command to run
+    # on the cluster as it is, so argparse never sees it.
+    passthrough: list[str] = []
+    if argv[:1] == ["submit"] and "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
     args.passthrough = passthrough
 
