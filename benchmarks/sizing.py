@@ -58,7 +58,8 @@ def per_item_costs() -> dict[str, tuple[str, float, str]]:
     # One Ray worker is one core: the one-worker job rate is the per-core rate, job overheads included.
     for name, figures in [*image_sets, ("videos", preprocess["videos"])]:
         unit = "videos" if name == "videos" else "images"
-        rate = figures[f"job_1_workers_{unit}_per_second"]
+        # The key was job_1_workers_* before the benchmark reported one worker's CPU seconds beside its wall time.
+        rate = figures.get(f"job_1_worker_{unit}_per_second") or figures[f"job_1_workers_{unit}_per_second"]
         if isinstance(rate, list):
             rate = sorted(rate)[len(rate) // 2]
         costs[name] = (unit, 1 / rate, f"preprocess-cpu.json: {rate:.3g} {unit}/s on one core ({figures['set']}; "

@@ -124,6 +124,13 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
         if grown and rank == 0:
             print(f"[{stage.name}] grew {', '.join(grown)} from the previous stage", flush=True)
     model = distribute(raw_model, runtime, stage)
+    tasks = build_tasks(stage, job.losses)
+    semantic = hasattr(raw_model, "embed") and job.losses.semantic > 0
+    perceptual = ("image" in tasks and job.losses.lpips + job.losses.gram + job.losses.clip_perceptual > 0) or \
+        ("3d" in tasks and job.losses.render_lpips > 0)
+    # Loading the frozen networks draws from the RNG (transformers initialises before it loads), so it happens
+    # before the RNG is seeded or restored: a resumed run then draws exactly what the uninterrupted one drew.
+    frozen = Frozen(job.losses, device, need_perceptual=perceptual, need_text=semantic)
     torch.manual_seed(job.seed + rank)  # then each rank its own noise (KL samples, rendered views)
     optimizer = torch.optim.AdamW(parameter_groups(raw_model, stage), lr=stage.lr, betas=(0.9, 0.95))
     ema = EMA(raw_model, stage.ema_decay) if stage.ema_decay else None
@@ -131,12 +138,6 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
     state = state or {"step": 0, "positions": {}}
     if state["step"] > 0 and rank == 0:
         print(f"[{stage.name}] resuming at step {state['step']} from its last checkpoint", flush=True)
-
-    tasks = build_tasks(stage, job.losses)
-    semantic = hasattr(raw_model, "embed") and job.losses.semantic > 0
-    perceptual = ("image" in tasks and job.losses.lpips + job.losses.gram + job.losses.clip_perceptual > 0) or \
-        ("3d" in tasks and job.losses.render_lpips > 0)
-    frozen = Frozen(job.losses, device, need_perceptual=perceptual, need_text=semantic)
     positions: dict[str, int] = dict(state["positions"])
     streams = task_streams(tasks, job.shards, job.storage, job.seed, rank, world_size, positions)
     if rank == 0 and job.tracker is not None:

@@ -79,10 +79,11 @@ class Frozen:
 
     def text(self, captions: list[str]) -> torch.Tensor:
         """(S, D) unit text embeddings; each distinct caption is embedded once per worker (class names repeat)."""
-        fresh = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
-        if fresh:
-            for caption, row in zip(fresh, self.text_encoder(fresh), strict=True):
-                self._text_cache[caption] = row
+        for caption in dict.fromkeys(captions):
+            if caption not in self._text_cache:
+                # One caption at a time: padded beside others its embedding moves in the last bits, and which
+                # captions share a batch depends on where a run started, so a resumed run would drift.
+                self._text_cache[caption] = self.text_encoder([caption])[0]
         return torch.stack([self._text_cache[c] for c in captions])
 
     def stand_ins(self) -> dict[str, str]:

