@@ -204,7 +204,24 @@ def base_model_rate(resolution: int, images: int, steps: int) -> dict:
     return {"images_per_step": images, "resolution": resolution, "seconds_per_step": measured["seconds_per_step"],
             "cpu_seconds_per_step": cpu_per_step, "torch_threads": torch.get_num_threads(),
             "samples_per_second": images / measured["seconds_per_step"],
+            "model_flops_per_sample": measured["model_flops_per_step"] / images,
             "samples_per_second_on_all_cores_uncontended": images / cpu_per_step * (os.cpu_count() or 1)}
+
+
+# A projection, not a measurement (no GPU here): base's counted FLOPs per 256-px sample at the MFU goal of
+# issue 4 on an H100's dense bf16 peak, fed by one loader process per core of the lent GPU machine.
+H100_BF16_DENSE_FLOPS = 989.4e12
+MFU_GOAL = 0.40
+GPU_NODE_CORES = 16
+
+
+def gpu_projection(flops_per_sample: float, reader_per_core: float) -> dict:
+    consumed = H100_BF16_DENSE_FLOPS * MFU_GOAL / flops_per_sample
+    supplied = reader_per_core * GPU_NODE_CORES
+    return {"assumes": f"H100 bf16 dense peak {H100_BF16_DENSE_FLOPS:.4g} FLOP/s at MFU {MFU_GOAL}, "
+                       f"{GPU_NODE_CORES} loader processes (the lent H100 machine's cores)",
+            "base_samples_per_second": consumed, "reader_samples_per_second": supplied,
+            "reader_vs_base": supplied / consumed}
 
 
 def linked_copies(files: list[str], copies: int, folder: Path) -> Path:
@@ -274,7 +291,8 @@ def main() -> None:
             "gpu_base_samples_per_second_limit_per_core": per_core / 2,
             "gpu_check": "the goal holds on a GPU node while base consumes <= cores x "
                          "gpu_base_samples_per_second_limit_per_core samples/s of 256-px images; "
-                         "benchmarks/gpu/run_all.sh prints the ratio there",
+                         "benchmarks/gpu/run_all.sh prints the measured ratio there",
+            "gpu_projection": gpu_projection(model["model_flops_per_sample"], per_core),
         },
         "command": " ".join(["python", "benchmarks/bench_preprocess.py", *sys.argv[1:]]),
     }

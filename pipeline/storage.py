@@ -7,11 +7,13 @@ resume and cluster runs work the same on a laptop and on a bucket.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -158,6 +160,66 @@ class Storage:
             return
         self._commit_local(local_path(uri), lambda tmp: shutil.copyfile(source, tmp))
 
+    @contextlib.contextmanager
+    def staged_file(self, uri: str) -> Iterator[Path]:
+        """A local path to write a file at, committed to `uri` as one commit when the block ends cleanly.
+
+        For a local `uri` the file is written beside its target and renamed into place (no second copy of
+        what may be gigabytes); for S3 it is written to a temp folder and uploaded. On an exception nothing
+        is committed and the file is removed.
+        """
+        if is_s3(uri):
+            with LocalStaging() as staging:
+                path = staging / uri.rsplit("/", 1)[-1]
+                yield path
+                self.upload(path, uri)
+            return
+        target = local_path(uri)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            yield tmp
+            self._commit_local(target, lambda _: None, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def copy(self, source: str, uri: str) -> None:
+        """Copy an object to another URI of the same store as one commit, without its bytes passing through
+        this process where the store allows: a hard link locally (objects are never changed in place, only
+        replaced, so sharing the inode is safe), a server-side copy on S3."""
+        if is_s3(source) != is_s3(uri):
+            raise StorageError(f"cannot copy {source} to {uri}: one is on S3, the other not")
+        if is_s3(uri):
+            source_bucket, source_key = split_s3(source)
+            bucket, key = split_s3(uri)
+            with self._s3_errors(uri):
+                # The managed copy: multipart for objects over 5 GB, which a single CopyObject refuses.
+                self.client.copy({"Bucket": source_bucket, "Key": source_key}, bucket, key)
+            return
+        target = local_path(uri)
+
+        def link_or_copy(tmp: Path) -> None:
+            try:
+                os.link(local_path(source), tmp)
+            except OSError:  # another file system, or one without hard links
+                shutil.copyfile(local_path(source), tmp)
+
+        self._commit_local(target, link_or_copy)
+
+    def size(self, uri: str) -> int:
+        """Bytes of an object."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            with self._s3_errors(uri):
+                return int(self.client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        try:
+            return local_path(uri).stat().st_size
+        except OSError as exc:
+            raise StorageError(f"cannot read {uri}: {exc.strerror or exc}") from exc
+
     def download(self, uri: str, target: str | Path) -> Path:
         target = Path(target)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -187,10 +249,10 @@ class Storage:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _commit_local(self, target: Path, write) -> None:
+    def _commit_local(self, target: Path, write, tmp: Path | None = None) -> None:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+            tmp = tmp or target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
             try:
                 write(tmp)
                 with open(tmp, "rb+") as handle:

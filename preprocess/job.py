@@ -41,7 +41,6 @@ from atoken.preprocess.writer import (
     ShardPlan,
     ShardResult,
     VideoSettings,
-    manifest_uri,
     repack_shard,
     shard_uri,
     write_shard,
@@ -128,7 +127,7 @@ def run_shard_job(plans: list[ShardPlan], settings: ImageSettings | VideoSetting
         ray.remote(num_cpus=1, max_retries=2)(write_shard).options(resources=resources or None),
         [(p, storage_ref, parts_output, settings) for p in plans],
         [len(p.items) for p in plans], parallelism, progress, description, unit)
-    part_tables = {r.name: _read_parquet(storage, manifest_uri(parts_output, r.name)) for r in part_results}
+    part_tables = {r.name: r.manifest for r in part_results}
 
     repacks = plan_repack(plans, part_tables, samples_per_shard)
     _delete_stale_shards(storage, output, {r.name for r in repacks})
@@ -190,18 +189,20 @@ def plan_repack(plans: list[ShardPlan], part_tables: dict[str, pa.Table], sample
                 offset += take
                 filled += take
                 if filled == samples_per_shard:
-                    repacks.append(_repack_plan(f"{split}-{count:06d}", split, pieces, slices))
+                    repacks.append(_repack_plan(f"{split}-{count:06d}", split, pieces, slices, part_tables))
                     pieces, slices, filled, count = [], [], 0, count + 1
         if slices:
-            repacks.append(_repack_plan(f"{split}-{count:06d}", split, pieces, slices))
+            repacks.append(_repack_plan(f"{split}-{count:06d}", split, pieces, slices, part_tables))
     return repacks
 
 
-def _repack_plan(name: str, split: str, pieces: list[tuple[str, int, int]], slices: list[pa.Table]) -> RepackPlan:
+def _repack_plan(name: str, split: str, pieces: list[tuple[str, int, int]], slices: list[pa.Table],
+                 part_tables: dict[str, pa.Table]) -> RepackPlan:
     table = pa.concat_tables(slices)
     table = table.set_column(table.schema.get_field_index("shard"), "shard",
                              pa.array([name] * table.num_rows, pa.string()))
-    return RepackPlan(name, split, pieces, table)
+    whole_part = len(pieces) == 1 and pieces[0][1] == 0 and pieces[0][2] == part_tables[pieces[0][0]].num_rows
+    return RepackPlan(name, split, pieces, table, whole_part)
 
 
 def _delete_stale_shards(storage: Storage, output: str, planned: set[str]) -> None:
@@ -237,10 +238,6 @@ def _map_on_ray(remote_function, calls: list[tuple], weights: list[int], paralle
         bar.set_postfix(done=f"{done_count}/{len(calls)}", errors=errors)
     bar.close()
     return results
-
-
-def _read_parquet(storage: Storage, uri: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
 
 
 def _write_parquet(storage: Storage, uri: str, table: pa.Table) -> None:

@@ -64,6 +64,7 @@ class RepackPlan:
     split: str
     pieces: list[tuple[str, int, int]]  # (part name, first sample, end sample), in stream order
     manifest: pa.Table  # the rows the shard will hold, `shard` already set to `name`
+    whole_part: bool = False  # the shard is exactly one part's samples: a copy of its tar
 
 
 @dataclass
@@ -75,6 +76,7 @@ class ShardResult:
     seconds: float
     skipped: bool = False
     error_rows: list[dict] = field(default_factory=list)
+    manifest: pa.Table | None = None  # a part's committed rows, so the job plans shards without reading them back
 
 
 @dataclass(frozen=True)
@@ -118,20 +120,19 @@ def write_shard(plan: ShardPlan, storage: Storage, output: str, settings: ImageS
     started = time.perf_counter()
     attempt = 1
     if storage.exists(manifest_uri(output, plan.name)):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(manifest_uri(output, plan.name))))
+        table = _read_manifest(storage, manifest_uri(output, plan.name))
         errors = pq.read_table(io.BytesIO(storage.read_bytes(errors_uri(output, plan.name))))
         attempt = max(errors.column("attempts").to_pylist(), default=0) + 1
         if errors.num_rows == 0 or attempt > MAX_ATTEMPTS:
             return ShardResult(plan.name, table.num_rows, errors.num_rows,
                                int(sum(table.column("bytes").to_pylist())), 0.0, skipped=True,
-                               error_rows=errors.to_pylist())
+                               error_rows=errors.to_pylist(), manifest=table)
         # Uncommit first: a kill during the rebuild then leaves a shard without manifest, rebuilt next time.
         storage.delete(manifest_uri(output, plan.name))
 
     rows: list[dict] = []
     error_rows: list[dict] = []
-    with LocalStaging() as staging:
-        tar_path = staging / f"{plan.name}.tar"
+    with storage.staged_file(shard_uri(output, plan.name)) as tar_path:
         with TarSink(tar_path) as sink:
             for item in plan.items:
                 stage = "read"
@@ -149,13 +150,13 @@ def write_shard(plan: ShardPlan, storage: Storage, output: str, settings: ImageS
                     _add_sample(sink, sample.key, {**sample.files, "json": json.dumps(meta).encode()})
                     rows.append(_manifest_row(sample, meta, plan))
         _verify_tar(tar_path, [row["key"] for row in rows], sum(row["bytes"] for row in rows))
-        storage.upload(tar_path, shard_uri(output, plan.name))
     # The manifest's measure (bytes of the samples' media), so a skipped shard reports the same number.
     size = sum(row["bytes"] for row in rows)
+    manifest = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     storage.write_bytes(errors_uri(output, plan.name), _parquet(error_rows, ERRORS_SCHEMA))
-    storage.write_bytes(manifest_uri(output, plan.name), _parquet(rows, MANIFEST_SCHEMA))
+    storage.write_bytes(manifest_uri(output, plan.name), _parquet_table(manifest))
     return ShardResult(plan.name, len(rows), len(error_rows), size, time.perf_counter() - started,
-                       error_rows=error_rows)
+                       error_rows=error_rows, manifest=manifest)
 
 
 def _manifest_row(sample: ShardSample, meta: dict, plan: ShardPlan) -> dict:
@@ -178,13 +179,37 @@ def repack_shard(plan: RepackPlan, storage: Storage, output: str, parts_output: 
     started = time.perf_counter()
     size = int(sum(plan.manifest.column("bytes").to_pylist()))
     if storage.exists(manifest_uri(output, plan.name)):
-        committed = pq.read_table(io.BytesIO(storage.read_bytes(manifest_uri(output, plan.name))))
+        committed = _read_manifest(storage, manifest_uri(output, plan.name))
         if committed.equals(plan.manifest):
             return ShardResult(plan.name, plan.manifest.num_rows, 0, size, 0.0, skipped=True)
         # Planned differently (a retried item landed before it): uncommit first, as write_shard does.
         storage.delete(manifest_uri(output, plan.name))
-    with LocalStaging() as staging:
-        tar_path = staging / f"{plan.name}.tar"
+    if plan.whole_part:
+        _copy_whole_part(plan, storage, output, parts_output)
+    else:
+        _copy_ranges(plan, storage, output, parts_output, size)
+    storage.write_bytes(manifest_uri(output, plan.name), _parquet_table(plan.manifest))
+    return ShardResult(plan.name, plan.manifest.num_rows, 0, size, time.perf_counter() - started)
+
+
+def _copy_whole_part(plan: RepackPlan, storage: Storage, output: str, parts_output: str) -> None:
+    """The common case (no item failed, one sample per item): the shard is its part's tar, byte for byte,
+    so the store copies it (a hard link locally, server-side on S3) instead of this process. Those bytes
+    were verified when the part was committed; the copy is checked to be whole."""
+    part_uri = shard_uri(parts_output, plan.pieces[0][0])
+    target = shard_uri(output, plan.name)
+    try:
+        expected = storage.size(part_uri)
+    except StorageError as exc:
+        raise _part_gone(part_uri, plan.name) from exc
+    storage.copy(part_uri, target)
+    if storage.size(target) != expected:
+        storage.delete(target)
+        raise RuntimeError(f"shard {plan.name} failed verification: its copy is not {expected} bytes")
+
+
+def _copy_ranges(plan: RepackPlan, storage: Storage, output: str, parts_output: str, size: int) -> None:
+    with LocalStaging() as staging, storage.staged_file(shard_uri(output, plan.name)) as tar_path:
         with TarSink(tar_path) as sink:
             for part, start, end in plan.pieces:
                 with _open_part(storage, shard_uri(parts_output, part), staging, plan.name) as source:
@@ -194,9 +219,6 @@ def repack_shard(plan: RepackPlan, storage: Storage, output: str, parts_output: 
                         raise RuntimeError(f"part {part} holds {len(spans)} samples, its manifest more than {end}")
                     sink.copy_range(source, spans[start][1], spans[end - 1][2])
         _verify_tar(tar_path, plan.manifest.column("key").to_pylist(), size)
-        storage.upload(tar_path, shard_uri(output, plan.name))
-    storage.write_bytes(manifest_uri(output, plan.name), _parquet_table(plan.manifest))
-    return ShardResult(plan.name, plan.manifest.num_rows, 0, size, time.perf_counter() - started)
 
 
 def _open_part(storage: Storage, uri: str, staging, shard: str) -> BinaryIO:
@@ -230,20 +252,31 @@ _ZERO_BLOCK = bytes(_BLOCK)
 _RECORD = 20 * _BLOCK  # tar's record size: the archive is padded to a whole record, as tar(1) and tarfile do
 
 
-def tar_header(name: str, size: int) -> bytes:
-    encoded = name.encode()
-    if len(encoded) > 100:
-        raise ValueError(f"tar member name {name!r} is longer than 100 bytes (a shorter item key is needed)")
+def _header_template() -> bytearray:
     header = bytearray(_BLOCK)
-    header[0:len(encoded)] = encoded
     header[100:124] = b"0000444\x000000000\x000000000\x00"  # mode, uid, gid
-    header[124:136] = b"%011o\x00" % size
     header[136:148] = b"00000000000\x00"  # mtime
     header[148:156] = b" " * 8  # the checksum counts itself as spaces
     header[156:157] = b"0"  # a regular file
     header[257:265] = b"ustar\x0000"
     header[265:272] = header[297:304] = b"bigdata"
-    header[148:156] = b"%06o\x00 " % sum(header)
+    return header
+
+
+_HEADER_TEMPLATE = _header_template()
+_HEADER_TEMPLATE_SUM = sum(_HEADER_TEMPLATE)
+
+
+def tar_header(name: str, size: int) -> bytes:
+    encoded = name.encode()
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name {name!r} is longer than 100 bytes (a shorter item key is needed)")
+    size_field = b"%011o\x00" % size
+    header = bytearray(_HEADER_TEMPLATE)
+    header[0:len(encoded)] = encoded
+    header[124:136] = size_field
+    # The template is zero where name and size go, so the checksum is its sum plus theirs.
+    header[148:156] = b"%06o\x00 " % (_HEADER_TEMPLATE_SUM + sum(encoded) + sum(size_field))
     return bytes(header)
 
 
@@ -254,9 +287,7 @@ class TarSink:
         self.file = open(path, "wb")
 
     def add(self, name: str, data: bytes) -> None:
-        self.file.write(tar_header(name, len(data)))
-        self.file.write(data)
-        self.file.write(bytes(-len(data) % _BLOCK))
+        self.file.write(b"".join((tar_header(name, len(data)), data, bytes(-len(data) % _BLOCK))))
 
     def copy_range(self, source: BinaryIO, begin: int, end: int, chunk: int = 1 << 22) -> None:
         source.seek(begin)
@@ -329,6 +360,12 @@ def _verify_tar(path, expected_keys: list[str], expected_media_bytes: int) -> No
     if keys != expected_keys or media_bytes != expected_media_bytes:
         raise RuntimeError(f"shard {path.name} failed verification: {len(keys)} of {len(expected_keys)} samples, "
                            f"{media_bytes} of {expected_media_bytes} media bytes")
+
+
+def _read_manifest(storage: Storage, uri: str) -> pa.Table:
+    # Parquet names a list's item "element" where pyarrow says "item": cast back, so a manifest read from
+    # storage equals (and writes the same bytes as) one made in memory.
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri))).cast(MANIFEST_SCHEMA)
 
 
 def _parquet(rows: list[dict], schema: pa.Schema) -> bytes:

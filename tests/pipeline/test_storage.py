@@ -93,6 +93,40 @@ def test_local_upload_and_download(tmp_path):
     assert copied.read_bytes() == source.read_bytes()
 
 
+def test_local_copy_links_the_object_and_a_replace_leaves_the_copy_alone(tmp_path):
+    storage = Storage()
+    source, target = str(tmp_path / "parts" / "a.tar"), str(tmp_path / "shards" / "a.tar")
+    storage.write_bytes(source, b"part bytes" * 100)
+
+    storage.copy(source, target)
+
+    assert Path(target).read_bytes() == b"part bytes" * 100 and storage.size(target) == 1000
+    assert Path(target).stat().st_ino == Path(source).stat().st_ino, "a hard link, not a second copy"
+    storage.write_bytes(source, b"rebuilt")  # objects are replaced, never changed in place
+    assert Path(target).read_bytes() == b"part bytes" * 100
+    assert temp_files(tmp_path) == []
+    with pytest.raises(StorageError, match="cannot write"):
+        storage.copy(str(tmp_path / "parts" / "missing.tar"), target)
+    with pytest.raises(StorageError, match="cannot read"):
+        storage.size(str(tmp_path / "parts" / "missing.tar"))
+
+
+def test_local_staged_file_commits_on_success_and_leaves_nothing_on_error(tmp_path):
+    storage = Storage()
+    target = tmp_path / "out" / "shards" / "train-000000.tar"
+    with storage.staged_file(str(target)) as path:
+        assert path.parent == target.parent, "written beside its target, so the commit is a rename"
+        path.write_bytes(b"whole")
+        assert not target.exists(), "nothing is committed before the block ends"
+    assert target.read_bytes() == b"whole"
+
+    with pytest.raises(RuntimeError, match="verification"):
+        with storage.staged_file(str(target)) as path:
+            path.write_bytes(b"half")
+            raise RuntimeError("failed verification")
+    assert target.read_bytes() == b"whole" and temp_files(tmp_path) == []
+
+
 def test_local_commit_leaves_no_temp_files_and_list_ignores_them(tmp_path):
     storage = Storage()
     for i in range(5):
@@ -216,6 +250,28 @@ def test_s3_upload_download_and_missing_object(s3_storage, bucket, tmp_path):
     assert copied.read_bytes() == source.read_bytes()
     with pytest.raises(StorageError, match=f"no such object s3://{bucket}/shards/missing.tar"):
         s3_storage.read_bytes(f"s3://{bucket}/shards/missing.tar")
+
+
+def test_s3_copy_staged_file_and_size(s3_storage, bucket):
+    source, target = f"s3://{bucket}/parts/a.tar", f"s3://{bucket}/shards/a.tar"
+    s3_storage.write_bytes(source, bytes(range(256)) * 40)
+
+    s3_storage.copy(source, target)
+    assert s3_storage.read_bytes(target) == bytes(range(256)) * 40 and s3_storage.size(target) == 10240
+
+    staged = f"s3://{bucket}/shards/b.tar"
+    with pytest.raises(RuntimeError):
+        with s3_storage.staged_file(staged) as path:
+            path.write_bytes(b"half")
+            raise RuntimeError("failed verification")
+    assert not s3_storage.exists(staged)
+    with s3_storage.staged_file(staged) as path:
+        path.write_bytes(b"whole")
+    assert s3_storage.read_bytes(staged) == b"whole"
+    with pytest.raises(StorageError, match="no such object"):
+        s3_storage.size(f"s3://{bucket}/parts/missing.tar")
+    with pytest.raises(StorageError, match="one is on S3"):
+        s3_storage.copy(source, "/tmp/elsewhere.tar")
 
 
 def test_s3_webdataset_shard_reads_through_the_registered_opener(s3_storage, bucket, tmp_path):

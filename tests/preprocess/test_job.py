@@ -88,6 +88,25 @@ def test_every_shard_holds_the_same_number_of_samples_and_every_good_item_lands_
     assert list((output / "_parts" / "shards").glob("*.tar")), "retryable failures keep the parts for a rerun"
 
 
+def test_with_no_failure_every_shard_is_its_part_linked_not_copied(local_ray, tmp_path):
+    folder = image_folder(tmp_path / "in", 18, {})
+    section, output = section_for(folder), tmp_path / "out"
+
+    stats = run_image_job(section, Storage(), str(output), progress=False)
+
+    shards = sorted((output / "shards").glob("*.tar"))
+    assert stats["failures"] == 0 and len(shards) == stats["shards"] == stats["parts"]
+    # No item can be retried, so the parts' tars are gone; the shards (links to them) stay whole and readable.
+    assert not list((output / "_parts" / "shards").glob("*.tar"))
+    assert [k for p in shards for k in tar_keys(p)] == [row["key"] for row in manifest(output)]
+    assert all(p.stat().st_nlink == 1 for p in shards)
+
+    # A shard to rebuild whose part is gone says what to do, in one line.
+    (output / "manifests" / "train-000000.parquet").unlink()
+    with pytest.raises(Exception, match="is gone, so shard train-000000 cannot be rebuilt"):
+        run_image_job(section, Storage(), str(output), progress=False)
+
+
 def test_a_kill_at_any_point_then_a_rerun_gives_the_same_shards(local_ray, tmp_path):
     folder = image_folder(tmp_path / "in", 30, {2: b"", 9: b"broken"})
     section, output = section_for(folder), tmp_path / "out"
@@ -198,3 +217,10 @@ def test_plan_repack_cuts_parts_into_equal_shards_in_order():
     ]
     assert [r.manifest.column("key").to_pylist() for r in repacks] == [["a", "b", "c", "d"], ["e", "f"]]
     assert [set(r.manifest.column("shard").to_pylist()) for r in repacks] == [{"train-000000"}, {"train-000001"}]
+    assert [r.whole_part for r in repacks] == [False, False], "a tail of a part is not the whole part"
+
+    # Parts of exactly one shard each (no item failed): every shard is a whole part, copied as it is.
+    tables = {"train-000000": part(["a", "b"]), "train-000001": part(["c", "d"]), "train-000002": part(["e"])}
+    repacks = plan_repack(plans, tables, 2)
+    assert [(r.pieces, r.whole_part) for r in repacks] == [
+        ([("train-000000", 0, 2)], True), ([("train-000001", 0, 2)], True), ([("train-000002", 0, 1)], True)]
