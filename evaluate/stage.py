@@ -268,7 +268,7 @@ def run_standalone(config, checkpoint_folder: str | None = None, progress: bool 
     into a new MLflow run `eval` and a new folder <run.root>/eval/<run id>. → (MLflow run id, summary)."""
     from atoken.pipeline.config import flatten
     from atoken.pipeline.dag import Pipeline
-    from atoken.pipeline.runner import start_ray
+    from atoken.pipeline.runner import ray_connection
     from atoken.pipeline.stages import build_stages
     from atoken.pipeline.tracking import Tracker, resolve_tracking_uri
 
@@ -303,18 +303,9 @@ def run_standalone(config, checkpoint_folder: str | None = None, progress: bool 
     run_id, _ = tracker.reopen_or_create(None, "eval", tags={"atoken.stage": "eval", "atoken.checkpoint": folder})
     tracker.log_params(run_id, flatten(config.to_dict()))  # what `atoken compare` shows as key params
     output = join(config.run.root, "eval", run_id)
-    started = start_ray(config)
-    try:
+    with tracker.finishing(run_id), ray_connection(config) as connect_ray:
+        connect_ray()
         extra = {"stale_inputs": ", ".join(stale)} if stale else {}
         summary = evaluate_outputs(config, storage, outputs, checkpoint, output, tracker, run_id, extra)
         tracker.log_metrics(run_id, summary)
-    except BaseException:
-        tracker.finish(run_id, "FAILED")
-        raise
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    tracker.finish(run_id)
     return run_id, summary

@@ -121,6 +121,28 @@ class Suite:
         self.rows: list[dict[str, Any]] = []
         self.skipped: dict[str, str] = {}
 
+    def record_pixel_metrics(self, prefix: str, rows: list[dict], common: dict[str, Any], resolution: str,
+                             definition: str) -> None:
+        """PSNR and SSIM (those wanted): the mean of `rows`' values, under `prefix` (e.g. "video_")."""
+        from atoken.evaluate.metrics import psnr, ssim
+
+        for name, module in (("psnr", psnr), ("ssim", ssim)):
+            if name in self.wants:
+                self.record(
+                    f"{prefix}{name}",
+                    {f"eval_{prefix}{name}": np.mean([r[name] for r in rows])},
+                    protocol(
+                        **common,
+                        feature_network="none",
+                        feature_network_sha256="none",
+                        implementation=implementation_version(module.__file__),
+                        stand_in=False,
+                        definition=definition + module.PROTOCOL,
+                        resolution=resolution,
+                        split="val",
+                    ),
+                )
+
     def record(self, metric: str, values: dict[str, float], fields: dict[str, Any]) -> None:
         self.protocols[metric] = fields
         for key, value in values.items():
@@ -195,22 +217,7 @@ class Suite:
             frames=1,
             latent=self.adapter.latent,
         )
-        for name, module in (("psnr", psnr), ("ssim", ssim)):
-            if name in self.wants:
-                self.record(
-                    name,
-                    {f"eval_{name}": np.mean([r[name] for r in images])},
-                    protocol(
-                        **common,
-                        feature_network="none",
-                        feature_network_sha256="none",
-                        implementation=implementation_version(module.__file__),
-                        stand_in=False,
-                        definition=module.PROTOCOL,
-                        resolution=resolution,
-                        split="val",
-                    ),
-                )
+        self.record_pixel_metrics("", images, common, resolution, "")
         if perceptual is not None:
             name, network = perceptual
             self.record(
@@ -317,22 +324,7 @@ class Suite:
             latent=self.adapter.latent,
         )
         resolution = ", ".join(sorted({r["resolution"] for r in clips}))
-        for name, module in (("psnr", psnr), ("ssim", ssim)):
-            if name in self.wants:
-                self.record(
-                    f"video_{name}",
-                    {f"eval_video_{name}": np.mean([r[name] for r in clips])},
-                    protocol(
-                        **common,
-                        feature_network="none",
-                        feature_network_sha256="none",
-                        implementation=implementation_version(module.__file__),
-                        stand_in=False,
-                        definition=f"per frame, mean over frames then clips; {module.PROTOCOL}",
-                        resolution=resolution,
-                        split="val",
-                    ),
-                )
+        self.record_pixel_metrics("video_", clips, common, resolution, "per frame, mean over frames then clips; ")
         if "rfvd" in self.wants:
             if len(references) < 2:
                 self.skipped["rfvd"] = f"needs at least 2 clips, got {len(references)}"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import yaml
@@ -54,6 +55,25 @@ def start_ray(config: PipelineConfig) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def ray_connection(config: PipelineConfig) -> Iterator[Callable[[], None]]:
+    """Yields a function that connects to (or starts) Ray the first time it is called; a Ray this block
+    started is shut down when it ends."""
+    started = False
+
+    def connect() -> None:
+        nonlocal started
+        started = start_ray(config) or started
+
+    try:
+        yield connect
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
 def run_pipeline(config: PipelineConfig, progress: bool = True,
                  on_parent_run: Callable[[str, str], None] | None = None) -> RunResult:
     """`on_parent_run(run_id, tracking_uri)` is called once the MLflow parent run exists, before any stage."""
@@ -73,21 +93,6 @@ def run_pipeline(config: PipelineConfig, progress: bool = True,
     if on_parent_run:
         on_parent_run(parent_id, tracking_uri)
 
-    started_ray = False
-
-    def before_first_run() -> None:
-        nonlocal started_ray
-        started_ray = start_ray(config)
-
-    try:
-        outcomes = pipeline.run(tracker, parent_id, progress, before_first_run)
-    except BaseException:
-        tracker.finish(parent_id, "FAILED")
-        raise
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-    tracker.finish(parent_id)
+    with tracker.finishing(parent_id), ray_connection(config) as connect_ray:
+        outcomes = pipeline.run(tracker, parent_id, progress, connect_ray)
     return RunResult(outcomes, parent_id, tracking_uri)

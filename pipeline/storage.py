@@ -206,8 +206,11 @@ class Storage:
                 os.link(local_path(source), tmp)
             except OSError:  # another file system, or one without hard links
                 shutil.copyfile(local_path(source), tmp)
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
 
-        self._commit_local(target, link_or_copy)
+        # A link's bytes are the source's, synced when it was committed: only a real copy needs an fsync.
+        self._commit_local(target, link_or_copy, sync=False)
 
     def size(self, uri: str) -> int:
         """Bytes of an object."""
@@ -249,14 +252,15 @@ class Storage:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _commit_local(self, target: Path, write, tmp: Path | None = None) -> None:
+    def _commit_local(self, target: Path, write, tmp: Path | None = None, sync: bool = True) -> None:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = tmp or target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
             try:
                 write(tmp)
-                with open(tmp, "rb+") as handle:
-                    os.fsync(handle.fileno())
+                if sync:
+                    with open(tmp, "rb+") as handle:
+                        os.fsync(handle.fileno())
                 os.replace(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)

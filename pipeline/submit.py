@@ -137,21 +137,9 @@ def submit(
         )
     for warning in check_cluster_paths(config, overrides):
         print(f"atoken: note: {warning}", file=sys.stderr)
-    entrypoint = entrypoint_for(config.relative_to(working).as_posix(), overrides)
-    client = job_client(address)
-    # Ray logs every .gitignore it honours while packing the working dir; only its warnings matter here.
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        submission_id=submission_id,
-        # No env_vars: the driver's ray.init adds its own (RAY_TRAIN_V2_ENABLED), and Ray refuses a job whose
-        # runtime env names the same variable. Credentials come from the cluster's own environment (secrets).
-        runtime_env={"working_dir": str(working), "excludes": WORKING_DIR_EXCLUDES},
-        metadata={"atoken.config": config.relative_to(working).as_posix()},
-    )
-    return SubmittedJob(
-        job_id, address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ["RAY_ADDRESS"], entrypoint
-    )
+    relative = config.relative_to(working).as_posix()
+    metadata = {"atoken.config": relative}
+    return _submit_job(entrypoint_for(relative, overrides), address, working, submission_id, metadata)
 
 
 def submit_command(
@@ -164,13 +152,21 @@ def submit_command(
         raise ConfigError(f"submit --working-dir: no such folder {working}")
     if command[0] in ("submit", "run", "status"):
         raise ConfigError(f"submit -- {command[0]}: submit a config as `atoken submit CONFIG`, not `-- {command[0]}`")
-    entrypoint = shlex.join(["atoken", *command])
+    return _submit_job(shlex.join(["atoken", *command]), address, working, submission_id, None)
+
+
+def _submit_job(entrypoint: str, address: str | None, working: Path, submission_id: str | None,
+                metadata: dict[str, str] | None) -> SubmittedJob:
     client = job_client(address)
+    # Ray logs every .gitignore it honours while packing the working dir; only its warnings matter here.
     logging.getLogger("ray").setLevel(logging.WARNING)
     job_id = client.submit_job(
         entrypoint=entrypoint,
         submission_id=submission_id,
+        # No env_vars: the driver's ray.init adds its own (RAY_TRAIN_V2_ENABLED), and Ray refuses a job whose
+        # runtime env names the same variable. Credentials come from the cluster's own environment (secrets).
         runtime_env={"working_dir": str(working), "excludes": WORKING_DIR_EXCLUDES},
+        metadata=metadata,
     )
     return SubmittedJob(
         job_id, address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ["RAY_ADDRESS"], entrypoint

@@ -6,12 +6,14 @@ workers log to the same runs and a relaunched driver reopens its runs instead of
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +126,16 @@ class Tracker:
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    @contextlib.contextmanager
+    def finishing(self, run_id: str) -> Iterator[None]:
+        """Ends the run FINISHED when the block does, FAILED when it raises (a kill included)."""
+        try:
+            yield
+        except BaseException:
+            self.finish(run_id, "FAILED")
+            raise
+        self.finish(run_id)
 
 
 def grid_png(rows: list[list[np.ndarray]]) -> bytes:

@@ -284,10 +284,13 @@ class TarSink:
     """A tar file written member by member, or by copying byte ranges of other such tars."""
 
     def __init__(self, path):
-        self.file = open(path, "wb")
+        # A large buffer: samples of a few KB would otherwise cost a write(2) each.
+        self.file = open(path, "wb", buffering=1 << 20)
 
     def add(self, name: str, data: bytes) -> None:
-        self.file.write(b"".join((tar_header(name, len(data)), data, bytes(-len(data) % _BLOCK))))
+        self.file.write(tar_header(name, len(data)))
+        self.file.write(data)
+        self.file.write(_ZERO_BLOCK[:-len(data) % _BLOCK])
 
     def copy_range(self, source: BinaryIO, begin: int, end: int, chunk: int = 1 << 22) -> None:
         source.seek(begin)

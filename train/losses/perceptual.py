@@ -9,6 +9,8 @@ of a frozen vision tower (SigLIP2 from a path), or, without one, the stand-in's 
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,21 +64,25 @@ class PerceptualLosses(nn.Module):
             return self.network.heads[index](difference).mean(dim=(1, 2, 3))  # (B,)
         return difference.sum(dim=1).mean(dim=(1, 2))  # (B,)
 
-    def forward(self, target: torch.Tensor, output: torch.Tensor) -> dict[str, torch.Tensor]:
-        """target, output (B, 3, H, W) in [-1, 1] → {lpips, gram, clip_perceptual}, each a batch mean."""
+    def forward(self, target: torch.Tensor, output: torch.Tensor,
+                terms: Collection[str] = ("lpips", "gram", "clip_perceptual")) -> dict[str, torch.Tensor]:
+        """target, output (B, 3, H, W) in [-1, 1] → the asked `terms` of {lpips, gram, clip_perceptual}, each a
+        batch mean (a term not asked for is not computed: the 3D render loss needs LPIPS alone)."""
         batch = target.shape[0]
         both = resize_for_features(torch.cat([target.detach(), output]), self.resolution)  # (2B, 3, R, R)
         taps = self._taps(both)
-        lpips = both.new_zeros(batch)
-        gram = both.new_zeros(())
-        for index, features in enumerate(taps):
-            lpips = lpips + self._layer_distance(index, features[:batch], features[batch:])
-            gram = gram + (gram_matrix(features[:batch]) - gram_matrix(features[batch:])).square().mean()
-        if isinstance(self.network, PerceptualStandIn):
-            lpips = lpips / len(taps)  # the stand-in's uniform layer weights
-        if self.tower is not None:
-            embedded = F.normalize(self.tower(both), dim=-1)  # (2B, D)
-        else:
-            embedded = F.normalize(taps[-1].mean(dim=(2, 3)), dim=-1)  # (2B, C_last)
-        clip = 1.0 - (embedded[:batch] * embedded[batch:]).sum(-1)  # (B,)
-        return {"lpips": lpips.mean(), "gram": gram, "clip_perceptual": clip.mean()}
+        result: dict[str, torch.Tensor] = {}
+        if "lpips" in terms:
+            lpips = sum(self._layer_distance(i, f[:batch], f[batch:]) for i, f in enumerate(taps))  # (B,)
+            if isinstance(self.network, PerceptualStandIn):
+                lpips = lpips / len(taps)  # the stand-in's uniform layer weights
+            result["lpips"] = lpips.mean()
+        if "gram" in terms:
+            result["gram"] = sum((gram_matrix(f[:batch]) - gram_matrix(f[batch:])).square().mean() for f in taps)
+        if "clip_perceptual" in terms:
+            if self.tower is not None:
+                embedded = F.normalize(self.tower(both), dim=-1)  # (2B, D)
+            else:
+                embedded = F.normalize(taps[-1].mean(dim=(2, 3)), dim=-1)  # (2B, C_last)
+            result["clip_perceptual"] = (1.0 - (embedded[:batch] * embedded[batch:]).sum(-1)).mean()
+        return result

@@ -54,5 +54,5 @@ def gaussian_render_loss(rendered: torch.Tensor, target: torch.Tensor, perceptua
     terms = {"render_l1": (rendered - target).abs().mean(),
              "render_ssim": 1.0 - ssim(rendered_chw, target_chw, data_range=1.0).mean()}
     if weights.get("render_lpips", 0.0) > 0:
-        terms["render_lpips"] = perceptual(target_chw * 2 - 1, rendered_chw * 2 - 1)["lpips"]
+        terms["render_lpips"] = perceptual(target_chw * 2 - 1, rendered_chw * 2 - 1, terms=("lpips",))["lpips"]
     return terms

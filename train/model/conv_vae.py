@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from atoken.train.model.patch_autoencoder import KLAutoencoder
+
 STEM = 4  # the patchify stem's stride
 DOWNSAMPLINGS = 2  # then 2 stride-2 convs: 4 · 2² = 16x per side, the transformer's patch size
 
@@ -36,7 +38,7 @@ class ResBlock(nn.Module):
         return x + self.body(x)  # (B, C, h, w)
 
 
-class ConvVAE(nn.Module):
+class ConvVAE(KLAutoencoder):
     def __init__(self, hidden_channels: int, latent_channels: int):
         super().__init__()
         self.latent_channels = latent_channels
@@ -70,13 +72,4 @@ class ConvVAE(nn.Module):
         height, width = pixels.shape[-2:]
         if height % self.compression or width % self.compression:
             raise ValueError(f"conv_vae: image sides must be multiples of {self.compression}, got {height}x{width}")
-        mean, logvar = self.encoder(pixels).chunk(2, dim=1)  # (B, C, H/16, W/16) each
-        return mean, logvar.clamp(-30.0, 20.0)
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.decoder(latent)  # (B, 3, H, W)
-
-    def forward(self, pixels: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
-        mean, logvar = self.encode(pixels)
-        latent = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
-        return {"reconstruction": self.decode(latent), "mean": mean, "logvar": logvar}
+        return super().encode(pixels)  # (B, C, H/16, W/16) each

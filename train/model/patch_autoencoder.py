@@ -10,7 +10,27 @@ import torch
 from torch import nn
 
 
-class PatchAutoencoder(nn.Module):
+class KLAutoencoder(nn.Module):
+    """The image contract every convolutional kind keeps: `self.encoder` maps pixels (B, 3, H, W) to moments
+    (B, 2C, h, w), `self.decoder` maps a latent (B, C, h, w) back to pixels; a subclass builds both."""
+
+    encoder: nn.Module
+    decoder: nn.Module
+
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.encoder(pixels).chunk(2, dim=1)  # (B, C, h, w) each
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latent)  # (B, 3, H, W)
+
+    def forward(self, pixels: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
+        mean, logvar = self.encode(pixels)
+        latent = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+        return {"reconstruction": self.decode(latent), "mean": mean, "logvar": logvar}
+
+
+class PatchAutoencoder(KLAutoencoder):
     def __init__(self, patch_size: int, hidden_channels: int, latent_channels: int):
         super().__init__()
         self.patch_size = patch_size
@@ -29,17 +49,3 @@ class PatchAutoencoder(nn.Module):
             nn.GELU(),
             nn.ConvTranspose2d(hidden_channels, 3, kernel_size=patch_size, stride=patch_size),
         )
-
-    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        moments = self.encoder(pixels)  # (B, 2C, H/p, W/p)
-        mean, logvar = moments.chunk(2, dim=1)  # (B, C, H/p, W/p) each
-        return mean, logvar.clamp(-30.0, 20.0)
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.decoder(latent)  # (B, 3, H, W)
-
-    def forward(self, pixels: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
-        mean, logvar = self.encode(pixels)
-        latent = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
-        return {"reconstruction": self.decode(latent), "mean": mean, "logvar": logvar}
-
