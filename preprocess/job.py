@@ -10,6 +10,7 @@ errors; their tars are deleted once no failed item can be retried).
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from collections import deque
@@ -124,7 +125,7 @@ def run_shard_job(plans: list[ShardPlan], settings: ImageSettings | VideoSetting
     parts_output = parts_folder(output)
     storage_ref = ray.put(storage)
     part_results: list[ShardResult] = _map_on_ray(
-        ray.remote(num_cpus=1, max_retries=2)(write_shard).options(resources=resources or None),
+        _remote(write_shard).options(resources=resources or None),
         [(p, storage_ref, parts_output, settings) for p in plans],
         [len(p.items) for p in plans], parallelism, progress, description, unit)
     part_tables = {r.name: r.manifest for r in part_results}
@@ -132,7 +133,7 @@ def run_shard_job(plans: list[ShardPlan], settings: ImageSettings | VideoSetting
     repacks = plan_repack(plans, part_tables, samples_per_shard)
     _delete_stale_shards(storage, output, {r.name for r in repacks})
     shard_results: list[ShardResult] = _map_on_ray(
-        ray.remote(num_cpus=1, max_retries=2)(repack_shard).options(resources=resources or None),
+        _remote(repack_shard).options(resources=resources or None),
         [(r, storage_ref, output, parts_output) for r in repacks],
         [r.manifest.num_rows for r in repacks], parallelism, progress, f"{description}: shards", "sample")
 
@@ -212,6 +213,14 @@ def _delete_stale_shards(storage: Storage, output: str, planned: set[str]) -> No
             name = uri.rsplit("/", 1)[-1].removesuffix(suffix)
             if uri.endswith(suffix) and name not in planned:
                 storage.delete(uri)
+
+
+@functools.cache
+def _remote(function):
+    """One Ray remote function per function for the process: Ray exports (and disassembles) each new one."""
+    import ray
+
+    return ray.remote(num_cpus=1, max_retries=2)(function)
 
 
 def _map_on_ray(remote_function, calls: list[tuple], weights: list[int], parallelism: int, progress: bool,
