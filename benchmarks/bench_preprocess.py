@@ -239,7 +239,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4000, help="Fashion-MNIST images (the tiny workload)")
     parser.add_argument("--photo-copies", type=int, default=8, help="copies of the scikit-image photos")
     parser.add_argument("--video-copies", type=int, default=3, help="copies of the 4 built-in videos")
-    parser.add_argument("--turns", type=int, default=3, help="loop/job pairs per workload")
+    parser.add_argument("--turns", type=int, default=5, help="loop/job pairs per workload")
     parser.add_argument("--reader-samples", type=int, default=300, help="samples each loader process decodes")
     args = parser.parse_args()
     # Ray starts its workers at niceness 15 (ray-project/ray#24928) and the loop runs in this process at 0:
