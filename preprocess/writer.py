@@ -76,6 +76,9 @@ class RepackPlan:
     manifest: pa.Table  # the rows the shard will hold, `shard` already set to `name`
     whole_part: bool = False  # the shard is exactly one part's samples: a copy of its tar
 
+    def __reduce__(self):
+        return _with_manifest, (RepackPlan, {**self.__dict__, "manifest": _ipc_bytes(self.manifest)})
+
 
 @dataclass
 class ShardResult:
@@ -87,6 +90,25 @@ class ShardResult:
     skipped: bool = False
     error_rows: list[dict] = field(default_factory=list)
     manifest: pa.Table | None = None  # a part's committed rows, so the job plans shards without reading them back
+
+    def __reduce__(self):
+        return _with_manifest, (ShardResult, {**self.__dict__, "manifest": _ipc_bytes(self.manifest)})
+
+
+# Manifests cross between the driver and Ray workers as one Arrow IPC buffer: Ray's own Arrow serialisation
+# copies every column's buffers in Python, a few ms a table, which a job pays twice per shard.
+def _ipc_bytes(table: pa.Table | None) -> bytes | None:
+    if table is None:
+        return None
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _with_manifest(kind: type, fields: dict):
+    data = fields["manifest"]
+    return kind(**{**fields, "manifest": None if data is None else pa.ipc.open_stream(data).read_all()})
 
 
 @dataclass(frozen=True)
