@@ -128,6 +128,17 @@ def _semantic(embedding: torch.Tensor | None, captions: list[str], frozen: Froze
     return {"sigmoid": sigmoid_loss(embedding, text, caption_matches(captions), model.logit_scale, model.logit_bias)}
 
 
+def _packed_losses(model, raw_model, batch: PackedBatch, frozen: Frozen, stage: TrainStageSection,
+                   losses: LossSection, weights: dict[str, float], embed: bool
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Packed images and clips: L1 over their real patches, the sigmoid loss on their captions, KL."""
+    out = model(batch, quantize=stage.quantize, embed=embed)
+    rec = packed_reconstruction_losses(batch, out["patches"], out["mean"], out["logvar"])
+    rec.pop("kl")
+    sem = _semantic(out.get("embedding"), batch.captions or [], frozen, raw_model)
+    return _combine(rec, sem, _kl(out), losses, weights)
+
+
 class ImageTask:
     name = "image"
 
@@ -149,11 +160,7 @@ class ImageTask:
                    "clip_perceptual": self.losses.clip_perceptual}
         semantic_model = hasattr(raw_model, "embed")
         if isinstance(batch, PackedBatch):
-            out = model(batch, quantize=self.stage.quantize, embed=semantic_model)
-            rec = packed_reconstruction_losses(batch, out["patches"], out["mean"], out["logvar"])
-            rec.pop("kl")
-            sem = _semantic(out.get("embedding"), batch.captions or [], frozen, raw_model)
-            return _combine(rec, sem, _kl(out), self.losses, weights)
+            return _packed_losses(model, raw_model, batch, frozen, self.stage, self.losses, weights, semantic_model)
         kwargs = {"quantize": self.stage.quantize, "embed": True} if semantic_model else {}
         out = model(batch.pixels, **kwargs)
         rec = {"l1": (out["reconstruction"] - batch.pixels).abs().mean()}
@@ -174,11 +181,8 @@ class VideoTask:
         yield from stream.packed_batches(self.stage.video_max_tokens, position=position)
 
     def losses_of(self, model, raw_model, batch: PackedBatch, frozen: Frozen):
-        out = model(batch, quantize=self.stage.quantize, embed=True)
-        rec = packed_reconstruction_losses(batch, out["patches"], out["mean"], out["logvar"])
-        rec.pop("kl")
-        sem = _semantic(out["embedding"], batch.captions or [], frozen, raw_model)
-        return _combine(rec, sem, _kl(out), self.losses, {"l1": self.losses.l1})
+        return _packed_losses(model, raw_model, batch, frozen, self.stage, self.losses, {"l1": self.losses.l1},
+                              embed=True)
 
 
 class ObjectTask:
@@ -219,10 +223,7 @@ class ObjectTask:
         feature_values = 768  # a voxel's feature is one 16x16 RGB patch; the rest of its 3072 is padding
         rec = {"l1": (out["patches"][:, :feature_values] - batch.packed.patches[:, :feature_values]).abs().mean()}
         gaussians = out["gaussians"]
-        per_asset = torch.bincount(batch.packed.sample_ids, minlength=batch.packed.num_samples).tolist()
-        owner = torch.repeat_interleave(torch.arange(len(per_asset), device=gaussians["means"].device),
-                                        torch.tensor(per_asset, device=gaussians["means"].device))  # (voxels,)
-        owner = owner[gaussians["token_index"]]  # (M,) asset of each Gaussian
+        owner = batch.packed.sample_ids[gaussians["token_index"]]  # (M,) asset of each Gaussian
         render_terms: list[dict[str, torch.Tensor]] = []
         render_weights = {"render_l1": self.losses.render_l1, "render_lpips": self.losses.render_lpips,
                           "render_ssim": self.losses.render_ssim}
