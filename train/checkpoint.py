@@ -97,12 +97,15 @@ def load_latest_checkpoint(storage: Storage, stage_output: str, model: torch.nn.
 
 
 def save_model(storage: Storage, stage_output: str, model: torch.nn.Module, config: dict[str, Any],
-               write: bool = True) -> str | None:
+               write: bool = True, ema: dict[str, torch.Tensor] | None = None) -> str | None:
+    """The stage's final weights (and their EMA beside them), gathered on every rank, written by `write`."""
     model_state, _ = gather_state(model)
     if not write:
         return None
     uri = join(stage_output, "model.safetensors")
     storage.write_bytes(uri, save(_contiguous(model_state)))
+    if ema is not None:
+        storage.write_bytes(join(stage_output, "ema.safetensors"), save(_contiguous(ema)))
     storage.write_json(join(stage_output, "model.json"), config)
     return uri
 

@@ -197,20 +197,13 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
             save_checkpoint(job.storage, job.output, model, optimizer,
                             {"step": step, "positions": positions, "stage": stage.name},
                             ema.full() if ema else None, write=rank == 0)
+    # EMA gathered on every rank (a collective under FSDP) like the weights.
     save_model(job.storage, job.output, model, {"model": asdict(job.model), "steps": step, "ema": ema is not None},
-               write=rank == 0)
-    ema_weights = ema.full() if ema else None
-    if rank == 0:
-        if ema_weights is not None:
-            from safetensors.torch import save
+               write=rank == 0, ema=ema.full() if ema else None)
+    if rank == 0 and job.artifacts and job.tracker is not None and not isinstance(model, FSDPModule):
+        from atoken.train.artifacts import log_stage_artifacts
 
-            from atoken.pipeline.storage import join
-
-            job.storage.write_bytes(join(job.output, "ema.safetensors"), save(ema_weights))
-        if job.artifacts and job.tracker is not None and not isinstance(model, FSDPModule):
-            from atoken.train.artifacts import log_stage_artifacts
-
-            log_stage_artifacts(job, raw_model, tasks)
+        log_stage_artifacts(job, raw_model, tasks)
     return metrics
 
 
