@@ -534,9 +534,9 @@ def validate_curriculum(config: PipelineConfig) -> None:
             require(train.model.kind == "atoken", f"{where}.quantize", "FSQ needs train.model.kind: atoken")
             require(latent == 48, f"{where}.quantize", f"FSQ quantizes a 48-channel latent (this stage: {latent})")
         require(stage.render_size is None or stage.render_size >= 16, f"{where}.render_size", "must be >= 16")
-        for name in ("video_max_tokens", "objects_per_batch", "render_views", "max_failures"):
-            require(getattr(stage, name) >= 0 if name == "max_failures" else getattr(stage, name) > 0,
-                    f"{where}.{name}", "must be > 0")
+        for name in ("video_max_tokens", "objects_per_batch", "render_views"):
+            require(getattr(stage, name) > 0, f"{where}.{name}", "must be > 0")
+        require(stage.max_failures >= 0, f"{where}.max_failures", "must be >= 0")
         require(stage.encoder_lr_scale > 0, f"{where}.encoder_lr_scale", "must be > 0")
         require(stage.ema_decay is None or 0 < stage.ema_decay < 1, f"{where}.ema_decay", "must lie in (0, 1)")
         require(stage.grad_clip is None or stage.grad_clip > 0, f"{where}.grad_clip", "must be > 0")

@@ -144,18 +144,13 @@ def preflight_3d(config: PipelineConfig) -> None:
 
 
 def run_ingest_3d(ctx: StageContext) -> dict[str, Any]:
-    import dataclasses
-    import os
-
     from atoken.preprocess.objects import ObjectSettings, list_3d_source, run_object_job
-    from atoken.preprocess.render import PRESETS
+    from atoken.preprocess.render import render_settings
     from atoken.preprocess.voxels import VoxelSettings
 
     section = ctx.config.objects
-    overrides = {"views": section.views, "resolution": section.resolution, "samples": section.samples}
-    render = dataclasses.replace(PRESETS[section.preset], **{k: v for k, v in overrides.items() if v is not None},
-                                 threads=max(1, (os.cpu_count() or 1) // section.parallelism),
-                                 timeout_s=section.timeout_s)
+    render = render_settings(section.preset, section.parallelism, views=section.views,
+                             resolution=section.resolution, samples=section.samples, timeout_s=section.timeout_s)
     items = [item for source in section.sources for item in list_3d_source(source, section.limit)]
     settings = ObjectSettings(render, VoxelSettings(grid=section.voxel_grid, min_voxels=section.min_voxels),
                               ctx.output, ctx.storage, log_assets=False)

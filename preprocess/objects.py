@@ -24,7 +24,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +43,7 @@ from atoken.preprocess.render import (
     camera_offset,
     load_views,
     render_object,
+    render_settings,
 )
 from atoken.preprocess.sources import ItemSpec, SourceError, list_folder
 from atoken.preprocess.voxels import FLAGS, VoxelSettings, voxelise_views
@@ -390,8 +390,6 @@ def list_3d_source(source: str, limit: int | None = None, uids_file: str | None 
 
 def preprocess_3d_main(args: argparse.Namespace) -> int:
     """`atoken preprocess 3d SRC OUT`: render, voxelise and shard every asset of SRC; print the job's stats."""
-    import dataclasses
-
     from atoken.pipeline.config import ConfigError, PipelineConfig, StorageSection
     from atoken.pipeline.runner import start_ray
     from atoken.pipeline.storage import is_s3
@@ -402,12 +400,10 @@ def preprocess_3d_main(args: argparse.Namespace) -> int:
     drop = tuple(flag for flag in args.drop_flags.split(",") if flag)
     if set(drop) - set(FLAGS):
         raise ConfigError(f"preprocess 3d --drop-flags: unknown {sorted(set(drop) - set(FLAGS))} (known: {FLAGS})")
-    overrides = {"views": args.views, "resolution": args.resolution, "samples": args.samples,
-                 "fov_degrees": args.fov, "radius": args.radius}
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallelism)
-    render = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None},
-                                 device=args.device, threads=threads, timeout_s=args.timeout,
-                                 assets_per_process=args.assets_per_process)
+    render = render_settings(args.preset, args.parallelism, args.threads, views=args.views,
+                             resolution=args.resolution, samples=args.samples, fov_degrees=args.fov,
+                             radius=args.radius, device=args.device, timeout_s=args.timeout,
+                             assets_per_process=args.assets_per_process)
     try:
         render.validate("preprocess 3d")
     except ValueError as exc:
@@ -424,7 +420,8 @@ def preprocess_3d_main(args: argparse.Namespace) -> int:
                                                     store_views=not args.no_views_in_samples),
                               out, storage, keep_renders=not args.no_keep_renders, drop_flags=drop)
     print(f"atoken 3d: {len(items)} assets, {render.views} views at {render.resolution} px, {render.samples} "
-          f"samples, device {render.device}, {args.parallelism} worker(s) x {threads} threads → {out}", flush=True)
+          f"samples, device {render.device}, {args.parallelism} worker(s) x {render.threads} threads → {out}",
+          flush=True)
     start_ray(config)
     stats = run_object_job(items, settings, args.assets_per_shard, args.val_every, args.parallelism,
                            not args.no_progress, "preprocess 3d", resources=getattr(args, "resources", None))

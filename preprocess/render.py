@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +88,13 @@ PRESETS = {
     "release": RenderSettings(views=16, resolution=256, samples=16),
     "trellis": RenderSettings(views=150, resolution=512, samples=128),
 }
+
+
+def render_settings(preset: str, parallelism: int, threads: int = 0, **fields) -> RenderSettings:
+    """A preset with `fields` replaced where given (None keeps the preset's); `threads` 0 shares this machine's
+    cores among `parallelism` workers. What `atoken preprocess 3d` and the ingest_3d stage both render with."""
+    given = {name: value for name, value in fields.items() if value is not None}
+    return replace(PRESETS[preset], **given, threads=threads or max(1, (os.cpu_count() or 1) // parallelism))
 
 
 class RenderError(ItemError):
