@@ -86,7 +86,11 @@ def test_perceptual_terms_vanish_on_identical_images_and_grow_with_blur():
     assert all(float(v) == pytest.approx(0.0, abs=1e-6) for v in same.values())
     blurred = torch.nn.functional.avg_pool2d(images, 5, stride=1, padding=2)
     different = losses(images, blurred)
+    assert set(different) == {"lpips", "gram", "clip_perceptual"}
     assert all(float(v) > 1e-4 for v in different.values())
+    # The render loss asks for LPIPS alone: the same value, and no other term computed.
+    only = losses(images, blurred, terms=("lpips",))
+    assert set(only) == {"lpips"} and torch.allclose(only["lpips"], different["lpips"])
     reconstruction = blurred.clone().requires_grad_(True)
     sum(losses(images, reconstruction).values()).backward()
     assert reconstruction.grad is not None and reconstruction.grad.abs().sum() > 0
