@@ -434,17 +434,11 @@ def run_object_job(items: list[ItemSpec], settings: ObjectSettings, assets_per_s
                    resources: dict[str, float] | None = None) -> dict:
     """Render, voxelise and shard `items` into settings.output on Ray; the job's stats, render figures added.
     What `atoken preprocess 3d` and the pipeline's ingest_3d stage both run."""
-    import pyarrow.parquet as pq
-
     from atoken.preprocess.job import plan_shards, run_shard_job
 
-    out, storage = settings.output, settings.storage
-    stats = run_shard_job(plan_shards(items, assets_per_shard, val_every), settings, storage, out, parallelism,
-                          progress, description, "asset", resources=resources)
-    manifest = pq.read_table(io.BytesIO(storage.read_bytes(join(out, "manifest.parquet"))))
-    stats.update(_render_stats(manifest))
-    storage.write_json(join(out, "_stats.json"), stats)
-    return stats
+    return run_shard_job(plan_shards(items, assets_per_shard, val_every), settings, settings.storage,
+                         settings.output, parallelism, progress, description, "asset", resources=resources,
+                         manifest_stats=_render_stats)
 
 
 def _render_stats(manifest) -> dict:
