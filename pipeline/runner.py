@@ -43,15 +43,22 @@ def start_ray(config: PipelineConfig) -> bool:
 
     if ray.is_initialized():
         return False
+    from atoken.pipeline import console
+
     address = os.environ.get("RAY_ADDRESS")
+    quiet = console.active()
     ray.init(
         address=address or None,
         num_cpus=None if address else config.ray.num_cpus,
         include_dashboard=False,
+        # Under a console Ray's own logging (its start-up warnings among it) goes to the console's log file.
+        configure_logging=quiet is None,
         logging_level=logging.WARNING,
         # Ray Train v2 is the Train API this pipeline is written against.
         runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}},
     )
+    if quiet is not None:
+        quiet.attach_ray()
     return True
 
 
@@ -76,7 +83,9 @@ def ray_connection(config: PipelineConfig) -> Iterator[Callable[[], None]]:
 
 def run_pipeline(config: PipelineConfig, progress: bool = True,
                  on_parent_run: Callable[[str, str], None] | None = None) -> RunResult:
-    """`on_parent_run(run_id, tracking_uri)` is called once the MLflow parent run exists, before any stage."""
+    """`on_parent_run(run_id, tracking_uri)` is called once the MLflow parent run exists, before any stage.
+    Under an open `pipeline.console.Console` each stage says when it starts and ends there."""
+    from atoken.pipeline import console
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     pipeline, storage = prepare(config)
     tracking_uri = resolve_tracking_uri(config.tracking.uri, config.run.local_dir)
@@ -94,5 +103,5 @@ def run_pipeline(config: PipelineConfig, progress: bool = True,
         on_parent_run(parent_id, tracking_uri)
 
     with tracker.finishing(parent_id), ray_connection(config) as connect_ray:
-        outcomes = pipeline.run(tracker, parent_id, progress, connect_ray)
+        outcomes = pipeline.run(tracker, parent_id, progress, connect_ray, console=console.active())
     return RunResult(outcomes, parent_id, tracking_uri)

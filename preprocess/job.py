@@ -10,6 +10,7 @@ errors; their tars are deleted once no failed item can be retried).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import time
@@ -58,13 +59,16 @@ def list_items(section: IngestSection | VideoIngestSection, storage: Storage | N
     items: list[ItemSpec] = []
     for source in section.sources:
         if source.kind == "builtin":
-            items.extend(builtin[source.name](source.limit))
+            listed = builtin[source.name](source.limit)
         elif source.kind == "folder":
-            items.extend(list_folder(source.path, source.limit, suffixes))
+            listed = list_folder(source.path, source.limit, suffixes)
         elif source.kind == "s3":
-            items.extend(list_s3_prefix(storage, source.path, source.limit, suffixes))
+            listed = list_s3_prefix(storage, source.path, source.limit, suffixes)
         else:
-            items.extend(list_file(source.path, storage, source.limit))
+            listed = list_file(source.path, storage, source.limit)
+        if source.split != "auto":
+            listed = [dataclasses.replace(item, split=source.split) for item in listed]
+        items.extend(listed)
     keys = [item.key for item in items]
     if len(set(keys)) != len(keys):
         raise ValueError("ingest.sources: two sources list the same item keys (a source listed twice?)")
@@ -72,9 +76,16 @@ def list_items(section: IngestSection | VideoIngestSection, storage: Storage | N
 
 
 def plan_shards(items: list[ItemSpec], items_per_shard: int, val_every: int) -> list[ShardPlan]:
+    """Items whose source pins a split keep it; the others are split by their position among themselves (every
+    `val_every`-th is validation), so adding a held-out source leaves the other sources' split as it was."""
     by_split: dict[str, list[ItemSpec]] = {"train": [], "val": []}
-    for index, item in enumerate(items):
-        by_split["val" if index % val_every == 0 else "train"].append(item)
+    position = 0
+    for item in items:
+        if item.split:
+            by_split[item.split].append(item)
+            continue
+        by_split["val" if position % val_every == 0 else "train"].append(item)
+        position += 1
     plans = []
     for split, split_items in by_split.items():
         for start in range(0, len(split_items), items_per_shard):

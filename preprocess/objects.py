@@ -36,7 +36,6 @@ from atoken.pipeline.storage import LocalStaging, Storage, join
 from atoken.preprocess.images import ItemError
 from atoken.preprocess.render import (
     MESH_SUFFIXES,
-    PRESETS,
     RenderedViews,
     RenderError,
     RenderSettings,
@@ -336,38 +335,28 @@ def _kept_renders(settings: ObjectSettings, folder_uri: str, offset: tuple[float
 # -- the standalone job ----------------------------------------------------------------------------------------
 
 def add_3d_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `atoken preprocess 3d SRC OUT` (pipeline/cli.py adds the subparser)."""
-    parser.add_argument("source", help="a folder of meshes (.glb .gltf .obj .ply .fbx .stl), builtin:pybullet, "
-                                       "builtin:pybullet-named, or objaverse:MIRROR (a folder in the objaverse "
-                                       "package's layout; objaverse: alone means ~/.objaverse)")
-    parser.add_argument("out", help="a folder or s3://bucket/prefix")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="release",
-                        help="release: 16 views at 256 px; trellis: 150 views at 512 px, 128 samples")
-    parser.add_argument("--views", type=int, help="cameras on the Hammersley sphere (default: the preset's)")
-    parser.add_argument("--resolution", type=int, help="render size in pixels (default: the preset's)")
-    parser.add_argument("--samples", type=int, help="Cycles samples per pixel (default: the preset's)")
+    """The arguments of `atoken preprocess 3d SRC OUT` (pipeline/cli.py adds the subparser): the objects section's
+    fields (preprocess/standalone.py), then the renderer's own knobs, which a pipeline config leaves at defaults."""
+    from atoken.preprocess.standalone import add_standalone_arguments
+
+    add_standalone_arguments(parser, "3d", source_help=(
+        "a folder of meshes (.glb .gltf .obj .ply .fbx .stl), builtin:pybullet, builtin:pybullet-named, or "
+        "objaverse:MIRROR (a folder in the objaverse package's layout; objaverse: alone means ~/.objaverse); "
+        "several are listed in order. With --config: replaces the config's objects.sources"))
     parser.add_argument("--fov", type=float, help="field of view in degrees (default: the preset's, 40)")
     parser.add_argument("--radius", type=float, help="camera distance (default: the preset's, 2)")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     parser.add_argument("--threads", type=int, default=0, help="Cycles threads per worker (0: cores / parallelism)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per asset before Blender is killed")
     parser.add_argument("--assets-per-process", type=int, default=32,
                         help="assets one Blender child renders before it is replaced (1: a fresh one per asset)")
-    parser.add_argument("--min-voxels", type=int, default=VoxelSettings.min_voxels)
     parser.add_argument("--drop-flags", default="empty",
                         help=f"comma-separated flags to leave out ({', '.join(FLAGS)}); '' keeps every asset")
     parser.add_argument("--no-keep-renders", action="store_true",
                         help="keep only each asset's Blender log, not its views and depth (no per-asset resume)")
     parser.add_argument("--no-views-in-samples", action="store_true",
                         help="samples carry voxels and features only, not the RGBA views and cameras")
-    parser.add_argument("--limit", type=int, default=None, help="the first N assets of the source")
     parser.add_argument("--uids", default=None, help="objaverse: a file with one UID per line")
     parser.add_argument("--download", action="store_true", help="objaverse: fetch missing GLBs first")
-    parser.add_argument("--assets-per-shard", type=int, default=16)
-    parser.add_argument("--val-every", type=int, default=10)
-    parser.add_argument("--parallelism", type=int, default=1, help="Ray tasks (each with its own Blender child)")
-    parser.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint for OUT")
-    parser.add_argument("--no-progress", action="store_true")
 
 
 def list_3d_source(source: str, limit: int | None = None, uids_file: str | None = None,
@@ -390,41 +379,43 @@ def list_3d_source(source: str, limit: int | None = None, uids_file: str | None 
 
 def preprocess_3d_main(args: argparse.Namespace) -> int:
     """`atoken preprocess 3d SRC OUT`: render, voxelise and shard every asset of SRC; print the job's stats."""
-    from atoken.pipeline.config import ConfigError, PipelineConfig, StorageSection
+    from atoken.pipeline.config import ConfigError
     from atoken.pipeline.runner import start_ray
-    from atoken.pipeline.storage import is_s3
+    from atoken.preprocess.standalone import resolve
 
-    for name in ("assets_per_shard", "val_every", "parallelism", "assets_per_process", "min_voxels"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"preprocess 3d --{name.replace('_', '-')}: must be >= 1")
+    job = resolve("3d", args)
+    section = job.section
+    if args.threads < 0:
+        raise ConfigError("preprocess 3d --threads: must be >= 0")
     drop = tuple(flag for flag in args.drop_flags.split(",") if flag)
     if set(drop) - set(FLAGS):
         raise ConfigError(f"preprocess 3d --drop-flags: unknown {sorted(set(drop) - set(FLAGS))} (known: {FLAGS})")
-    render = render_settings(args.preset, args.parallelism, args.threads, views=args.views,
-                             resolution=args.resolution, samples=args.samples, fov_degrees=args.fov,
-                             radius=args.radius, device=args.device, timeout_s=args.timeout,
+    # What the ingest_3d stage renders with (pipeline/stages.py), plus the knobs only this command has.
+    render = render_settings(section.preset, section.parallelism, args.threads, views=section.views,
+                             resolution=section.resolution, samples=section.samples, fov_degrees=args.fov,
+                             radius=args.radius, device=args.device, timeout_s=section.timeout_s,
                              assets_per_process=args.assets_per_process)
     try:
-        render.validate("preprocess 3d")
+        render.validate("render")
     except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    if render.resolution < 16:
-        raise ConfigError("preprocess 3d --resolution: must be >= 16 (one 16x16 feature patch)")
+        flags = {"fov_degrees": "--fov", "radius": "--radius", "assets_per_process": "--assets-per-process"}
+        where, _, message = str(exc).partition(": ")
+        raise ConfigError(f"preprocess 3d {flags.get(where.removeprefix('render.'), where)}: {message}") from exc
 
-    items = list_3d_source(args.source, args.limit, args.uids, args.download)
-    out = args.out if is_s3(args.out) else str(Path(args.out).resolve())
-    config = PipelineConfig(storage=StorageSection(endpoint_url=args.endpoint_url))
-    storage = Storage(config.storage)
-    storage.check_writable(out)
-    settings = ObjectSettings(render, VoxelSettings(min_voxels=args.min_voxels,
+    # The same listing as the ingest_3d stage: every source in order, each cut at `limit`.
+    items = [item for source in section.sources
+             for item in list_3d_source(source, section.limit, args.uids, args.download)]
+    storage = job.storage
+    storage.check_writable(job.out)
+    settings = ObjectSettings(render, VoxelSettings(grid=section.voxel_grid, min_voxels=section.min_voxels,
                                                     store_views=not args.no_views_in_samples),
-                              out, storage, keep_renders=not args.no_keep_renders, drop_flags=drop)
+                              job.out, storage, keep_renders=not args.no_keep_renders, drop_flags=drop)
     print(f"atoken 3d: {len(items)} assets, {render.views} views at {render.resolution} px, {render.samples} "
-          f"samples, device {render.device}, {args.parallelism} worker(s) x {render.threads} threads → {out}",
+          f"samples, device {render.device}, {section.parallelism} worker(s) x {render.threads} threads → {job.out}",
           flush=True)
-    start_ray(config)
-    stats = run_object_job(items, settings, args.assets_per_shard, args.val_every, args.parallelism,
-                           not args.no_progress, "preprocess 3d", resources=getattr(args, "resources", None))
+    start_ray(job.config)
+    stats = run_object_job(items, settings, section.assets_per_shard, section.val_every, section.parallelism,
+                           job.progress, "preprocess 3d", resources=job.resources)
     print(json.dumps(stats, indent=2))
     return 0
 

@@ -31,7 +31,11 @@ extras=""
 # objaverse.xl imports.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps objaverse==0.1.7
 if [ "${1:-}" = "test" ]; then
-  # The JAX I3D is the independent reference our PyTorch port is tested against (tests only).
-  .venv/bin/pip install -q --disable-pip-version-check jax==0.7.1 jaxlib==0.7.1 flax==0.12.0
+  # The JAX I3D is the independent reference our PyTorch port is tested against (tests only). pip resolves
+  # this call without bpy's numpy<2.0 pin, and left alone it took ml_dtypes 0.7 (numpy>=2) and numpy 2.4, with
+  # which `import bpy` fails (issue 18). "numpy<2" keeps (or puts back) numpy 1.26; ml_dtypes 0.5.4, the last
+  # release for numpy 1.x, is what resolves under it, and jax 0.7.1 supports numpy>=1.26: no second venv needed.
+  .venv/bin/pip install -q --disable-pip-version-check jax==0.7.1 jaxlib==0.7.1 flax==0.12.0 ml_dtypes==0.5.4 \
+    "numpy<2"
 fi
 .venv/bin/python -c "import atoken.pipeline.cli" || { echo "setup: atoken failed to import" >&2; exit 1; }

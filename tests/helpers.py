@@ -14,7 +14,7 @@ ATOKEN = [sys.executable, "-m", "atoken.pipeline.cli"]
 
 # A small quickstart: the same config, fewer items and steps, so the suite stays fast on 2 cores.
 SMALL = [
-    "--set", "ingest.sources.1.limit=300",
+    "--set", "ingest.sources.0.limit=200", "--set", "ingest.sources.2.limit=100",
     "--set", "ingest.samples_per_shard=40",
     "--set", "train.stages.0.steps=150", "--set", "train.stages.0.checkpoint_every=50",
     "--set", "train.stages.0.warmup_steps=5",

@@ -77,6 +77,8 @@ def test_quickstart_runs_skips_and_resumes_after_sigkill(tmp_path):
     first = run_cli(["run", *args_a], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert set(summary_actions(first.stdout).values()) == {"ran"}
+    assert_quiet_console(first, local_a)
+    assert_colour_report(root_a)
 
     keys = shard_keys(local_shards(root_a))
     assert len(keys) == len(set(keys)), "a sample landed twice"
@@ -142,6 +144,34 @@ def test_quickstart_runs_skips_and_resumes_after_sigkill(tmp_path):
     resumed_weights = next(root_b.glob("train_stage1/*/model.safetensors")).read_bytes()
     clean_weights = next(root_a.glob("train_stage1/*/model.safetensors")).read_bytes()
     assert resumed_weights == clean_weights
+
+
+def assert_quiet_console(result, local_dir: Path) -> None:
+    """A console a person can read: per stage a start and an end line (and the final table); Ray's, MLflow's and
+    the workers' own output is in the log file the first line names, not lost."""
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) < 60, "\n".join(lines)
+    for stage in STAGES:
+        assert sum(line.startswith(f"[{stage}] started") for line in lines) == 1, stage
+        assert sum(line.startswith(f"[{stage}] done in") for line in lines) == 1, stage
+    log = local_dir / "logs" / "quickstart-run.log"
+    assert f"(log: {log})" in lines[0]
+    text = log.read_text()
+    assert "RayTrainWorker" in text and "Setting up process group" in text, "the workers' output is not in the log"
+    assert not any(word in result.stdout + result.stderr for word in
+                   ("RayTrainWorker", "PlacementGroupCleaner", "Token authentication", "mlflow.store"))
+
+
+def assert_colour_report(root: Path) -> None:
+    """The evaluation grid shows colour photos, reconstructed in colour (issue 18: they came back grey)."""
+    import numpy as np
+    from PIL import Image
+
+    grid = np.asarray(Image.open(next(root.glob("evaluate/*/report/atoken_reconstructions.png"))).convert("RGB"))
+    originals, reconstructions = np.split(grid.astype(float), 2, axis=0)  # the grid's two rows
+    spread = [np.abs(row - row.mean(axis=2, keepdims=True)).mean() for row in (originals, reconstructions)]
+    assert spread[0] > 4.0, f"the held-out images shown are grey (mean channel spread {spread[0]:.2f})"
+    assert spread[1] > 0.5 * spread[0], f"the reconstructions lost their colour ({spread[1]:.2f} of {spread[0]:.2f})"
 
 
 def loss_history(local_dir: Path, children, stage: str) -> dict[int, float]:

@@ -269,7 +269,8 @@ def test_losing_the_render_node_mid_preprocessing_loses_and_duplicates_nothing(c
         Image.fromarray(rng.integers(0, 256, size=(96, 96, 3), dtype=np.uint8)).save(images / f"im_{index:04d}.png")
     # Every task of the job asks for `render`, which only the worker node has: all of them run there.
     command = ["atoken", "submit", "--address", cluster.dashboard, "--no-wait", "--", "preprocess", "images",
-               str(images), str(out), "--samples-per-shard", "6", "--resources", '{"render": 1}']  # fmt: skip
+               str(images), str(out), "--resolution", "256", "--samples-per-shard", "6",
+               "--resources", '{"render": 1}']  # fmt: skip
     submitted = cluster.run(command)
     assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-6000:]
     job_id = re.search(r"atoken: submitted job (\S+) to ", submitted.stdout)[1]

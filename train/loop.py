@@ -96,15 +96,21 @@ class WorkerRuntime:
     device: torch.device
     prepare_model: Callable[..., torch.nn.Module]
     report: Callable[[dict[str, float]], None]
+    # (stage, step, steps, figures) on log steps, rank 0: the driver's progress bar under Ray, a line otherwise.
+    progress: Callable[..., None] = field(default=lambda stage, step, steps, note=None, **figures: print(
+        f"[{stage}] " + (note or f"step {step}/{steps} " + " ".join(f"{k} {v:.4g}" for k, v in figures.items())),
+        flush=True))
 
 
 def ray_train_runtime() -> WorkerRuntime:
     import ray.train
     import ray.train.torch
 
+    from atoken.pipeline.console import report_progress
+
     context = ray.train.get_context()
     return WorkerRuntime(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
-                         ray.train.torch.prepare_model, ray.train.report)
+                         ray.train.torch.prepare_model, ray.train.report, report_progress)
 
 
 def single_process_runtime(device: str = "cpu") -> WorkerRuntime:
@@ -122,7 +128,7 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
     if job.init_weights:
         grown = load_model_weights(job.storage, job.init_weights, raw_model)
         if grown and rank == 0:
-            print(f"[{stage.name}] grew {', '.join(grown)} from the previous stage", flush=True)
+            runtime.progress(stage.name, 0, stage.steps, note=f"grew {', '.join(grown)} from the previous stage")
     model = distribute(raw_model, runtime, stage)
     tasks = build_tasks(stage, job.losses)
     semantic = hasattr(raw_model, "embed") and job.losses.semantic > 0
@@ -137,7 +143,8 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
     state = load_latest_checkpoint(job.storage, job.output, model, optimizer, ema.weights if ema else None)
     state = state or {"step": 0, "positions": {}}
     if state["step"] > 0 and rank == 0:
-        print(f"[{stage.name}] resuming at step {state['step']} from its last checkpoint", flush=True)
+        runtime.progress(stage.name, state["step"], stage.steps,
+                         note=f"resuming at step {state['step']} from its last checkpoint")
     positions: dict[str, int] = dict(state["positions"])
     streams = task_streams(tasks, job.shards, job.storage, job.seed, rank, world_size, positions)
     if rank == 0 and job.tracker is not None:
@@ -188,8 +195,9 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
                         "train/data_wait_seconds": window["data_wait"] / window["steps"]}
             if rank == 0 and job.tracker is not None:
                 job.tracker.log_metrics(job.run_id, metrics, step=step)
-                print(f"[{stage.name}] step {step}/{stage.steps} loss {metrics['train/loss']:.4f} "
-                      f"{metrics['train/steps_per_second']:.1f} steps/s", flush=True)
+            if rank == 0:
+                runtime.progress(stage.name, step, stage.steps, loss=metrics["train/loss"],
+                                 steps_per_s=metrics["train/steps_per_second"])
             runtime.report(metrics)
             window = {"start": time.perf_counter(), "steps": 0, "tokens": 0, "data_wait": 0.0}
         if step % stage.checkpoint_every == 0 or step == stage.steps:
@@ -226,8 +234,9 @@ def distribute(model: torch.nn.Module, runtime: WorkerRuntime, stage: TrainStage
     return model
 
 
-def run_train_stage(job: StageJob, local_dir: str, resources: dict[str, float] | None = None) -> None:
-    """Run `train_worker` on Ray Train workers and wait; raises if any worker fails.
+def run_train_stage(job: StageJob, local_dir: str, resources: dict[str, float] | None = None) -> dict[str, float]:
+    """Run `train_worker` on Ray Train workers and wait; raises if any worker fails. Returns the metrics of
+    the last log step.
 
     `resources`: Ray custom resources each worker also asks for (config `ray.train_resources`), which keeps
     training on a cluster's GPU workers.
@@ -253,7 +262,7 @@ def run_train_stage(job: StageJob, local_dir: str, resources: dict[str, float] |
                              storage_path=str(Path(local_dir).resolve() / "ray_train"),
                              failure_config=FailureConfig(max_failures=job.stage.max_failures)),
     )
-    trainer.fit()
+    return dict(trainer.fit().metrics or {})
 
 
 def _threads_then_train(job: StageJob, threads: int | None) -> None:

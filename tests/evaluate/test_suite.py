@@ -171,3 +171,16 @@ def test_a_quantizing_adapter_decodes_fsq_codes_and_says_so():
     assert report.protocols["psnr"]["latent"] == "FSQ-quantized posterior mean"
     with pytest.raises(ValueError, match="FSQ"):
         adapter_for_model(ConvVAE(hidden_channels=8, latent_channels=4), "baseline", quantize=True)
+
+
+def test_the_report_says_by_how_much_the_transformer_trails_or_leads_the_baseline():
+    from atoken.evaluate.report import TRAILS_BASELINE, SuiteReport, baseline_comparison
+
+    def report(psnr: float) -> SuiteReport:
+        return SuiteReport({"eval_psnr": psnr}, {}, {"eval_psnr": "psnr"}, [], [[], []], [])
+
+    trailing = "\n".join(baseline_comparison({"atoken": report(17.0), "baseline": report(18.5)}))
+    assert "trails the conv-VAE baseline by 1.50 dB" in trailing and TRAILS_BASELINE in trailing
+    leading = "\n".join(baseline_comparison({"atoken": report(19.0), "baseline": report(18.5)}))
+    assert "+0.50 dB" in leading and TRAILS_BASELINE not in leading
+    assert baseline_comparison({"atoken": report(19.0)}) == [], "no baseline, nothing to say"

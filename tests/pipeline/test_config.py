@@ -66,7 +66,7 @@ def test_overrides_reach_list_items_and_keep_yaml_types():
         "train.stages.0.warmup_steps=2",
         "train.stages.1.lr=0.0005",
         "train.stages.1.use_gpu=true",
-        "ingest.sources.1.limit=7",
+        "ingest.sources.2.limit=7",
         "evaluate.metrics=[psnr]",
         "evaluate.max_samples=12",
         "storage.endpoint_url=http://127.0.0.1:9000",
@@ -78,7 +78,7 @@ def test_overrides_reach_list_items_and_keep_yaml_types():
     assert config.train.stages[1].steps == STAGES[1]["steps"], "only the indexed stage changes"
     assert config.train.stages[1].lr == pytest.approx(5e-4)
     assert config.train.stages[1].use_gpu is True
-    assert config.ingest.sources[1].limit == 7
+    assert config.ingest.sources[2].limit == 7
     assert config.ingest.sources[0].limit == RAW["ingest"]["sources"][0].get("limit")
     assert config.evaluate.metrics == ["psnr"]
     assert config.evaluate.max_samples == 12
@@ -88,8 +88,8 @@ def test_overrides_reach_list_items_and_keep_yaml_types():
 
 
 def test_override_null_and_int_for_float():
-    config = load_config(QUICKSTART, ["ingest.sources.1.limit=null", "train.stages.0.lr=1"])
-    assert config.ingest.sources[1].limit is None
+    config = load_config(QUICKSTART, ["ingest.sources.2.limit=null", "train.stages.0.lr=1"])
+    assert config.ingest.sources[2].limit is None
     assert config.train.stages[0].lr == 1.0 and isinstance(config.train.stages[0].lr, float)
 
 
@@ -185,7 +185,7 @@ def test_flatten_names_every_field_with_a_loggable_string():
     assert flat["train.stages.0.steps"] == str(STAGES[0]["steps"])
     assert flat["train.stages.1.lr"] == str(float(STAGES[1]["lr"]))
     assert flat["train.stages.0.use_gpu"] == "False"
-    assert flat["ingest.sources.1.limit"] == str(RAW["ingest"]["sources"][1]["limit"])
+    assert flat["ingest.sources.2.limit"] == str(RAW["ingest"]["sources"][2]["limit"])
     assert flat["ingest.sources.0.limit"] == "None"
     assert flat["storage.endpoint_url"] == "http://127.0.0.1:9000"
     assert json.loads(flat["evaluate.metrics"]) == RAW["evaluate"]["metrics"], "a list of scalars stays one JSON param"

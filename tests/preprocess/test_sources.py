@@ -80,3 +80,54 @@ def test_http_urls_are_fetched_and_failures_are_item_errors(tmp_path):
         assert result.error_rows[0]["stage"] == "read" and "404" in result.error_rows[0]["error"]
     finally:
         server.shutdown()
+
+
+def test_built_in_colour_photos_are_colour_crops_and_the_held_out_photos_never_train():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from atoken.preprocess.sources import HELD_OUT_PHOTOS, list_held_out_photos, list_photo_crops
+
+    crops, held_out = list_photo_crops(), list_held_out_photos()
+    assert len(crops) == 700 and len({c.key for c in crops}) == 700
+    photo = lambda item: item.locator.split(":")[1]  # noqa: E731
+    assert not {photo(c) for c in crops} & {photo(h) for h in held_out}, "a held-out photo feeds training crops"
+    assert {photo(h) for h in held_out} == set(HELD_OUT_PHOTOS)
+    assert [h.key for h in held_out[:len(HELD_OUT_PHOTOS)]] == [f"photo_{n}_whole" for n in HELD_OUT_PHOTOS]
+    assert list_photo_crops() == crops, "the crops are drawn the same on every listing"
+    assert {photo(c) for c in list_photo_crops(limit=7)} == {photo(c) for c in crops}, "a limit keeps every photo"
+
+    # Colour, not grey: the channels of a crop differ (a grey image has R = G = B everywhere), and the crop is
+    # exactly the region its locator names.
+    spreads = []
+    for item in crops[::97] + held_out[::9]:
+        image = np.asarray(Image.open(io.BytesIO(read_item_bytes(item.locator))))  # (side, side, 3)
+        side = int(item.locator.split(":")[4])
+        assert image.shape == (side, side, 3)
+        spreads.append(float(np.abs(image.astype(int) - image.mean(axis=2, keepdims=True)).mean()))
+    assert np.median(spreads) > 5.0, spreads
+    grey = np.asarray(Image.open(io.BytesIO(read_item_bytes("fashion-mnist:t10k:0"))).convert("RGB")).astype(int)
+    assert np.abs(grey - grey.mean(axis=2, keepdims=True)).mean() < 0.5, "negative control: a grey image scores 0"
+
+
+def test_a_source_that_pins_its_split_leaves_the_positional_split_of_the_others():
+    from atoken.pipeline.config import IngestSection, SourceSection
+    from atoken.preprocess.job import list_items, plan_shards
+
+    fashion = SourceSection(kind="builtin", name="fashion-mnist", limit=40)
+    alone = plan_shards(list_items(IngestSection(sources=[fashion])), 100, 10)
+    beside = plan_shards(list_items(IngestSection(sources=[
+        SourceSection(kind="builtin", name="held-out-photos", limit=6, split="val"), fashion,
+        SourceSection(kind="builtin", name="photo-crops", limit=5, split="val")])), 100, 10)
+    keys = lambda plans, split: [i.key for p in plans if p.split == split for i in p.items]  # noqa: E731
+    fashion_val = keys(alone, "val")
+    assert len(fashion_val) == 4
+    assert [k for k in keys(beside, "val") if k.startswith("fmnist")] == fashion_val
+    assert keys(beside, "train") == keys(alone, "train")
+    assert sum(k.startswith("photo_") for k in keys(beside, "val")) == 11, "pinned sources land in val whole"
+    # Negative control: the same photo source left to the positional split puts most of its crops in train.
+    auto = plan_shards(list_items(IngestSection(sources=[
+        fashion, SourceSection(kind="builtin", name="photo-crops", limit=5)])), 100, 10)
+    assert sum(k.startswith("photo_") for k in keys(auto, "val")) < 5
