@@ -159,10 +159,11 @@ def _run_in(args: argparse.Namespace, config, console) -> int:
     # Said before any stage runs: `atoken submit` reads this line from a cluster job's logs.
     result = run_pipeline(config, progress=not args.no_progress, on_parent_run=lambda run_id, uri: console.say(
         f"atoken: MLflow parent run {run_id} at {_redacted(uri)}"))
+    from atoken.pipeline.console import key_figures
+
     rows = []
     for outcome in result.outcomes:
-        numbers = ", ".join(f"{k}={_short(v)}" for k, v in outcome.state.summary.items()
-                            if isinstance(v, int | float))
+        numbers = ", ".join(f"{k}={_short(v)}" for k, v in key_figures(outcome.state.summary).items())
         rows.append((outcome.name, outcome.action, f"{outcome.seconds:.1f}s", outcome.state.fingerprint[:12],
                      outcome.state.run_id[:12], numbers))
     _table(("stage", "action", "time", "fingerprint", "mlflow run", "summary"), rows)

@@ -239,7 +239,7 @@ KNOWN_METRICS = ("psnr", "ssim", "lpips", "rfid", "rfvd", "zero_shot", "retrieva
 SOURCE_KINDS = ("builtin", "folder", "s3", "list")
 SOURCE_SPLITS = ("auto", "train", "val")
 KNOWN_MODELS = ("patch_autoencoder", "atoken", "conv_vae")
-ATOKEN_PRESETS = ("tiny", "base", "so400m")
+ATOKEN_PRESETS = ("tiny", "small", "base", "so400m")
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,11 @@ PROGRESS_MARK = "atoken-progress "
 # Loggers that print to the console by themselves unless routed: Ray configures "ray" at init, MLflow configures
 # "mlflow" at import, alembic (MLflow's migrations) logs on its own.
 ROUTED_LOGGERS = ("", "ray", "mlflow", "alembic", "py.warnings")
+
+# A stage's end line shows these of its summary figures when it has any (the full summary is in MLflow and in
+# the final table): an ingest summary has 14 numbers, most of them bookkeeping.
+KEY_FIGURES = ("items", "samples_train", "samples_val", "failures", "shards", "items_per_second", "steps", "loss",
+               "steps_per_second", "eval_psnr", "eval_ssim", "baseline_eval_psnr", "baseline_eval_ssim")
 
 _active: Console | None = None
 
@@ -62,6 +68,9 @@ class Console:
         self._handler = logging.StreamHandler(self._file)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.captureWarnings(True)
+        # MLflow installs its own stderr handler when first imported, unless told not to; its records then reach
+        # the root logger, which is routed below.
+        os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
         self.route_loggers()
         # A record no handler takes goes to logging.lastResort (stderr): Ray's own init clears the "ray" logger's
         # handlers (ray.init(configure_logging=False)) and then warns about token authentication through it.
@@ -144,8 +153,7 @@ class Console:
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - self._started.pop(stage, time.perf_counter())
-        figures = ", ".join(f"{k} {_figure(v)}" for k, v in summary.items()
-                            if isinstance(v, int | float) and not isinstance(v, bool))
+        figures = ", ".join(f"{k} {_figure(v)}" for k, v in key_figures(summary).items())
         self.say(f"[{stage}] done in {seconds:.1f}s{': ' + figures if figures else ''}")
 
     def stage_failed(self, stage: str, message: str) -> None:
@@ -190,6 +198,14 @@ class Console:
             self._file.write(prefix + line + "\n")
             if self.verbose:
                 tqdm.write(prefix + line, file=sys.stderr)
+
+
+def key_figures(summary: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a stage's summary worth a console line: KEY_FIGURES where it has any, else all."""
+    numbers = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    if any(k in KEY_FIGURES for k in numbers):
+        return {k: numbers[k] for k in KEY_FIGURES if k in numbers}
+    return numbers
 
 
 def _figure(value: Any) -> str:

@@ -180,14 +180,13 @@ def run_train(ctx: StageContext, index: int, previous: str | None) -> dict[str, 
                                       if section.max_tokens else f"{section.batch_size} images"})
     job = StageJob(section, ctx.config.train.stage_model(index), shards, ctx.output, init_weights, ctx.storage,
                    ctx.tracker, ctx.run_id, ctx.config.run.seed, ctx.config.train.losses)
-    last = run_train_stage(job, ctx.config.run.local_dir, ctx.config.ray.train_resources)
+    run_train_stage(job, ctx.config.run.local_dir, ctx.config.ray.train_resources)
     final = ctx.storage.read_json(join(ctx.output, "model.json"))
     ctx.tracker.log_bytes(ctx.run_id, json.dumps(final, indent=2).encode(), "train/model.json")
     latest = ctx.storage.read_json(join(ctx.output, "checkpoints", "latest.json"))
     summary = {"steps": final["steps"], "last_checkpoint_step": latest["step"]}
-    # The last log step's loss and rate, for the stage's end line (a resumed stage that had nothing left to train
-    # reports none).
-    summary |= {name: last[f"train/{name}"] for name in ("loss", "steps_per_second") if f"train/{name}" in last}
+    # The last log step's loss and rate, for the stage's end line.
+    summary |= final.get("last_metrics", {})
     return summary
 
 

@@ -167,7 +167,7 @@ def assert_colour_report(root: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    grid = np.asarray(Image.open(next(root.glob("evaluate/*/report/atoken_reconstructions.png"))).convert("RGB"))
+    grid = np.asarray(Image.open(next(root.glob("evaluate/*/atoken_reconstructions.png"))).convert("RGB"))
     originals, reconstructions = np.split(grid.astype(float), 2, axis=0)  # the grid's two rows
     spread = [np.abs(row - row.mean(axis=2, keepdims=True)).mean() for row in (originals, reconstructions)]
     assert spread[0] > 4.0, f"the held-out images shown are grey (mean channel spread {spread[0]:.2f})"

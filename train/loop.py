@@ -206,7 +206,11 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
                             {"step": step, "positions": positions, "stage": stage.name},
                             ema.full() if ema else None, write=rank == 0)
     # EMA gathered on every rank (a collective under FSDP) like the weights.
-    save_model(job.storage, job.output, model, {"model": asdict(job.model), "steps": step, "ema": ema is not None},
+    # The last log step's loss and rate travel in model.json: Ray Train v2's result carries metrics only with
+    # checkpoints, and the stage's end line wants them.
+    last = {name: metrics[f"train/{name}"] for name in ("loss", "steps_per_second") if f"train/{name}" in metrics}
+    save_model(job.storage, job.output, model, {"model": asdict(job.model), "steps": step, "ema": ema is not None,
+                                                "last_metrics": last},
                write=rank == 0, ema=ema.full() if ema else None)
     if rank == 0 and job.artifacts and job.tracker is not None and not isinstance(model, FSDPModule):
         from atoken.train.artifacts import log_stage_artifacts
@@ -234,9 +238,8 @@ def distribute(model: torch.nn.Module, runtime: WorkerRuntime, stage: TrainStage
     return model
 
 
-def run_train_stage(job: StageJob, local_dir: str, resources: dict[str, float] | None = None) -> dict[str, float]:
-    """Run `train_worker` on Ray Train workers and wait; raises if any worker fails. Returns the metrics of
-    the last log step.
+def run_train_stage(job: StageJob, local_dir: str, resources: dict[str, float] | None = None) -> None:
+    """Run `train_worker` on Ray Train workers and wait; raises if any worker fails.
 
     `resources`: Ray custom resources each worker also asks for (config `ray.train_resources`), which keeps
     training on a cluster's GPU workers.
@@ -262,7 +265,7 @@ def run_train_stage(job: StageJob, local_dir: str, resources: dict[str, float] |
                              storage_path=str(Path(local_dir).resolve() / "ray_train"),
                              failure_config=FailureConfig(max_failures=job.stage.max_failures)),
     )
-    return dict(trainer.fit().metrics or {})
+    trainer.fit()
 
 
 def _threads_then_train(job: StageJob, threads: int | None) -> None:

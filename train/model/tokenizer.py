@@ -59,6 +59,8 @@ class TokenizerConfig:
 PRESETS: dict[str, dict] = {
     # Trains in minutes on 2 CPU cores (the quickstart).
     "tiny": dict(width=96, depth=2, heads=4, mlp_width=384),
+    # Twice tiny's width, twice its depth: still minutes on a CPU.
+    "small": dict(width=192, depth=4, heads=4, mlp_width=768),
     # SigLIP2-B/16 shapes (~192M encoder + decoder in the paper).
     "base": dict(width=768, depth=12, heads=12, mlp_width=3072),
     # SigLIP2-So400m/16 shapes: head_dim 72 → 9 RoPE frequency pairs per axis.
