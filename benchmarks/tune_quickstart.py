@@ -115,16 +115,17 @@ def run_variant(name: str, overrides: list[str], train: list[ShardInfo], tune: l
         config = baseline_config(config)
     stage = config.train.stages[0]
     model = config.train.stage_model(0)
-    output = Path(tempfile.mkdtemp(prefix=f"tune-{name}-"))
-    job = StageJob(stage, model, TaskShards(image=train), str(output), None, Storage(), None, name,
-                   seed=config.run.seed, losses=config.train.losses, artifacts=False)
-    started = time.perf_counter()
-    metrics = train_worker(job, single_process_runtime("cpu"))
-    seconds = time.perf_counter() - started
-    result = {"variant": name, "overrides": overrides, "train_seconds": round(seconds, 1),
-              "final_loss": round(metrics["train/loss"], 4),
-              "psnr": round(tuning_psnr(model, load_file(output / "model.safetensors"), tune), 3),
-              "psnr_ema": round(tuning_psnr(model, load_file(output / "ema.safetensors"), tune), 3)}
+    with tempfile.TemporaryDirectory(prefix=f"tune-{name}-") as folder:
+        output = Path(folder)
+        job = StageJob(stage, model, TaskShards(image=train), str(output), None, Storage(), None, name,
+                       seed=config.run.seed, losses=config.train.losses, artifacts=False)
+        started = time.perf_counter()
+        metrics = train_worker(job, single_process_runtime("cpu"))
+        seconds = time.perf_counter() - started
+        result = {"variant": name, "overrides": overrides, "train_seconds": round(seconds, 1),
+                  "final_loss": round(metrics["train/loss"], 4),
+                  "psnr": round(tuning_psnr(model, load_file(output / "model.safetensors"), tune), 3),
+                  "psnr_ema": round(tuning_psnr(model, load_file(output / "ema.safetensors"), tune), 3)}
     print(json.dumps(result), flush=True)
     return result
 
