@@ -145,6 +145,7 @@ def write_outputs(
     run_id: str,
     title: str,
     notes: dict[str, str],
+    preset: str | None = None,
 ) -> dict[str, Any]:
     """metrics.json, per_sample.parquet, report.md + PNGs under `output` and in MLflow; protocols as tags."""
     import pyarrow as pa
@@ -155,7 +156,7 @@ def write_outputs(
     summary, protocols, metric_protocols = combined(reports)
     skipped = {f"{name}.{metric}": why for name, r in reports.items() for metric, why in r.skipped.items()}
     files = images(reports)
-    files["report.md"] = render_markdown(title, reports, files, notes).encode()
+    files["report.md"] = render_markdown(title, reports, files, notes, preset).encode()
     files["metrics.json"] = json.dumps(
         {
             "summary": summary,
@@ -244,7 +245,7 @@ def evaluate_outputs(
         **(extra_notes or {}),
     }
     title = f"Evaluation of {config.run.name}: {' vs '.join(c.name for c in checkpoints)}"
-    summary = write_outputs(reports, storage, output, tracker, run_id, title, notes)
+    summary = write_outputs(reports, storage, output, tracker, run_id, title, notes, checkpoint.model.preset)
     first = reports[checkpoint.name]
     return summary | {"eval_samples": sum(1 for r in first.rows if r["modality"] == "image")}
 

@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
     preprocess = commands.add_parser("preprocess", help="one preprocessing job, outside a pipeline run")
     kinds = preprocess.add_subparsers(dest="kind", required=True)
+    from atoken.pipeline.preprocess_cli import add_standalone_arguments
     from atoken.preprocess.objects import add_3d_arguments
-    from atoken.preprocess.standalone import add_standalone_arguments
 
-    # Their options are the config sections' fields (preprocess/standalone.py): what the ingest stages run.
+    # Their options are the config sections' fields (pipeline/preprocess_cli.py): what the ingest stages run.
     images = kinds.add_parser("images", help="images (folder, s3://, list file, builtin:NAME) → WebDataset shards "
                                              "+ manifests in OUT, as the ingest stage")
     add_standalone_arguments(images, "images")
@@ -202,8 +202,8 @@ def _preprocess_videos(args: argparse.Namespace) -> int:
 
 
 def _preprocess(args: argparse.Namespace, run_job) -> int:
-    """The ingest stage's job on the section `preprocess/standalone.py` resolves (checked before any work)."""
-    from atoken.preprocess.standalone import resolve
+    """The ingest stage's job on the section `pipeline/preprocess_cli.py` resolves (checked before any work)."""
+    from atoken.pipeline.preprocess_cli import resolve
 
     job = resolve(args.kind, args)  # before the heavier imports: a bad flag is reported at once
     from atoken.pipeline.runner import start_ray

@@ -39,7 +39,10 @@ def report_progress(stage: str, step: int, steps: int, note: str | None = None, 
     """From a training worker: its stage's progress, for the driver's console (any process, any node); a `note`
     (a resume, a grown latent) becomes a console line of its own."""
     report = {"stage": stage, "step": step, "steps": steps, **figures} | ({"note": note} if note else {})
-    print(PROGRESS_MARK + json.dumps(report), flush=True)
+    # Readable where no console takes it off the stream (Ray started elsewhere, a Ray without the hook); the
+    # console reads the JSON after the human part.
+    human = note or f"step {step}/{steps} " + " ".join(f"{k} {v:.4g}" for k, v in figures.items())
+    print(f"{PROGRESS_MARK}[{stage}] {human} {json.dumps(report)}", flush=True)
 
 
 def active() -> Console | None:
@@ -53,6 +56,7 @@ class Console:
         self.verbose = verbose
         self.progress = progress
         self._handler: logging.Handler | None = None
+        self._ray_handlers: list | None = None  # Ray's own forwarded-output handlers, put back on exit
         self._saved: dict[str, tuple[list[logging.Handler], bool, int]] = {}
         self._bars: dict[str, tqdm] = {}
         self._started: dict[str, float] = {}
@@ -64,12 +68,16 @@ class Console:
         global _active
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.log_path.open("a", encoding="utf-8", buffering=1)
-        self._file.write(f"\n==== atoken {' '.join(sys.argv[1:])} at {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n")
+        # The command and config only: --set values may hold URIs with credentials.
+        self._file.write(f"\n==== atoken {' '.join(sys.argv[1:3])} at {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n")
         self._handler = logging.StreamHandler(self._file)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        # Whether warnings were already captured (logging keeps the original showwarning while they are).
+        self._captured_warnings = getattr(logging, "_warnings_showwarning", None) is not None
         logging.captureWarnings(True)
         # MLflow installs its own stderr handler when first imported, unless told not to; its records then reach
         # the root logger, which is routed below.
+        self._mlflow_env = os.environ.get("MLFLOW_CONFIGURE_LOGGING")
         os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
         self.route_loggers()
         # A record no handler takes goes to logging.lastResort (stderr): Ray's own init clears the "ray" logger's
@@ -105,9 +113,10 @@ class Console:
             from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
         except ImportError:
             return False
-        dispatcher.remove_handler("ray_print_logs")
-        dispatcher.remove_handler("atoken_console")
-        dispatcher.add_handler("atoken_console", self._worker_lines)
+        with dispatcher._lock:
+            if self._ray_handlers is None:
+                self._ray_handlers = [pair for pair in dispatcher.handlers if pair[0] != "atoken_console"]
+            dispatcher.handlers = [("atoken_console", self._worker_lines)]
         return True
 
     def __exit__(self, *exc_info) -> None:
@@ -121,15 +130,18 @@ class Console:
                 logger.removeHandler(handler)
             for handler in handlers:
                 logger.addHandler(handler)
-            logger.propagate, logger.level = propagate, level
-        logging.captureWarnings(False)
+            logger.propagate = propagate
+            logger.setLevel(level)  # setLevel, not .level: it clears the loggers' cached levels
+        logging.captureWarnings(self._captured_warnings)
         logging.lastResort = self._last_resort
-        try:
+        if self._mlflow_env is None:
+            os.environ.pop("MLFLOW_CONFIGURE_LOGGING", None)
+        if self._ray_handlers is not None:
+            # A Ray that outlives the console prints its workers' output again, as it did before.
             from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-            dispatcher.remove_handler("atoken_console")
-        except ImportError:
-            pass
+            with dispatcher._lock:
+                dispatcher.handlers = self._ray_handlers
         self._file.close()
         _active = None
 
@@ -155,16 +167,23 @@ class Console:
         seconds = time.perf_counter() - self._started.pop(stage, time.perf_counter())
         figures = ", ".join(f"{k} {_figure(v)}" for k, v in key_figures(summary).items())
         self.say(f"[{stage}] done in {seconds:.1f}s{': ' + figures if figures else ''}")
+        self._current = None
 
     def stage_failed(self, stage: str, message: str) -> None:
+        """In the log only: the CLI's one error line says it on the console, with the log's path."""
         bar = self._bars.pop(stage, None)
         if bar is not None:
             bar.close()
-        self.say(f"[{stage}] failed: {message} (details: {self.log_path})")
+        self._file.write(f"[{stage}] failed: {message}\n")
+        self._current = None
 
     def training_progress(self, report: dict[str, Any]) -> None:
-        # A worker names its curriculum stage ("stage1"); the console shows the pipeline's ("train_stage1").
-        stage, step, steps = self._current or str(report["stage"]), int(report["step"]), int(report["steps"])
+        # A worker names its curriculum stage ("stage1"); the pipeline runs it as "train_stage1". A report of a
+        # stage that is not running now (a late or duplicated line) is dropped rather than opening a bar.
+        stage = f"train_{report['stage']}"
+        if stage != self._current:
+            return
+        step, steps = int(report["step"]), int(report["steps"])
         note = report.get("note")
         if note and (stage, note) not in self._notes:  # Ray Train may forward a worker's line twice
             self._notes.add((stage, note))
@@ -184,17 +203,23 @@ class Console:
 
     # -- Ray's forwarded worker output --------------------------------------------------------------------------
     def _worker_lines(self, data: dict) -> None:
+        # Called on Ray's log thread, which dies on an exception it does not expect: nothing may escape.
+        try:
+            self._take_worker_lines(data)
+        except Exception as exc:  # noqa: BLE001 - recorded; the run's output must keep flowing
+            self._file.write(f"atoken console: could not take a worker's lines: {type(exc).__name__}: {exc}\n")
+
+    def _take_worker_lines(self, data: dict) -> None:
         origin = data.get("actor_name") or data.get("task_name") or ""
         prefix = f"({origin} pid={data.get('pid')}) " if origin else f"(pid={data.get('pid')}) "
         for line in data.get("lines", []):
-            if line.startswith(PROGRESS_MARK):
+            if line.startswith(PROGRESS_MARK) and "{" in line:
                 try:
-                    report = json.loads(line[len(PROGRESS_MARK):])
-                except ValueError:
-                    report = None
-                if report is not None:
+                    report = json.loads(line[line.index("{"):])
                     self.training_progress(report)
                     continue
+                except (ValueError, KeyError, TypeError):
+                    pass  # not one of ours after all: an ordinary line
             self._file.write(prefix + line + "\n")
             if self.verbose:
                 tqdm.write(prefix + line, file=sys.stderr)

@@ -41,10 +41,12 @@ def start_ray(config: PipelineConfig) -> bool:
     """Connect to RAY_ADDRESS, or start a local Ray; True if this call started it."""
     import ray
 
-    if ray.is_initialized():
-        return False
     from atoken.pipeline import console
 
+    if ray.is_initialized():
+        if console.active() is not None:
+            console.active().attach_ray()  # a Ray someone else started: the console still takes its output
+        return False
     address = os.environ.get("RAY_ADDRESS")
     quiet = console.active()
     ray.init(

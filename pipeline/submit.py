@@ -80,7 +80,9 @@ def _without_env(*names: str):
 
 def entrypoint_for(config_path: str, overrides: list[str]) -> str:
     """The job's shell command: the config path relative to the working dir, overrides passed through."""
-    args = ["atoken", "run", config_path, "--no-progress"]
+    # --verbose: a job's logs are what a cluster user reads (`atoken submit --logs`); the run's log file stays on the
+    # head node, so the workers' output and Ray's scheduling messages belong in the job's logs as well.
+    args = ["atoken", "run", config_path, "--no-progress", "--verbose"]
     for override in overrides:
         args += ["--set", override]
     return shlex.join(args)

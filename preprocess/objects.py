@@ -336,8 +336,8 @@ def _kept_renders(settings: ObjectSettings, folder_uri: str, offset: tuple[float
 
 def add_3d_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `atoken preprocess 3d SRC OUT` (pipeline/cli.py adds the subparser): the objects section's
-    fields (preprocess/standalone.py), then the renderer's own knobs, which a pipeline config leaves at defaults."""
-    from atoken.preprocess.standalone import add_standalone_arguments
+    fields (pipeline/preprocess_cli.py), then the renderer's own knobs, which a pipeline config leaves at defaults."""
+    from atoken.pipeline.preprocess_cli import add_standalone_arguments
 
     add_standalone_arguments(parser, "3d", source_help=(
         "a folder of meshes (.glb .gltf .obj .ply .fbx .stl), builtin:pybullet, builtin:pybullet-named, or "
@@ -380,8 +380,8 @@ def list_3d_source(source: str, limit: int | None = None, uids_file: str | None 
 def preprocess_3d_main(args: argparse.Namespace) -> int:
     """`atoken preprocess 3d SRC OUT`: render, voxelise and shard every asset of SRC; print the job's stats."""
     from atoken.pipeline.config import ConfigError
+    from atoken.pipeline.preprocess_cli import resolve
     from atoken.pipeline.runner import start_ray
-    from atoken.preprocess.standalone import resolve
 
     job = resolve("3d", args)
     section = job.section

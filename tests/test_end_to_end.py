@@ -157,7 +157,7 @@ def assert_quiet_console(result, local_dir: Path) -> None:
     log = local_dir / "logs" / "quickstart-run.log"
     assert f"(log: {log})" in lines[0]
     text = log.read_text()
-    assert "RayTrainWorker" in text and "Setting up process group" in text, "the workers' output is not in the log"
+    assert "RayTrainWorker" in text, "the workers' output is not in the log"
     assert not any(word in result.stdout + result.stderr for word in
                    ("RayTrainWorker", "PlacementGroupCleaner", "Token authentication", "mlflow.store"))
 

@@ -363,7 +363,7 @@ def test_the_job_command_survives_the_shell_and_its_parent_run_is_read_back():
 
     overrides = ["ingest.sources=[{kind: folder, path: /data/my photos}]", "ray.train_resources={train: 1}"]
     command = shlex.split(entrypoint_for("configs/quickstart.yaml", overrides))
-    assert command[:4] == ["atoken", "run", "configs/quickstart.yaml", "--no-progress"]
+    assert command[:5] == ["atoken", "run", "configs/quickstart.yaml", "--no-progress", "--verbose"]
     assert [command[i + 1] for i, arg in enumerate(command) if arg == "--set"] == overrides
     logs = "noise\natoken: MLflow parent run 0123456789abcdef0123456789abcdef at sqlite:////x/mlflow.db\nmore"
     assert parent_run_from_logs(logs) == "0123456789abcdef0123456789abcdef"

@@ -179,8 +179,10 @@ def test_the_report_says_by_how_much_the_transformer_trails_or_leads_the_baselin
     def report(psnr: float) -> SuiteReport:
         return SuiteReport({"eval_psnr": psnr}, {}, {"eval_psnr": "psnr"}, [], [[], []], [])
 
-    trailing = "\n".join(baseline_comparison({"atoken": report(17.0), "baseline": report(18.5)}))
+    trailing = "\n".join(baseline_comparison({"atoken": report(17.0), "baseline": report(18.5)}, "tiny"))
     assert "trails the conv-VAE baseline by 1.50 dB" in trailing and TRAILS_BASELINE in trailing
+    at_scale = "\n".join(baseline_comparison({"atoken": report(17.0), "baseline": report(18.5)}, "so400m"))
+    assert "by 1.50 dB" in at_scale and TRAILS_BASELINE not in at_scale, "the CPU-size explanation is not so400m's"
     leading = "\n".join(baseline_comparison({"atoken": report(19.0), "baseline": report(18.5)}))
     assert "+0.50 dB" in leading and TRAILS_BASELINE not in leading
     assert baseline_comparison({"atoken": report(19.0)}) == [], "no baseline, nothing to say"

@@ -18,7 +18,9 @@ def forwarded(*lines: str) -> dict:
 
 
 def marked(stage: str, step: int, steps: int, **extra) -> str:
-    return PROGRESS_MARK + json.dumps({"stage": stage, "step": step, "steps": steps, **extra})
+    """A line as report_progress prints it."""
+    return f"{PROGRESS_MARK}[{stage}] step {step}/{steps} " + json.dumps({"stage": stage, "step": step,
+                                                                          "steps": steps, **extra})
 
 
 def test_worker_progress_becomes_a_bar_and_the_rest_goes_to_the_log(tmp_path, capsys):
@@ -31,33 +33,42 @@ def test_worker_progress_becomes_a_bar_and_the_rest_goes_to_the_log(tmp_path, ca
         console._worker_lines(forwarded(*lines, *lines))
         bar = console._bars["train_stage1"]  # the pipeline's name for the worker's "stage1"
         assert (bar.n, bar.total) == (50, 300)
+        # A late line of another stage opens no bar; a marked line that is not ours stays an ordinary line.
+        console._worker_lines(forwarded(marked("baseline", 300, 300), PROGRESS_MARK + "{not json"))
+        assert set(console._bars) == {"train_stage1"}
         console.stage_finished("train_stage1", {"steps": 300, "loss": 2.5})
         assert not console._bars, "the stage's bar closes with it"
+        console._worker_lines(forwarded(marked("stage1", 300, 300)))  # after its end line
+        assert not console._bars
+        console._worker_lines({"lines": None})  # malformed: logged, never raised on Ray's log thread
     shown = capsys.readouterr()
     text = log.read_text()
     assert "Failed to query" not in shown.out + shown.err
     assert "(RayTrainWorker pid=4242) Failed to query Ray Train Controller actor state." in text
-    assert PROGRESS_MARK not in text and PROGRESS_MARK not in shown.out + shown.err
+    assert "atoken-progress [stage1]" not in text + shown.out + shown.err
     assert "[train_stage1] started" in shown.out
     assert "[train_stage1] done in" in shown.out and "loss 2.5" in shown.out
     assert shown.out.count("grew latent") == 1
     assert "[train_stage1] done in" in text, "the log holds the console's lines too"
+    assert PROGRESS_MARK + "{not json" in text and "could not take a worker's lines" in text
 
 
 def test_verbose_echoes_worker_output_and_notes_are_lines(tmp_path, capsys):
     # Negative control of the test above: the same line does reach the console when asked for.
     with Console(tmp_path / "run.log", verbose=True, progress=False) as console:
+        console.stage_started("train_stage1", resumed=True)
         console._worker_lines(forwarded("Failed to query Ray Train Controller actor state.",
                                         marked("stage1", 100, 300, note="resuming at step 100")))
-        assert "stage1" not in console._bars, "no bar without progress"
+        assert not console._bars, "no bar without progress"
     shown = capsys.readouterr()
     assert "Failed to query" in shown.err
-    assert "[stage1] resuming at step 100" in shown.out
+    assert "[train_stage1] resuming at step 100" in shown.out
 
 
 def test_library_logging_goes_to_the_log_file_and_is_restored(tmp_path, capsys):
     ray_logger = logging.getLogger("ray")
     before = list(ray_logger.handlers)
+    root_level = logging.getLogger().level
     with Console(tmp_path / "run.log"):
         logging.getLogger("ray").warning("Token authentication is enabled for this Ray cluster")
         logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
@@ -67,6 +78,9 @@ def test_library_logging_goes_to_the_log_file_and_is_restored(tmp_path, capsys):
     assert "Token authentication" not in shown.err + shown.out
     assert "Creating initial MLflow" not in shown.err + shown.out
     assert ray_logger.handlers == before
+    assert logging.getLogger().level == root_level
+    assert logging.getLogger("atoken.some.child").isEnabledFor(logging.INFO) == (root_level <= logging.INFO), \
+        "a child logger's cached level outlived the console"
 
 
 @pytest.mark.slow
@@ -84,12 +98,13 @@ def test_progress_from_a_real_ray_worker_reaches_the_bar_and_its_chatter_the_log
     log = tmp_path / "run.log"
     with Console(log) as console:
         assert start_ray(PipelineConfig(ray=RaySection(num_cpus=1)))
+        console.stage_started("train_stage1", resumed=False)
         try:
             ray.get(worker.remote())
             deadline = time.time() + 30
-            while time.time() < deadline and "stage1" not in console._bars:
+            while time.time() < deadline and "train_stage1" not in console._bars:
                 time.sleep(0.2)
-            assert console._bars["stage1"].n == 7
+            assert console._bars["train_stage1"].n == 7
             deadline = time.time() + 30
             while time.time() < deadline and "chatter from a worker" not in log.read_text():
                 time.sleep(0.2)

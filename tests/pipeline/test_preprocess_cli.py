@@ -1,4 +1,4 @@
-"""preprocess/standalone.py: `atoken preprocess images|videos|3d` take their flags from the config sections, their
+"""pipeline/preprocess_cli.py: `atoken preprocess images|videos|3d` take their flags from the config sections, their
 SOURCEs as a config's sources, and run (and refuse) what the pipeline's ingest stages run (and refuse)."""
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from atoken.pipeline.config import (
     VideoIngestSection,
     load_config,
 )
-from atoken.preprocess.job import list_items
-from atoken.preprocess.objects import add_3d_arguments
-from atoken.preprocess.standalone import (
+from atoken.pipeline.preprocess_cli import (
     SOURCE_SAID,
     add_section_arguments,
     add_standalone_arguments,
@@ -33,6 +31,8 @@ from atoken.preprocess.standalone import (
     resolve,
     scalar_fields,
 )
+from atoken.preprocess.job import list_items
+from atoken.preprocess.objects import add_3d_arguments
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

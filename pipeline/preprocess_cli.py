@@ -1,5 +1,8 @@
 """`atoken preprocess images|videos|3d`: one ingest job outside a pipeline run, with the pipeline's own options.
 
+It lives in pipeline/, not preprocess/: the ingest stages fingerprint preprocess/'s source, and a change to a
+flag's help must not re-ingest every data set.
+
 The flags are not a second list: each scalar field of the stage's config section (IngestSection,
 VideoIngestSection, Objects3DSection in pipeline/config.py) is a flag, `val_every` → `--val-every`, with the
 field's default and, as its help, the field's comment. SOURCE is read into the same source a config lists, and
