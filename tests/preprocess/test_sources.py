@@ -131,3 +131,16 @@ def test_a_source_that_pins_its_split_leaves_the_positional_split_of_the_others(
     auto = plan_shards(list_items(IngestSection(sources=[
         fashion, SourceSection(kind="builtin", name="photo-crops", limit=5)])), 100, 10)
     assert sum(k.startswith("photo_") for k in keys(auto, "val")) < 5
+
+
+def test_a_run_whose_items_all_land_in_one_split_is_refused_before_any_work():
+    from atoken.pipeline.config import IngestSection, PipelineConfig, SourceSection
+    from atoken.pipeline.stages import preflight_ingest
+
+    crops = SourceSection(kind="builtin", name="photo-crops", limit=20, split="train")
+    held_out = SourceSection(kind="builtin", name="held-out-photos", limit=5, split="val")
+    preflight_ingest(PipelineConfig(ingest=IngestSection(sources=[crops, held_out])))  # both splits: fine
+    with pytest.raises(ValueError, match="no item lands in the val split"):
+        preflight_ingest(PipelineConfig(ingest=IngestSection(sources=[crops])))
+    with pytest.raises(ValueError, match="no item lands in the train split"):
+        preflight_ingest(PipelineConfig(ingest=IngestSection(sources=[held_out])))
