@@ -207,12 +207,11 @@ def _preprocess(args: argparse.Namespace, run_job) -> int:
 
     job = resolve(args.kind, args)  # before the heavier imports: a bad flag is reported at once
     from atoken.pipeline.runner import start_ray
-    from atoken.preprocess.job import list_items
+    from atoken.pipeline.stages import preflight_ingest, preflight_videos
 
     storage = job.storage
-    # As the stage's preflight: sources that list nothing (or a missing folder) stop before OUT or Ray are touched.
-    if not list_items(job.section, storage):
-        raise ValueError(f"preprocess {args.kind} SOURCE: the sources list no items")
+    # The stage's own preflight: sources that list nothing (or a missing folder) stop before OUT or Ray are touched.
+    (preflight_ingest if args.kind == "images" else preflight_videos)(job.config)
     storage.check_writable(job.out)
     start_ray(job.config)
     stats = run_job(job.section, storage, job.out, progress=job.progress, resources=job.resources)

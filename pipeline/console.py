@@ -35,14 +35,23 @@ KEY_FIGURES = ("items", "samples_train", "samples_val", "failures", "shards", "i
 _active: Console | None = None
 
 
+def progress_line(stage: str, step: int, steps: int, note: str | None = None, **figures: float) -> str:
+    """A training stage's progress as a person reads it: its note, or the step and figures."""
+    return f"[{stage}] " + (note or f"step {step}/{steps} " + " ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+
+
+def print_progress(stage: str, step: int, steps: int, note: str | None = None, **figures: float) -> None:
+    """Progress of a training loop with no driver to report to (one plain process: the GPU benchmark)."""
+    print(progress_line(stage, step, steps, note, **figures), flush=True)
+
+
 def report_progress(stage: str, step: int, steps: int, note: str | None = None, **figures: float) -> None:
     """From a training worker: its stage's progress, for the driver's console (any process, any node); a `note`
     (a resume, a grown latent) becomes a console line of its own."""
     report = {"stage": stage, "step": step, "steps": steps, **figures} | ({"note": note} if note else {})
     # Readable where no console takes it off the stream (Ray started elsewhere, a Ray without the hook); the
     # console reads the JSON after the human part.
-    human = note or f"step {step}/{steps} " + " ".join(f"{k} {v:.4g}" for k, v in figures.items())
-    print(f"{PROGRESS_MARK}[{stage}] {human} {json.dumps(report)}", flush=True)
+    print(f"{PROGRESS_MARK}{progress_line(stage, step, steps, note, **figures)} {json.dumps(report)}", flush=True)
 
 
 def active() -> Console | None:
@@ -160,10 +169,13 @@ class Console:
     def stage_skipped(self, stage: str, fingerprint: str) -> None:
         self.say(f"[{stage}] skipped: done with the same fingerprint {fingerprint[:12]}")
 
-    def stage_finished(self, stage: str, summary: dict[str, Any]) -> None:
+    def _close_bar(self, stage: str) -> None:
         bar = self._bars.pop(stage, None)
         if bar is not None:
             bar.close()
+
+    def stage_finished(self, stage: str, summary: dict[str, Any]) -> None:
+        self._close_bar(stage)
         seconds = time.perf_counter() - self._started.pop(stage, time.perf_counter())
         figures = ", ".join(f"{k} {_figure(v)}" for k, v in key_figures(summary).items())
         self.say(f"[{stage}] done in {seconds:.1f}s{': ' + figures if figures else ''}")
@@ -171,9 +183,7 @@ class Console:
 
     def stage_failed(self, stage: str, message: str) -> None:
         """In the log only: the CLI's one error line says it on the console, with the log's path."""
-        bar = self._bars.pop(stage, None)
-        if bar is not None:
-            bar.close()
+        self._close_bar(stage)
         self._file.write(f"[{stage}] failed: {message}\n")
         self._current = None
 

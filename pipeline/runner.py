@@ -43,12 +43,12 @@ def start_ray(config: PipelineConfig) -> bool:
 
     from atoken.pipeline import console
 
+    quiet = console.active()
     if ray.is_initialized():
-        if console.active() is not None:
-            console.active().attach_ray()  # a Ray someone else started: the console still takes its output
+        if quiet is not None:
+            quiet.attach_ray()  # a Ray someone else started: the console still takes its output
         return False
     address = os.environ.get("RAY_ADDRESS")
-    quiet = console.active()
     ray.init(
         address=address or None,
         num_cpus=None if address else config.ray.num_cpus,
@@ -88,6 +88,7 @@ def run_pipeline(config: PipelineConfig, progress: bool = True,
     """`on_parent_run(run_id, tracking_uri)` is called once the MLflow parent run exists, before any stage.
     Under an open `pipeline.console.Console` each stage says when it starts and ends there."""
     from atoken.pipeline import console
+
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     pipeline, storage = prepare(config)
     tracking_uri = resolve_tracking_uri(config.tracking.uri, config.run.local_dir)

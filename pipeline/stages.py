@@ -83,15 +83,13 @@ def run_ingest_videos(ctx: StageContext) -> dict[str, Any]:
 
 def preflight_ingest(config: PipelineConfig) -> None:
     from atoken.pipeline.storage import Storage
-    from atoken.preprocess.job import list_items
+    from atoken.preprocess.job import list_items, plan_shards
 
     items = list_items(config.ingest, Storage(config.storage))
     if not items:
         raise ValueError("ingest.sources: the sources list no items")
     # Sources may pin their split: a run whose items all land in one split would fail only after training
     # (no validation images) or at its first step (no training images).
-    from atoken.preprocess.job import plan_shards
-
     splits = {plan.split for plan in plan_shards(items, config.ingest.samples_per_shard, config.ingest.val_every)}
     for split in ("train", "val"):
         if split not in splits:

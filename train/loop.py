@@ -21,6 +21,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from atoken.pipeline.config import LossSection, ModelSection, TrainStageSection
+from atoken.pipeline.console import print_progress
 from atoken.pipeline.storage import Storage
 from atoken.pipeline.tracking import Tracker
 from atoken.train.checkpoint import load_latest_checkpoint, load_model_weights, save_checkpoint, save_model
@@ -97,9 +98,7 @@ class WorkerRuntime:
     prepare_model: Callable[..., torch.nn.Module]
     report: Callable[[dict[str, float]], None]
     # (stage, step, steps, figures) on log steps, rank 0: the driver's progress bar under Ray, a line otherwise.
-    progress: Callable[..., None] = field(default=lambda stage, step, steps, note=None, **figures: print(
-        f"[{stage}] " + (note or f"step {step}/{steps} " + " ".join(f"{k} {v:.4g}" for k, v in figures.items())),
-        flush=True))
+    progress: Callable[..., None] = print_progress
 
 
 def ray_train_runtime() -> WorkerRuntime:
