@@ -38,6 +38,10 @@ class StorageSection:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0
     max_attempts: int = 3
+    # Objects larger than this go up (and down) in parts of this size through boto3's managed transfer: one
+    # PUT is refused over 5 GB (so400m's optimizer state is ~6.8 GB), and parts upload in parallel. S3 parts
+    # are 5 MiB to 5 GiB, at most 10,000 of them: 64 MiB parts allow objects up to 640 GiB.
+    multipart_chunk_mb: int = 64
 
 
 @dataclass
@@ -113,6 +117,10 @@ class ModelSection:
     text_dim: int | None = None
     gaussians_per_voxel: int = 32
     voxel_grid: int = 64  # must match objects.voxel_grid
+    # atoken only: a SigLIP2 vision checkpoint (Hugging Face folder: config.json + safetensors) the first stage's
+    # encoder, position table and pooling head start from (spec: SigLIP2-initialised encoder); the preset's
+    # width, depth and heads must be the checkpoint's. null: random initialisation.
+    init_from: str | None = None
 
 
 @dataclass
@@ -162,6 +170,16 @@ class TrainStageSection:
     ema_decay: float | None = 0.9999
     grad_clip: float | None = 1.0
     strategy: str = "ddp"  # ddp or fsdp (Ray Train's prepare_model); fsdp is for so400m on GPUs
+    # Independent data streams (null: num_workers). A worker reads data_streams / num_workers of them; the
+    # global batch (batch_size, or the token budgets, per stream) and every random draw are functions of the
+    # streams, not the workers: the same run on 1 or N workers trains the same weights, and a checkpoint
+    # resumes exactly on any num_workers that divides data_streams.
+    data_streams: int | None = None
+    activation_checkpointing: bool = False  # recompute each transformer block in backward (memory for time)
+    compile: bool = False  # torch.compile each transformer block (GPU; off on CPU)
+    deterministic: bool = False  # PyTorch's deterministic algorithms (GPU; CPU kernels already are)
+    keep_checkpoints: int = 3  # committed checkpoints kept; older ones are deleted after each commit
+    async_checkpoint: bool = False  # write (and upload) checkpoints in the background while training goes on
     bf16: bool = True  # autocast on GPU; CPU always runs float32
     max_failures: int = 2  # Ray Train restarts the workers this often after a worker dies
 
@@ -408,6 +426,7 @@ def validate(config: PipelineConfig) -> None:
     require(not config.run.root.startswith("s3://") or len(config.run.root) > 5, "run.root", "needs a bucket")
     require(config.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
     require(config.storage.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
+    require(5 <= config.storage.multipart_chunk_mb <= 5120, "storage.multipart_chunk_mb", "S3 parts are 5 MiB to 5 GiB")
     for name in ("preprocess_resources", "train_resources"):
         for resource, amount in getattr(config.ray, name).items():
             require(amount > 0, f"ray.{name}.{resource}", "must be > 0")
@@ -552,6 +571,12 @@ def validate_curriculum(config: PipelineConfig) -> None:
         require(stage.ema_decay is None or 0 < stage.ema_decay < 1, f"{where}.ema_decay", "must lie in (0, 1)")
         require(stage.grad_clip is None or stage.grad_clip > 0, f"{where}.grad_clip", "must be > 0")
         require(stage.strategy in ("ddp", "fsdp"), f"{where}.strategy", "must be ddp or fsdp")
+        streams = stage.data_streams or stage.num_workers
+        require(streams > 0 and streams % stage.num_workers == 0, f"{where}.data_streams",
+                f"must be a multiple of num_workers ({stage.num_workers})")
+        require(stage.keep_checkpoints > 0, f"{where}.keep_checkpoints", "must be > 0")
+    if train.model.init_from is not None:
+        require(train.model.kind == "atoken", "train.model.init_from", "SigLIP2 initialises train.model.kind: atoken")
     losses = train.losses
     for name in ("reconstruction", "semantic", "kl", "l1", "lpips", "gram", "clip_perceptual", "render_l1",
                  "render_lpips", "render_ssim"):

@@ -181,7 +181,10 @@ def run_train(ctx: StageContext, index: int, previous: str | None) -> dict[str, 
     if "ingest_3d" in ctx.inputs:
         shards.objects = _shards(ctx.storage, ctx.inputs["ingest_3d"].output, "train")
     init_weights = None if previous is None else join(ctx.inputs[previous].output, "model.safetensors")
-    ctx.tracker.set_tags(ctx.run_id, {"atoken.init_from": init_weights or "random",
+    siglip2 = ctx.config.train.model.init_from
+    # The first stage starts from SigLIP2 when train.model.init_from names it; later ones from the stage before.
+    init_from = init_weights or (f"siglip2:{siglip2}" if siglip2 else "random")
+    ctx.tracker.set_tags(ctx.run_id, {"atoken.init_from": init_from,
                                       "atoken.tasks": " ".join(section.tasks),
                                       "atoken.batches": f"packed, {section.max_tokens} tokens"
                                       if section.max_tokens else f"{section.batch_size} images"})

@@ -1,13 +1,15 @@
 """One storage layer over URIs: a local folder (the embedded default) or s3://bucket/prefix (boto3).
 
 Every write is a commit: local files are written beside their target and renamed into place, S3 objects
-appear whole on PUT. Stages talk to each other only through this layer, which is what makes skip,
-resume and cluster runs work the same on a laptop and on a bucket.
+appear whole on PUT, or on completing a multipart upload (bodies over `multipart_chunk_mb`). Stages talk to
+each other only through this layer, which is what makes skip, resume and cluster runs work the same on a
+laptop and on a bucket.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -81,6 +83,14 @@ class Storage:
             )
         return self._client
 
+    @property
+    def transfer_config(self):
+        """boto3's managed transfer: multipart (and parallel parts) for objects over one part."""
+        from boto3.s3.transfer import TransferConfig
+
+        part = self.section.multipart_chunk_mb * 1024 * 1024
+        return TransferConfig(multipart_threshold=part, multipart_chunksize=part)
+
     # -- reads -----------------------------------------------------------------------------------
 
     def read_bytes(self, uri: str) -> bytes:
@@ -95,6 +105,26 @@ class Storage:
 
     def read_json(self, uri: str) -> Any:
         return json.loads(self.read_bytes(uri))
+
+    def read_range(self, uri: str, start: int, length: int) -> bytes:
+        """`length` bytes from `start`: one ranged GET on S3, so a reader fetches only the part it needs."""
+        if length == 0:
+            return b""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            with self._s3_errors(uri):
+                body = self.client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
+                data = body["Body"].read()
+        else:
+            try:
+                with open(local_path(uri), "rb") as handle:
+                    handle.seek(start)
+                    data = handle.read(length)
+            except OSError as exc:
+                raise StorageError(f"cannot read {uri}: {exc.strerror or exc}") from exc
+        if len(data) != length:
+            raise StorageError(f"{uri}: asked for {length} bytes at {start}, got {len(data)} (truncated object)")
+        return data
 
     def open_read(self, uri: str) -> BinaryIO:
         """A streaming reader: the whole object is never held in memory."""
@@ -143,7 +173,10 @@ class Storage:
         if is_s3(uri):
             bucket, key = split_s3(uri)
             with self._s3_errors(uri):
-                self.client.put_object(Bucket=bucket, Key=key, Body=data)
+                if len(data) > self.section.multipart_chunk_mb * 1024 * 1024:
+                    self.client.upload_fileobj(io.BytesIO(data), bucket, key, Config=self.transfer_config)
+                else:
+                    self.client.put_object(Bucket=bucket, Key=key, Body=data)
             return
         target = local_path(uri)
         self._commit_local(target, lambda tmp: tmp.write_bytes(data))
@@ -156,7 +189,7 @@ class Storage:
         if is_s3(uri):
             bucket, key = split_s3(uri)
             with self._s3_errors(uri):
-                self.client.upload_file(str(source), bucket, key)
+                self.client.upload_file(str(source), bucket, key, Config=self.transfer_config)
             return
         self._commit_local(local_path(uri), lambda tmp: shutil.copyfile(source, tmp))
 
@@ -229,7 +262,7 @@ class Storage:
         if is_s3(uri):
             bucket, key = split_s3(uri)
             with self._s3_errors(uri):
-                self.client.download_file(bucket, key, str(target))
+                self.client.download_file(bucket, key, str(target), Config=self.transfer_config)
         else:
             shutil.copyfile(local_path(uri), target)
         return target
@@ -241,6 +274,26 @@ class Storage:
                 self.client.delete_object(Bucket=bucket, Key=key)
             return
         local_path(uri).unlink(missing_ok=True)
+
+    def delete_folder(self, uri: str) -> None:
+        """Everything under a folder URI; a missing folder is not an error."""
+        if is_s3(uri):
+            bucket, _ = split_s3(uri)
+            keys = [split_s3(found)[1] for found in self.list(uri)]
+            with self._s3_errors(uri):
+                for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1,000 keys
+                    answer = self.client.delete_objects(Bucket=bucket, Delete={
+                        "Objects": [{"Key": key} for key in keys[start:start + 1000]], "Quiet": True})
+                    if answer.get("Errors"):
+                        failed = answer["Errors"][0]
+                        raise StorageError(f"cannot delete s3://{bucket}/{failed['Key']}: {failed.get('Code', '?')}")
+            return
+        try:
+            shutil.rmtree(local_path(uri))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StorageError(f"cannot delete {uri}: {exc.strerror or exc}") from exc
 
     def check_writable(self, root: str) -> None:
         """Fail in seconds, with one line, when the run root cannot be written (before any work)."""

@@ -39,3 +39,97 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# -- small training data and a tiny SigLIP2, built by the tests (nothing is downloaded) ----------------------
+
+CAPTIONS = ("a photo of a cat", "a photo of a dog", "a red shoe")
+
+
+def _tar(path: Path, samples: list[dict]) -> None:
+    import webdataset as wds
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write(sample)
+
+
+def write_training_shards(folder: Path, shards: int = 4, images: int = 4, clips: int = 2, objects: int = 2,
+                          size: int = 32, frames: int = 8) -> dict:
+    """Image, clip and 3D shards as the ingest stages write them (png / npy / npz with views), captions from
+    CAPTIONS; returns {"image"|"video"|"objects": [ShardInfo]}."""
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from atoken.preprocess.render import RenderSettings, camera_poses, intrinsics
+    from atoken.train.data import ShardInfo
+
+    rng = np.random.default_rng(0)
+    out: dict[str, list] = {"image": [], "video": [], "objects": []}
+    for shard in range(shards):
+        samples = []
+        for item in range(images):
+            buffer = io.BytesIO()
+            # smooth images (a gradient plus noise): something a tiny model can learn in a few steps
+            base = np.linspace(0, 255, size)[None, :, None] * rng.random(3)[None, None, :]
+            pixels = np.clip(base + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            caption = CAPTIONS[(shard + item) % len(CAPTIONS)]
+            samples.append({"__key__": f"i{shard}_{item}", "png": buffer.getvalue(),
+                            "json": json.dumps({"caption": caption}).encode()})
+        _tar(folder / "image" / f"train-{shard:06d}.tar", samples)
+        out["image"].append(ShardInfo(str(folder / "image" / f"train-{shard:06d}.tar"), images))
+        samples = []
+        for item in range(clips):
+            clip = np.clip(np.cumsum(rng.integers(-8, 9, (frames, size, size, 3)), axis=0) + 128, 0, 255)
+            buffer = io.BytesIO()
+            np.save(buffer, clip.astype(np.uint8))
+            samples.append({"__key__": f"c{shard}_{item}", "npy": buffer.getvalue(),
+                            "json": json.dumps({"caption": CAPTIONS[item % len(CAPTIONS)]}).encode()})
+        _tar(folder / "video" / f"train-{shard:06d}.tar", samples)
+        out["video"].append(ShardInfo(str(folder / "video" / f"train-{shard:06d}.tar"), clips))
+        samples = []
+        settings = RenderSettings(views=4, resolution=16)
+        for item in range(objects):
+            arrays = {"voxels": rng.integers(4, 12, (12, 3)), "features": rng.random((12, 768)).astype(np.float16),
+                      "views": rng.integers(0, 256, (4, 16, 16, 4), dtype=np.uint8),
+                      "c2w": camera_poses(settings, (0.1, 0.2)).astype(np.float32),
+                      "intrinsics": intrinsics(settings).astype(np.float32)}
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            samples.append({"__key__": f"o{shard}_{item}", "npz": buffer.getvalue(),
+                            "json": json.dumps({"caption": CAPTIONS[item % len(CAPTIONS)]}).encode()})
+        _tar(folder / "objects" / f"train-{shard:06d}.tar", samples)
+        out["objects"].append(ShardInfo(str(folder / "objects" / f"train-{shard:06d}.tar"), objects))
+    return out
+
+
+def save_tiny_siglip2(folder: Path, width: int = 96, depth: int = 2, heads: int = 4, mlp: int = 384) -> Path:
+    """A randomly initialised Siglip2Model (vision + text towers) in a Hugging Face folder, with a word-level
+    tokenizer over CAPTIONS' words: the teacher, text tower, CLIP-perceptual tower and `init_from` of a test."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted({w for caption in CAPTIONS for w in caption.split()})
+    vocab = ["[PAD]", "[UNK]", *words]
+    config = transformers.Siglip2Config(
+        text_config=dict(vocab_size=len(vocab), hidden_size=width, num_hidden_layers=1, num_attention_heads=heads,
+                         intermediate_size=mlp, max_position_embeddings=64),
+        vision_config=dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+                           intermediate_size=mlp, patch_size=16, num_patches=256))
+    folder.mkdir(parents=True, exist_ok=True)
+    transformers.Siglip2Model(config).eval().save_pretrained(folder, safe_serialization=True)
+    # A word-level tokenizer: every caption word is its own token (a BERT vocabulary file maps them all to
+    # [UNK] under transformers 5, and identical token ids would give identical text embeddings).
+    words_only = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    words_only.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words_only, pad_token="[PAD]",
+                                         unk_token="[UNK]").save_pretrained(folder)
+    return folder

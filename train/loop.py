@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,9 +25,9 @@ from atoken.pipeline.config import LossSection, ModelSection, TrainStageSection
 from atoken.pipeline.console import print_progress
 from atoken.pipeline.storage import Storage
 from atoken.pipeline.tracking import Tracker
-from atoken.train.checkpoint import load_latest_checkpoint, load_model_weights, save_checkpoint, save_model
+from atoken.train.checkpoint import Checkpointer, load_model_weights, restore_rng, rng_tensors, save_model
 from atoken.train.model import build_model
-from atoken.train.tasks import Frozen, TaskShards, build_tasks, task_streams
+from atoken.train.tasks import Frozen, TaskShards, TaskStreams, build_tasks, micro_batch, worker_streams
 
 ENCODER_PREFIXES = ("embeddings.", "encoder.", "post_layernorm.")
 
@@ -77,10 +78,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point():
-                self.weights[name].lerp_(tensor.float(), 1.0 - self.decay)
-            else:
+        """One fused lerp over every floating tensor (`_foreach_lerp_`), not a Python loop of kernels."""
+        current = model.state_dict()
+        floating = [name for name, tensor in current.items() if tensor.is_floating_point()]
+        averages = [self.weights[name] for name in floating]
+        torch._foreach_lerp_(averages, [current[name].float() for name in floating], 1.0 - self.decay)
+        for name, tensor in current.items():
+            if not tensor.is_floating_point():
                 self.weights[name].copy_(tensor)
 
     def full(self) -> dict[str, torch.Tensor]:
@@ -118,34 +122,92 @@ def single_process_runtime(device: str = "cpu") -> WorkerRuntime:
     return WorkerRuntime(0, 1, target, lambda model, **_: model.to(target), lambda metrics: None)
 
 
+def initial_model(job: StageJob, runtime: WorkerRuntime) -> torch.nn.Module:
+    """The stage's starting weights, the same on every rank: the previous stage's model (grown when the latent
+    widens), else SigLIP2 (`train.model.init_from`), else the seeded random initialisation."""
+    torch.manual_seed(job.seed)
+    model = build_model(job.model)
+    if job.init_weights:
+        grown = load_model_weights(job.storage, job.init_weights, model)
+        if grown and runtime.rank == 0:
+            runtime.progress(job.stage.name, 0, job.stage.steps,
+                             note=f"grew {', '.join(grown)} from the previous stage")
+    elif job.model.init_from:
+        from atoken.train.model.pretrained import load_siglip2_weights
+
+        loaded = load_siglip2_weights(model, job.model.init_from)
+        if runtime.rank == 0:
+            runtime.progress(job.stage.name, 0, job.stage.steps,
+                             note=f"encoder from SigLIP2 at {job.model.init_from} ({len(loaded)} tensors)")
+    return model
+
+
+def gather_positions(positions: dict[str, int], world_size: int) -> dict[str, int]:
+    """Every worker's stream positions (each worker holds its own streams'): what a checkpoint records."""
+    if world_size == 1:
+        return dict(positions)
+    import torch.distributed as dist
+
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, dict(positions))
+    return {key: value for part in gathered for key, value in part.items()}
+
+
+def global_terms(terms: dict[str, torch.Tensor], world_size: int) -> dict[str, float]:
+    """The logged terms: each worker's share summed and divided by the world size, i.e. the global batch's
+    mean (the shares are scaled by `WorldShare`). The one host sync of a step, on log steps only."""
+    names = sorted(terms)
+    values = torch.stack([terms[name].detach().float().reshape(()) for name in names])
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(values)
+        values = values / world_size
+    return dict(zip(names, values.tolist(), strict=True))
+
+
 def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[str, float]:
     """Train one stage to `job.stage.steps`; returns the last logged metrics."""
     runtime = runtime or ray_train_runtime()
     rank, world_size, device, stage = runtime.rank, runtime.world_size, runtime.device, job.stage
-    torch.manual_seed(job.seed)  # the same initial weights on every rank: FSDP keeps each rank's own shard of them
-    raw_model = build_model(job.model)
-    if job.init_weights:
-        grown = load_model_weights(job.storage, job.init_weights, raw_model)
-        if grown and rank == 0:
-            runtime.progress(stage.name, 0, stage.steps, note=f"grew {', '.join(grown)} from the previous stage")
+    if stage.deterministic:
+        # cuBLAS is deterministic only with a fixed workspace (PyTorch's reproducibility notes).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    raw_model = initial_model(job, runtime)
     model = distribute(raw_model, runtime, stage)
-    tasks = build_tasks(stage, job.losses)
-    semantic = hasattr(raw_model, "embed") and job.losses.semantic > 0
+    embeds = hasattr(raw_model, "embed")
+    tasks = build_tasks(stage, job.losses, embeds=embeds)
+    semantic = embeds and job.losses.semantic > 0
     perceptual = ("image" in tasks and job.losses.lpips + job.losses.gram + job.losses.clip_perceptual > 0) or \
         ("3d" in tasks and job.losses.render_lpips > 0)
-    # Loading the frozen networks draws from the RNG (transformers initialises before it loads), so it happens
-    # before the RNG is seeded or restored: a resumed run then draws exactly what the uninterrupted one drew.
-    frozen = Frozen(job.losses, device, need_perceptual=perceptual, need_text=semantic)
-    torch.manual_seed(job.seed + rank)  # then each rank its own noise (KL samples, rendered views)
+    frozen = Frozen(job.losses, device, need_perceptual=perceptual, need_text=semantic, bf16=stage.bf16)
+    # Training draws nothing from the global RNG (noise and views come from per-stream generators); it is
+    # seeded per rank all the same, for anything a library draws.
+    torch.manual_seed(job.seed + rank)
     optimizer = torch.optim.AdamW(parameter_groups(raw_model, stage), lr=stage.lr, betas=(0.9, 0.95))
     ema = EMA(raw_model, stage.ema_decay) if stage.ema_decay else None
-    state = load_latest_checkpoint(job.storage, job.output, model, optimizer, ema.weights if ema else None)
-    state = state or {"step": 0, "positions": {}}
-    if state["step"] > 0 and rank == 0:
-        runtime.progress(stage.name, state["step"], stage.steps,
-                         note=f"resuming at step {state['step']} from its last checkpoint")
-    positions: dict[str, int] = dict(state["positions"])
-    streams = task_streams(tasks, job.shards, job.storage, job.seed, rank, world_size, positions)
+    # Each rank writes its own shard (DCP) and reads back only the byte ranges it needs.
+    checkpointer = Checkpointer(job.storage, job.output, rank, world_size, keep_last=stage.keep_checkpoints,
+                                async_save=stage.async_checkpoint)
+    restored = checkpointer.load_latest(model, optimizer, ema.weights if ema else None)
+    state = restored.shared_state if restored else {"step": 0, "positions": {}}
+    data_streams = stage.data_streams or stage.num_workers
+    if restored is not None:
+        if restored.rank_tensors is not None:  # the same world size: this rank's own RNG
+            restore_rng(restored.rank_tensors)
+        if stage.data_streams is None:  # unset: the streams the checkpoint was written with, on any world size
+            data_streams = state.get("data_streams", data_streams)
+        if state.get("data_streams", data_streams) != data_streams:
+            raise ValueError(f"{stage.name}'s checkpoint was written with {state['data_streams']} data streams, this "
+                             f"run has {data_streams}: keep train.stages[].data_streams to resume it")
+        if rank == 0:
+            workers = "" if restored.saved_world_size == world_size else \
+                f" (written by {restored.saved_world_size} workers, resharded to {world_size})"
+            runtime.progress(stage.name, state["step"], stage.steps,
+                             note=f"resuming at step {state['step']} from its last checkpoint{workers}")
+    streams = TaskStreams(tasks, job.shards, job.storage, job.seed, worker_streams(data_streams, rank, world_size),
+                          data_streams, state["positions"])
     if rank == 0 and job.tracker is not None:
         job.tracker.set_tags(job.run_id, frozen.stand_ins())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and stage.bf16)
@@ -158,21 +220,21 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
         for group in optimizer.param_groups:
             group["lr"] = rate * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
-        terms: dict[str, float] = {}
-        for index, name in enumerate(stage.tasks):
+        terms: dict[str, torch.Tensor] = {}
+        for slot, name in enumerate(stage.tasks):
             waited = time.perf_counter()
-            batch, positions[name] = next(streams[name])
+            batch, parts = streams.next(name)
+            micro = micro_batch(tasks[name], batch, parts, job.seed, slot, step, world_size, device)
             window["data_wait"] += time.perf_counter() - waited
-            batch = batch.to(device)
-            last = index == len(stage.tasks) - 1
             # Gradients of all but the last micro-batch stay local: one all-reduce per optimizer step.
-            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
+            with gradient_sync(model, last=slot == len(stage.tasks) - 1):
                 with autocast:
-                    total, task_terms = tasks[name].losses_of(model, raw_model, batch, frozen)
+                    total, task_terms = tasks[name].losses_of(model, micro, frozen)
                 (total / len(stage.tasks)).backward()
-            terms |= {f"{name}/{k}": float(v.detach()) for k, v in task_terms.items()}
-            window["tokens"] += batch.tokens if hasattr(batch, "tokens") else batch.patches.shape[0]
+            repeats = stage.tasks.count(name)  # a task listed k times logs the mean of its k micro-batches
+            for key, value in task_terms.items():
+                terms[f"{name}/{key}"] = terms.get(f"{name}/{key}", 0.0) + value.detach() / repeats
+            window["tokens"] += sum(part.tokens for part in parts)
         parameters = [p for p in raw_model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, stage.grad_clip or math.inf)
         if isinstance(grad_norm, DTensor):
@@ -185,8 +247,9 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
 
         if step % stage.log_every == 0 or step == stage.steps:
             seconds = time.perf_counter() - window["start"]
-            metrics = {f"train/{k}": v for k, v in terms.items()}
-            metrics |= {"train/loss": sum(terms[f"{n}/total"] for n in dict.fromkeys(stage.tasks)),
+            logged = global_terms(terms, world_size)
+            metrics = {f"train/{k}": v for k, v in logged.items()}
+            metrics |= {"train/loss": sum(logged[f"{n}/total"] for n in dict.fromkeys(stage.tasks)),
                         "train/lr": rate, "train/grad_norm": float(grad_norm),
                         "train/steps_per_second": window["steps"] / max(seconds, 1e-9),
                         "train/tokens_per_second": window["tokens"] * world_size / max(seconds, 1e-9),
@@ -200,10 +263,13 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
             runtime.report(metrics)
             window = {"start": time.perf_counter(), "steps": 0, "tokens": 0, "data_wait": 0.0}
         if step % stage.checkpoint_every == 0 or step == stage.steps:
-            # Every rank gathers (FSDP shards are collected collectively); rank 0 writes.
-            save_checkpoint(job.storage, job.output, model, optimizer,
-                            {"step": step, "positions": positions, "stage": stage.name},
-                            ema.full() if ema else None, write=rank == 0)
+            # Positions of every stream (world-size independent) in the shared state; RNG per rank.
+            positions = gather_positions(streams.positions, world_size)
+            checkpointer.save(step, model, optimizer, ema.weights if ema else None,
+                              shared_state={"step": step, "positions": positions, "stage": stage.name,
+                                            "data_streams": data_streams},
+                              rank_state={}, rank_tensors=rng_tensors())
+    checkpointer.wait()  # the last commit is done (and an asynchronous write's failure raised) before the end
     # EMA gathered on every rank (a collective under FSDP) like the weights.
     # The last log step's loss and rate travel in model.json: Ray Train v2's result carries metrics only with
     # checkpoints, and the stage's end line wants them.
@@ -218,22 +284,48 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
     return metrics
 
 
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, last: bool):
+    """Gradient reduction on the step's last micro-batch only: DDP's `no_sync`, FSDP2's
+    `set_requires_gradient_sync` (no reduce-scatter per micro-batch)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last)
+        yield
+    elif not last and hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
 def distribute(model: torch.nn.Module, runtime: WorkerRuntime, stage: TrainStageSection) -> torch.nn.Module:
     """DDP through Ray Train's prepare_model; FSDP2 (`fully_shard`, per transformer block, then the whole model),
-    which also runs on CPU with gloo, so that the sharded path is tested where there is no GPU."""
+    which also runs on CPU with gloo, so that the sharded path is tested where there is no GPU. On GPU, FSDP2
+    computes in bf16 and reduces gradients in float32 (`MixedPrecisionPolicy`). `compile` compiles each block
+    in place (`Module.compile`: parameter names, and so checkpoints, unchanged)."""
+    blocks = [block for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None))
+              for block in getattr(stack, "layers", [])]
+    for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
+        if stack is not None and hasattr(stack, "checkpointing"):
+            stack.checkpointing = stage.activation_checkpointing
+    if stage.compile:
+        for block in blocks:
+            block.compile()
     if runtime.world_size == 1:
         return runtime.prepare_model(model)
     if stage.strategy == "ddp":
         # Tasks use different heads (pixels, Gaussians, pooling): DDP must expect unused parameters.
         return runtime.prepare_model(model, parallel_strategy="ddp",
                                      parallel_strategy_kwargs={"find_unused_parameters": True})
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model.to(runtime.device)
-    for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
-        for block in getattr(stack, "layers", []):
-            fully_shard(block)
-    fully_shard(model)
+    bf16 = runtime.device.type == "cuda" and stage.bf16
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
 
 

@@ -38,6 +38,8 @@ fi
 out="benchmarks/results/model-throughput-$name.json"
 "$PYTHON" benchmarks/gpu/bench_model.py --device "$DEVICE" --out "$out"
 echo "results: $out"
+# Issue 15 item 5: FlexAttention's block mask per so400m forward, 54 create_block_mask calls vs one structured build.
+"$PYTHON" benchmarks/block_mask.py --device "$DEVICE" --out "benchmarks/results/block-mask-$name.json"
 # Issue 5's reader goal (>= 2x the samples/s `base` consumes, one loader worker per core): the reader's
 # per-core rate from benchmarks/results/preprocess-cpu.json (256-px photo shards) times this node's cores,
 # next to base's samples/s just measured. An estimate where this node's cores differ from the CPU machine's.

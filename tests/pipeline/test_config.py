@@ -134,6 +134,8 @@ def error_for(overrides: list[str], path: Path = QUICKSTART) -> str:
      f"no list item '{len(STAGES)}' (the list has {len(STAGES)})"),
     ("train.stages.x.steps=1", "train.stages.x", "no list item 'x'"),
     ("run.name.first=a", "run.name.first", "cannot set a field inside a str"),
+    ("storage.multipart_chunk_mb=4", "storage.multipart_chunk_mb", "S3 parts are 5 MiB to 5 GiB"),
+    ("storage.multipart_chunk_mb=5121", "storage.multipart_chunk_mb", "S3 parts are 5 MiB to 5 GiB"),
 ])
 def test_errors_start_with_the_dotted_field_path(override, field, words):
     message = error_for([override])

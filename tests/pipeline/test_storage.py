@@ -167,6 +167,21 @@ def test_local_unwritable_path_under_a_regular_file(tmp_path):
         storage.check_writable(str(blocker))
 
 
+def test_local_read_range_and_delete_folder(tmp_path):
+    storage = Storage()
+    root = str(tmp_path / "ckpt")
+    storage.write_bytes(join(root, "step-1", "shards", "a.bin"), bytes(range(100)))
+    storage.write_bytes(join(root, "step-2", "b.bin"), b"kept")
+
+    assert storage.read_range(join(root, "step-1", "shards", "a.bin"), 10, 5) == bytes(range(10, 15))
+    assert storage.read_range(join(root, "step-1", "shards", "a.bin"), 10, 0) == b""
+    with pytest.raises(StorageError, match="truncated"):
+        storage.read_range(join(root, "step-1", "shards", "a.bin"), 98, 5)
+    storage.delete_folder(join(root, "step-1"))
+    storage.delete_folder(join(root, "step-1"))  # deleting what is gone is not an error
+    assert storage.list(root) == [join(root, "step-2", "b.bin")] and not (tmp_path / "ckpt" / "step-1").exists()
+
+
 def test_local_read_missing_names_the_uri(tmp_path):
     with pytest.raises(StorageError, match=f"cannot read {tmp_path / 'missing.bin'}"):
         Storage().read_bytes(str(tmp_path / "missing.bin"))
@@ -250,6 +265,38 @@ def test_s3_upload_download_and_missing_object(s3_storage, bucket, tmp_path):
     assert copied.read_bytes() == source.read_bytes()
     with pytest.raises(StorageError, match=f"no such object s3://{bucket}/shards/missing.tar"):
         s3_storage.read_bytes(f"s3://{bucket}/shards/missing.tar")
+
+
+def test_s3_large_bodies_go_up_in_parts(s3_endpoint, s3_credentials, bucket, tmp_path):
+    """One PUT is refused over 5 GB: bodies over multipart_chunk_mb go through the managed multipart transfer
+    (an object's ETag ends in -<parts> when it was uploaded in parts)."""
+    storage = Storage(StorageSection(endpoint_url=s3_endpoint, multipart_chunk_mb=5))
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    body = bytes(range(256)) * (11 * 4096)  # 11 MiB: parts of 5, 5 and 1 MiB
+    source = tmp_path / "big.bin"
+    source.write_bytes(body)
+
+    storage.write_bytes(f"s3://{bucket}/written.bin", body)
+    storage.upload(source, f"s3://{bucket}/uploaded.bin")
+    storage.write_bytes(f"s3://{bucket}/small.json", b"{}")
+
+    for key in ("written.bin", "uploaded.bin"):
+        assert client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"').endswith("-3"), key
+        assert storage.read_bytes(f"s3://{bucket}/{key}") == body
+    assert "-" not in client.head_object(Bucket=bucket, Key="small.json")["ETag"]
+    assert storage.download(f"s3://{bucket}/written.bin", tmp_path / "back.bin").read_bytes() == body
+
+
+def test_s3_read_range_and_delete_folder(s3_storage, bucket):
+    root = f"s3://{bucket}/ckpt"
+    s3_storage.write_bytes(join(root, "step-1", "shards", "a.bin"), bytes(range(100)))
+    s3_storage.write_bytes(join(root, "step-1", "b.json"), b"{}")
+    s3_storage.write_bytes(join(root, "step-10", "c.bin"), b"not under step-1/")
+
+    assert s3_storage.read_range(join(root, "step-1", "shards", "a.bin"), 10, 5) == bytes(range(10, 15))
+    s3_storage.delete_folder(join(root, "step-1"))
+    s3_storage.delete_folder(join(root, "step-1"))
+    assert s3_storage.list(root) == [join(root, "step-10", "c.bin")]
 
 
 def test_s3_copy_staged_file_and_size(s3_storage, bucket):

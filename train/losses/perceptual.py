@@ -33,8 +33,10 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     entry within [-1, 1] whatever the layer's activation scale, so the spec's weight of 1000 on the mean squared
     entry difference gives a term of the same order as L1."""
     batch, channels, height, width = features.shape
-    flat = unit_normalise(features).reshape(batch, channels, height * width)
-    return flat @ flat.transpose(1, 2) / (height * width)
+    # float32 even under bf16 autocast: entries of one matrix differ by ~1e-3, below bf16's resolution near 1.
+    with torch.autocast(features.device.type, enabled=False):
+        flat = unit_normalise(features.float()).reshape(batch, channels, height * width)  # (B, C, HW)
+        return flat @ flat.transpose(1, 2) / (height * width)  # (B, C, C)
 
 
 class PerceptualLosses(nn.Module):

@@ -41,9 +41,12 @@ def resize_views(views: torch.Tensor, intrinsics: torch.Tensor, size: int) -> tu
 
 def render_views(gaussians: dict[str, torch.Tensor], c2w: torch.Tensor, intrinsics: torch.Tensor, width: int,
                  height: int) -> torch.Tensor:
-    """One asset's Gaussians → (V, H, W, 3) renders in [0, 1] at the given cameras."""
-    rgb, _ = render_gaussians(gaussians["means"], gaussians["quats"], gaussians["scales"], gaussians["opacities"],
-                              gaussians["colors"], viewmats_from_blender(c2w), intrinsics, width, height, BACKGROUND)
+    """One asset's Gaussians → (V, H, W, 3) renders in [0, 1] at the given cameras. Every parameter reaches the
+    rasteriser in float32: under bf16 autocast the heads give colours, scales and opacities in bf16 beside
+    float32 means and quaternions, which gsplat's kernels do not accept mixed."""
+    g = {name: value.float() for name, value in gaussians.items()}
+    rgb, _ = render_gaussians(g["means"], g["quats"], g["scales"], g["opacities"], g["colors"],
+                              viewmats_from_blender(c2w.float()), intrinsics.float(), width, height, BACKGROUND)
     return rgb
 
 

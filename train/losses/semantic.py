@@ -10,19 +10,23 @@ import torch
 import torch.nn.functional as F
 
 
-def caption_matches(captions: list[str]) -> torch.Tensor:
-    """(S, S) bool: sample i's caption equals sample j's."""
-    index = {caption: i for i, caption in enumerate(dict.fromkeys(captions))}
-    ids = torch.tensor([index[c] for c in captions])
-    return ids[:, None] == ids[None, :]
+def caption_matches(captions: list[str], others: list[str] | None = None) -> torch.Tensor:
+    """(S, S') bool: caption i equals other caption j (`others`: the global batch's captions; None: the same
+    list, (S, S))."""
+    others = captions if others is None else others
+    index = {caption: i for i, caption in enumerate(dict.fromkeys(others + captions))}
+    rows, columns = torch.tensor([index[c] for c in captions]), torch.tensor([index[c] for c in others])
+    return rows[:, None] == columns[None, :]
 
 
 def sigmoid_loss(embeddings: torch.Tensor, text: torch.Tensor, matches: torch.Tensor, logit_scale: torch.Tensor,
                  logit_bias: torch.Tensor) -> torch.Tensor:
     """SigLIP (Zhai et al. 2023): −1/S Σ_ij log σ(z_ij (e^t ⟨x_i, y_j⟩ + b)), z = +1 for a match, −1 otherwise.
 
-    embeddings (S, D) and text (S, D) are unit-normalised here; matches (S, S) bool."""
-    logits = logit_scale.exp() * F.normalize(embeddings, dim=-1) @ F.normalize(text, dim=-1).T + logit_bias  # (S, S)
+    embeddings (S, D) of this worker's samples, text (S', D) of the global batch's captions (the negatives of
+    every worker, as SigLIP's chunked all-gather), unit-normalised here; matches (S, S') bool. Normalised by the
+    local rows S; the caller rescales to the global batch."""
+    logits = logit_scale.exp() * F.normalize(embeddings, dim=-1) @ F.normalize(text, dim=-1).T + logit_bias  # (S, S')
     signs = matches.to(logits.device, logits.dtype) * 2.0 - 1.0
     return -F.logsigmoid(signs * logits).sum() / embeddings.shape[0]
 

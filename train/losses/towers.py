@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from atoken.train.model.text_encoder import weights_sha256
+from atoken.train.model.text_encoder import frozen_hf_model, weights_sha256
 
 TOWER_TYPES = ("siglip", "siglip2")
 
@@ -33,14 +33,14 @@ class ImageTower(nn.Module):
 
     @classmethod
     def from_path(cls, path: str | Path) -> ImageTower:
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig
 
         folder = Path(path)
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         if config.model_type not in TOWER_TYPES:
             raise ValueError(f"{folder}: a {config.model_type!r} model; the image tower must be one of {TOWER_TYPES}")
         sha = weights_sha256(folder)
-        model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        model = frozen_hf_model(str(folder.resolve()))  # shared with the text tower of the same folder
         vision = config.vision_config
         return cls(model, config.model_type, getattr(vision, "image_size", 224), vision.patch_size, sha)
 

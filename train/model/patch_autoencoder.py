@@ -24,9 +24,12 @@ class KLAutoencoder(nn.Module):
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self.decoder(latent)  # (B, 3, H, W)
 
-    def forward(self, pixels: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor, sample: bool = True, noise=None) -> dict[str, torch.Tensor]:
+        """`noise`: a callable giving ε shaped like the mean (the training loop's per-stream draws); None: the
+        global RNG."""
         mean, logvar = self.encode(pixels)
-        latent = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+        epsilon = noise(mean) if noise is not None else torch.randn_like(mean)  # (B, C, h, w)
+        latent = mean + epsilon * (0.5 * logvar).exp() if sample else mean
         return {"reconstruction": self.decode(latent), "mean": mean, "logvar": logvar}
 
 

@@ -54,26 +54,47 @@ def _read_siglip2_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / WEIGHTS_NAME))
 
 
+def siglip2_settings(folder: str | Path) -> dict:
+    """The tokenizer sizes a SigLIP2 vision checkpoint implies (width, depth, heads, MLP, position table)."""
+    raw = json.loads((Path(folder) / CONFIG_NAME).read_text())
+    vision = raw.get("vision_config", raw)  # a full Siglip2Model config or a vision-only one
+    settings = dict(width=vision["hidden_size"], depth=vision["num_hidden_layers"],
+                    heads=vision["num_attention_heads"], mlp_width=vision["intermediate_size"],
+                    layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
+                    position_grid=int(round(vision.get("num_patches", 256) ** 0.5)))
+    if vision.get("patch_size", 16) != 16:
+        settings["patch_size"] = vision["patch_size"]
+    return settings
+
+
 def load_siglip2(cls, folder: str, **overrides):
     """A tokenizer whose encoder and pooling head are SigLIP2's; the decoder and latent heads start fresh."""
     from atoken.train.model.tokenizer import TokenizerConfig
 
-    path = Path(folder)
-    raw = json.loads((path / CONFIG_NAME).read_text())
-    vision = raw.get("vision_config", raw)  # a full Siglip2Model config or a vision-only one
-    if vision.get("patch_size", 16) != 16 and "patch_size" not in overrides:
-        overrides["patch_size"] = vision["patch_size"]
-    grid = int(round(vision.get("num_patches", 256) ** 0.5))
-    settings = dict(width=vision["hidden_size"], depth=vision["num_hidden_layers"],
-                    heads=vision["num_attention_heads"], mlp_width=vision["intermediate_size"],
-                    layer_norm_eps=vision.get("layer_norm_eps", 1e-6), position_grid=grid)
-    model = cls(TokenizerConfig(**{**settings, **overrides}))
+    model = cls(TokenizerConfig(**{**siglip2_settings(folder), **overrides}))
+    load_siglip2_weights(model, folder)
+    return model
 
+
+def load_siglip2_weights(model, folder: str | Path) -> list[str]:
+    """SigLIP2's encoder, position table and pooling head into an existing tokenizer (the curriculum's first
+    stage, `train.model.init_from`), in place; returns the names loaded. The decoder and latent heads keep their
+    initialisation. A checkpoint of other sizes than the model's is refused in one line."""
+    path = Path(folder)
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{path}: not a Hugging Face SigLIP2 folder (no {CONFIG_NAME})")
+    expected = siglip2_settings(path)
+    config = model.config
+    differing = [f"{name} {expected[name]} (model: {getattr(config, name)})" for name in
+                 ("width", "depth", "heads", "mlp_width", "position_grid", "patch_size")
+                 if name in expected and expected[name] != getattr(config, name)]
+    if differing:
+        raise ValueError(f"{path}: the SigLIP2 checkpoint does not fit train.model: {', '.join(differing)}")
     prefix = "vision_model."
     weights = {name.removeprefix(prefix): tensor for name, tensor in _read_siglip2_weights(path).items()
                if not name.startswith("text_model.") and name not in ("logit_scale", "logit_bias")}
     patch_weight = weights.pop("embeddings.patch_embedding.weight")  # (width, 768): one frame, (h, w, c)
-    grown = torch.zeros(model.config.width, model.config.patch_dim, dtype=patch_weight.dtype)
+    grown = torch.zeros(config.width, config.patch_dim, dtype=patch_weight.dtype)
     grown[:, : patch_weight.shape[1]] = patch_weight  # frame 0 of the (t, h, w, c) patch layout
     weights["embeddings.patch_embedding.weight"] = grown
     ours = model.state_dict()
@@ -85,4 +106,4 @@ def load_siglip2(cls, folder: str, **overrides):
     if missing_encoder:
         raise ValueError(f"{path}: the checkpoint lacks encoder weights {missing_encoder[:5]}")
     model.load_state_dict(weights, strict=False)
-    return model
+    return sorted(weights)

@@ -46,6 +46,16 @@ def weights_sha256(folder: Path) -> str:
     raise FileNotFoundError(f"{folder}: no model.safetensors (only safetensors weights are loaded)")
 
 
+@lru_cache(maxsize=4)
+def frozen_hf_model(folder: str) -> nn.Module:
+    """One frozen copy per process of a Hugging Face model folder: a SigLIP2 folder that is teacher, text tower
+    and CLIP-perceptual tower at once (base.yaml) is read and held once, not three times."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    return model.eval().requires_grad_(False)
+
+
 class TextEncoder(nn.Module):
     """Frozen captions → unit vectors (N, embed_dim); never trained, never in the optimiser."""
 
@@ -62,14 +72,14 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_path(cls, path: str | Path | None = None, max_length: int = 64) -> TextEncoder:
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         folder = Path(path) if path else default_text_encoder_path()
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: not a Hugging Face model folder (no config.json)")
         sha = weights_sha256(folder)
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        loaded = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        loaded = frozen_hf_model(str(folder.resolve()))
         if config.model_type in SIGLIP_TYPES:  # the full dual model: only its text half is used
             model, pooling = _SiglipText(loaded), "siglip_pooled"
         else:

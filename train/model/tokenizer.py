@@ -170,15 +170,18 @@ class Tokenizer(nn.Module):
         rope = rope_angles(batch.coords, head_dim, self.config.rope_base) if self.config.rope else None
         return TokenInfo(batch.sample_ids, tiles, rope, self.config.cache_tiles)
 
-    def encode(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        """→ hidden (N, width) after post_layernorm, mean and logvar (N, C)."""
-        hidden = self.post_layernorm(self.encoder(self.embeddings(batch), self.token_info(batch)))
+    def encode(self, batch: PackedBatch, info: TokenInfo | None = None) -> dict[str, torch.Tensor]:
+        """→ hidden (N, width) after post_layernorm, mean and logvar (N, C). `info`: the batch's `token_info`, when
+        the caller shares one with `decode` (and so one attention mask)."""
+        info = self.token_info(batch) if info is None else info
+        hidden = self.post_layernorm(self.encoder(self.embeddings(batch), info))
         mean, logvar = self.kl(hidden)
         return {"hidden": hidden, "mean": mean, "logvar": logvar}
 
-    def decode(self, latent: torch.Tensor, batch: PackedBatch) -> dict[str, object]:
+    def decode(self, latent: torch.Tensor, batch: PackedBatch, info: TokenInfo | None = None) -> dict[str, object]:
         """latent (N, C) → patches (N, 3072) for every token, and Gaussians for the voxel tokens."""
-        hidden = self.decoder_norm(self.decoder(self.decoder_in(latent), self.token_info(batch)))  # (N, width)
+        info = self.token_info(batch) if info is None else info
+        hidden = self.decoder_norm(self.decoder(self.decoder_in(latent), info))  # (N, width)
         out: dict[str, object] = {"patches": self.pixel_head(hidden)}
         voxels = batch.modality_mask(VOXELS)
         if voxels.any():
@@ -200,31 +203,46 @@ class Tokenizer(nn.Module):
         return pooled if self.text_projection is None else self.text_projection(pooled)
 
     def forward_packed(self, batch: PackedBatch, sample: bool = True, quantize: bool = False,
-                       embed: bool = False) -> dict[str, object]:
-        encoded = self.encode(batch)
-        latent = self.kl.sample(encoded["mean"], encoded["logvar"]) if sample else encoded["mean"]
+                       embed: bool = False, noise=None) -> dict[str, object]:
+        """`noise`: a callable giving ε (N, C) for the posterior draw (the training loop draws it per data
+        stream, so the draw does not depend on how streams are spread over workers); None: the global RNG."""
+        # One TokenInfo for encoder and decoder: they attend over the same tokens, so the flex path builds its
+        # block mask once per batch instead of once per layer.
+        info = self.token_info(batch)
+        encoded = self.encode(batch, info)
+        mean, logvar = encoded["mean"], encoded["logvar"]
+        if sample:
+            epsilon = noise(mean) if noise is not None else torch.randn_like(mean)  # (N, C)
+            latent = mean + torch.exp(0.5 * logvar) * epsilon  # (N, C)
+        else:
+            latent = mean
         out: dict[str, object] = dict(encoded)
         if embed:
             out["embedding"] = self.embed(batch, hidden=encoded["hidden"])  # (S, text_dim or width)
+            # The sigmoid loss's temperature and bias leave through forward, as non-leaf tensors: DDP finds
+            # unused parameters by walking the outputs' autograd graph, and a parameter read off the module
+            # instead is "marked ready twice" (once as unused, once by its gradient hook). A loss that does not
+            # need them must still touch them (tasks.py: `_untouched_logits`), or DDP waits for their gradients.
+            out["logit_scale"], out["logit_bias"] = self.logit_scale.clone(), self.logit_bias.clone()
         if quantize:
             latent, out["codes"] = self.quantize(latent)
-        out |= self.decode(latent, batch)
+        out |= self.decode(latent, batch, info)
         out["latent"] = latent
         return out
 
     def forward(self, pixels: torch.Tensor | PackedBatch, sample: bool = True, quantize: bool = False,
-                embed: bool = False) -> dict[str, torch.Tensor]:
+                embed: bool = False, noise=None) -> dict[str, torch.Tensor]:
         """Images (B, 3, H, W) in [-1, 1] → reconstruction (B, 3, H, W), mean, logvar (and embedding): the image
         contract the pipeline's stages use for every model. A PackedBatch goes to `forward_packed` (through
         `forward`, so that DistributedDataParallel sees the call)."""
         if isinstance(pixels, PackedBatch):
-            return self.forward_packed(pixels, sample=sample, quantize=quantize, embed=embed)
+            return self.forward_packed(pixels, sample=sample, quantize=quantize, embed=embed, noise=noise)
         batch = pack_images(pixels, self.config.patch_size, self.config.temporal_patch)
-        out = self.forward_packed(batch, sample=sample, quantize=quantize, embed=embed)
+        out = self.forward_packed(batch, sample=sample, quantize=quantize, embed=embed, noise=noise)
         images = unpack_images(out["patches"], batch, self.config.patch_size)  # (B, 3, H, W)
         result = {"reconstruction": images, "mean": out["mean"], "logvar": out["logvar"]}
         if embed:
-            result["embedding"] = out["embedding"]
+            result |= {name: out[name] for name in ("embedding", "logit_scale", "logit_bias")}
         return result
 
     # -- long videos ---------------------------------------------------------------------------------

@@ -104,6 +104,21 @@ def pack(samples: list[tuple[torch.Tensor, torch.Tensor, SampleLayout]]) -> Pack
     return PackedBatch(patches, coords, sample_ids, [s[2] for s in samples])
 
 
+def concat_packed(batches: list[PackedBatch]) -> PackedBatch:
+    """Several packed batches as one sequence (sample ids renumbered, captions concatenated)."""
+    offsets = torch.tensor([0] + [b.num_samples for b in batches[:-1]]).cumsum(0).tolist()
+    captions = None if any(b.captions is None for b in batches) else [c for b in batches for c in b.captions]
+    return PackedBatch(torch.cat([b.patches for b in batches]), torch.cat([b.coords for b in batches]),
+                       torch.cat([b.sample_ids + offset for b, offset in zip(batches, offsets, strict=True)]),
+                       [layout for b in batches for layout in b.layouts], captions)
+
+
+def tokens_per_sample(batch: PackedBatch) -> list[int]:
+    """Each sample's token count from its layout (host arithmetic: no device sync)."""
+    return [layout.grid[0] if layout.modality == VOXELS else layout.grid[0] * layout.grid[1] * layout.grid[2]
+            for layout in batch.layouts]
+
+
 def pack_images(images: torch.Tensor, patch: int = 16, temporal: int = 4) -> PackedBatch:
     """images (B, 3, H, W) → a packed batch of B one-frame samples (vectorised `patchify_image`)."""
     batch, _, height, width = images.shape

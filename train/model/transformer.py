@@ -8,14 +8,19 @@ by tile with a KV cache of the earlier tiles.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
-from atoken.train.model.attention import packed_attention
+from atoken.train.model.attention import build_block_mask, packed_attention
 from atoken.train.model.rope import apply_rope
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 @dataclass
@@ -25,6 +30,28 @@ class TokenInfo:
     tiles: torch.Tensor  # (N,) int64
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin (N, head_dim / 2), None = RoPE off
     window: int | None = None  # earlier tiles a token may attend to (None: all of them)
+    # Samples and tiles of the cached keys of earlier tiles, which these tokens also attend to (set by Stack).
+    past_samples: torch.Tensor | None = None  # (M,)
+    past_tiles: torch.Tensor | None = None  # (M,)
+    _block_mask: BlockMask | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def key_samples(self) -> torch.Tensor:
+        """(M + N,): the cached keys' samples, then these tokens'."""
+        return self.samples if self.past_samples is None else torch.cat([self.past_samples, self.samples])
+
+    @property
+    def key_tiles(self) -> torch.Tensor:
+        """(M + N,)"""
+        return self.tiles if self.past_tiles is None else torch.cat([self.past_tiles, self.tiles])
+
+    def block_mask(self) -> BlockMask:
+        """The flex path's BlockMask, built on first use and then reused by every layer that reads this TokenInfo
+        (so400m: 27 encoder + 27 decoder layers share one, where each used to build its own)."""
+        if self._block_mask is None:
+            self._block_mask = build_block_mask(self.samples, self.key_samples, self.tiles, self.key_tiles,
+                                                self.window)
+        return self._block_mask
 
 
 @dataclass
@@ -67,18 +94,16 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if info.rope is not None:
             q, k = apply_rope(q, *info.rope), apply_rope(k, *info.rope)
-        key_samples, key_tiles = info.samples, info.tiles
         if cache is not None and cache.samples is not None:
             k = torch.cat([cache.keys[layer], k])  # (M + N, H, D)
             v = torch.cat([cache.values[layer], v])
-            key_samples = torch.cat([cache.samples, info.samples])
-            key_tiles = torch.cat([cache.tiles, info.tiles])
         if cache is not None:
             # Stored for the next tile; the caller appends samples/tiles once all layers have run.
             cache.keys[layer:layer + 1] = [k]
             cache.values[layer:layer + 1] = [v]
-        out = packed_attention(q, k, v, info.samples, key_samples, info.tiles, key_tiles, self.backend,
-                               info.window)  # (N, H, D)
+        # The cached keys' samples and tiles come with `info` (Stack puts them there), and so does the mask.
+        out = packed_attention(q, k, v, info.samples, info.key_samples, info.tiles, info.key_tiles, self.backend,
+                               info.window, info.block_mask)  # (N, H, D)
         return self.out_proj(out.reshape(n, -1))  # (N, width)
 
 
@@ -116,10 +141,20 @@ class Stack(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         self.layers = nn.ModuleList(Block(width, heads, mlp_width, siglip, eps, backend) for _ in range(depth))
+        # Activation checkpointing (train.stages[].activation_checkpointing): each block's activations are
+        # recomputed in backward instead of kept, a block's worth of memory instead of depth's.
+        self.checkpointing = False
 
     def forward(self, x: torch.Tensor, info: TokenInfo, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is not None and cache.samples is not None:
+            # Keys of this tile's every layer: the cached tiles' and its own, one mask for all layers.
+            info = replace(info, past_samples=cache.samples, past_tiles=cache.tiles)
+        recompute = self.checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
-            x = layer(x, info, cache, index)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(layer, x, info, None, index, use_reentrant=False)
+            else:
+                x = layer(x, info, cache, index)
         if cache is not None:
             cache.samples = info.samples if cache.samples is None else torch.cat([cache.samples, info.samples])
             cache.tiles = info.tiles if cache.tiles is None else torch.cat([cache.tiles, info.tiles])

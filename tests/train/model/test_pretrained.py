@@ -65,3 +65,24 @@ def test_from_siglip2_refuses_non_safetensors(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(FileNotFoundError, match="safetensors"):
         Tokenizer.from_siglip2(str(tmp_path))
+
+
+def test_init_from_loads_siglip2_into_the_configured_model_and_refuses_other_sizes(siglip2_folder):
+    """`train.model.init_from`: the curriculum builds the model from its preset, then loads SigLIP2 into it."""
+    from atoken.train.model.pretrained import load_siglip2_weights
+
+    folder, _ = siglip2_folder
+    expected = Tokenizer.from_siglip2(str(folder)).state_dict()
+    torch.manual_seed(1)
+    model = Tokenizer(Tokenizer.from_siglip2(str(folder)).config)  # fresh weights, the checkpoint's sizes
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loaded = load_siglip2_weights(model, folder)
+    state = model.state_dict()
+    assert "encoder.layers.1.mlp.fc2.weight" in loaded and "head.probe" in loaded
+    for name in loaded:
+        assert torch.equal(state[name], expected[name]), name
+    # The decoder keeps its own initialisation (negative control: loading did not overwrite everything).
+    assert torch.equal(state["decoder_in.weight"], before["decoder_in.weight"])
+    assert not torch.equal(state["encoder.layers.0.mlp.fc1.weight"], before["encoder.layers.0.mlp.fc1.weight"])
+    with pytest.raises(ValueError, match="does not fit train.model: width 64 \\(model: 96\\)"):
+        load_siglip2_weights(Tokenizer.from_preset("tiny"), folder)

@@ -1,0 +1,126 @@
+"""The curriculum's tasks: data streams, per-stream draws, the global share of each loss, the packed image path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atoken.pipeline.config import LossSection, TrainStageSection
+from atoken.pipeline.storage import Storage
+from atoken.train.losses.perceptual import gram_matrix
+from atoken.train.losses.render import render_views
+from atoken.train.model import Tokenizer
+from atoken.train.model.tokens import pack_images
+from atoken.train.tasks import (
+    Frozen,
+    ImageBatch,
+    ImageTask,
+    MicroBatch,
+    StreamNoise,
+    StreamPart,
+    TaskStreams,
+    WorldShare,
+    build_tasks,
+    part_seed,
+    worker_streams,
+    world_share,
+)
+
+from helpers import write_training_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from atoken.train.tasks import TaskShards
+
+    return TaskShards(**write_training_shards(tmp_path_factory.mktemp("tasks"), shards=4, images=4))
+
+
+def test_streams_are_shared_out_contiguously_and_refuse_an_uneven_split():
+    assert [worker_streams(4, rank, 2) for rank in range(2)] == [[0, 1], [2, 3]]
+    assert worker_streams(4, 0, 1) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="data streams cannot be shared by 3 workers"):
+        worker_streams(4, 0, 3)
+
+
+def test_one_worker_reading_two_streams_sees_what_two_workers_see(shards):
+    stage = TrainStageSection(batch_size=2, tasks=["image"])
+    tasks = build_tasks(stage, LossSection())
+    both = TaskStreams(tasks, shards, Storage(), 0, [0, 1], 2, {})
+    rank0 = TaskStreams(tasks, shards, Storage(), 0, [0], 2, {})
+    rank1 = TaskStreams(tasks, shards, Storage(), 0, [1], 2, {})
+    for _ in range(3):  # past a shard boundary (4 images a shard, 2 a batch)
+        merged, parts = both.next("image")
+        first, _ = rank0.next("image")
+        second, _ = rank1.next("image")
+        assert torch.equal(merged.pixels, torch.cat([first.pixels, second.pixels]))
+        assert merged.captions == first.captions + second.captions
+        assert [(p.stream, p.samples) for p in parts] == [(0, 2), (1, 2)]
+    assert both.positions == {"image/0": 6, "image/1": 6} == rank0.positions | rank1.positions
+    # Negative control: the streams are different data.
+    assert not torch.equal(first.pixels, second.pixels)
+    resumed = TaskStreams(tasks, shards, Storage(), 0, [1], 2, {"image/1": 4})
+    assert torch.equal(resumed.next("image")[0].pixels, second.pixels)
+
+
+def test_noise_is_drawn_per_stream_whatever_the_batch_holds():
+    parts = [StreamPart(0, 2, 8), StreamPart(1, 3, 12)]
+    seeds = [part_seed(0, 0, p.stream, 5, 0) for p in parts]
+    mean = torch.zeros(20, 4)
+    together = StreamNoise(parts, seeds)(mean)
+    alone = [StreamNoise([part], [seed])(torch.zeros(part.tokens, 4)) for part, seed in zip(parts, seeds, strict=True)]
+    assert torch.equal(together, torch.cat(alone))
+    # Rows per sample when the posterior has one row per image (the convolutional models).
+    assert StreamNoise(parts, seeds)(torch.zeros(5, 4, 2, 2)).shape == (5, 4, 2, 2)
+    assert not torch.equal(together[:8], StreamNoise(parts, [part_seed(0, 0, 0, 6, 0), seeds[1]])(mean)[:8])
+    with pytest.raises(ValueError, match="fits neither"):
+        StreamNoise(parts, seeds)(torch.zeros(7, 4))
+
+
+def test_a_workers_share_rescales_its_mean_to_the_global_one():
+    share = WorldShare(["a"] * 5, ["a"] * 2, {"tokens": (2, 5)}, world_size=2)
+    # Worker means 1.0 over 2 tokens and 4.0 over 3 tokens: the global mean is 14 / 5; DDP averages the two.
+    other = WorldShare(["a"] * 5, ["a"] * 3, {"tokens": (3, 5)}, world_size=2)
+    assert (1.0 * share.scale("tokens") + 4.0 * other.scale("tokens")) / 2 == pytest.approx(14 / 5)
+    alone = world_share(["a", "b"], {"tokens": 5}, world_size=1)
+    assert alone.scale("tokens") == 1.0 and alone.captions == ["a", "b"]
+
+
+def test_packed_images_pay_every_image_loss_as_the_batch_path_does():
+    """Same images, same draws: the packed path's L1, LPIPS, Gram, CLIP-perceptual and sigmoid terms equal the
+    batch path's (they went missing from it before)."""
+    torch.manual_seed(0)
+    model = Tokenizer.from_preset("tiny", latent_channels=8, patch_size=16, text_dim=384)
+    pixels = torch.rand(3, 3, 32, 32) * 2 - 1
+    captions = ["a photo of a cat", "a photo of a dog", "a photo of a cat"]
+    losses = LossSection(perceptual_resolution=32)
+    frozen = Frozen(losses, torch.device("cpu"), need_perceptual=True, need_text=True)
+    task = ImageTask(TrainStageSection(batch_size=3), losses)
+    parts = [StreamPart(0, 3, 12)]
+
+    def terms(data):
+        share = world_share(captions, task.counts(data, parts), 1)
+        micro = MicroBatch(data, parts, StreamNoise(parts, [7]), [8], share)
+        return task.losses_of(model, micro, frozen)[1]
+
+    batch_terms = terms(ImageBatch(pixels, captions))
+    packed = pack_images(pixels)
+    packed.captions = captions
+    packed_terms = terms(packed)
+    for name in ("l1", "lpips", "gram", "clip_perceptual", "sigmoid", "kl", "total"):
+        assert torch.allclose(packed_terms[name], batch_terms[name], rtol=1e-4, atol=1e-6), name
+    assert float(packed_terms["lpips"].detach()) > 0 and float(packed_terms["gram"].detach()) > 0
+
+
+def test_gram_and_gaussians_leave_bf16_autocast_in_float32():
+    features = torch.randn(2, 8, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gram_matrix(features).dtype == torch.float32
+    gaussians = {"means": torch.randn(5, 3) * 0.1, "quats": torch.nn.functional.normalize(torch.randn(5, 4), dim=-1),
+                 "scales": torch.full((5, 3), 0.05, dtype=torch.bfloat16),
+                 "opacities": torch.full((5,), 0.5, dtype=torch.bfloat16),
+                 "colors": torch.rand(5, 3).bfloat16()}
+    c2w = torch.eye(4)[None].clone()
+    c2w[0, 2, 3] = 2.0
+    intrinsics = torch.tensor([[[16.0, 0, 8], [0, 16.0, 8], [0, 0, 1]]])
+    assert render_views(gaussians, c2w, intrinsics, 16, 16).dtype == torch.float32
