@@ -17,7 +17,6 @@ A "before" build that would need over 3/4 of the free memory is not run; its row
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -26,27 +25,19 @@ import statistics
 import subprocess
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "benchmarks" / "gpu")]
+from bench_model import import_atoken  # noqa: E402  (maps the repository as `atoken` on the lent GPU)
+
+from helpers import LiveBytes  # noqa: E402  (the peak of bytes live tensors hold)
+
 LAYERS = 2 * 27  # so400m: 27 encoder + 27 decoder layers, each built its own mask before
 SIZES = (1024, 4096, 16384, 32768)
 FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
-
-
-def import_atoken():
-    """Map the repository folder as the `atoken` package when it is not installed (the lent GPU)."""
-    if importlib.util.find_spec("atoken") is None:
-        spec = importlib.util.spec_from_file_location("atoken", REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["atoken"] = module
-        spec.loader.exec_module(module)
 
 
 def layout(kind: str, tokens: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,29 +67,6 @@ def after(samples, tiles, window):
     from atoken.train.model.attention import build_block_mask
 
     return build_block_mask(samples, samples, tiles, tiles, window)
-
-
-class LiveBytes(TorchDispatchMode):
-    """The peak of bytes held by tensors created inside the block (each storage counted once, until freed)."""
-
-    def __init__(self):
-        super().__init__()
-        self.current = self.peak = 0
-        self.refs: dict[int, weakref.ref] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and id(storage := tensor.untyped_storage()) not in self.refs:
-                key, size = id(storage), storage.nbytes()
-                self.current += size
-                self.refs[key] = weakref.ref(storage, lambda _, key=key, size=size: self._free(key, size))
-        self.peak = max(self.peak, self.current)
-        return out
-
-    def _free(self, key: int, size: int) -> None:
-        self.current -= size
-        self.refs.pop(key, None)
 
 
 def status_mib(field: str) -> float:

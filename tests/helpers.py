@@ -6,7 +6,12 @@ import os
 import socket
 import subprocess
 import sys
+import weakref
 from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -133,3 +138,31 @@ def save_tiny_siglip2(folder: Path, width: int = 96, depth: int = 2, heads: int 
     transformers.PreTrainedTokenizerFast(tokenizer_object=words_only, pad_token="[PAD]",
                                          unk_token="[UNK]").save_pretrained(folder)
     return folder
+
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak of bytes held by tensors created inside the block (each storage counted once, until freed):
+    what a test or a benchmark reads as the working memory of the code it wraps."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = self.peak = 0
+        self.refs: dict[int, weakref.ref] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = id(storage)
+                if key not in self.refs:
+                    size = storage.nbytes()
+                    self.current += size
+                    self.refs[key] = weakref.ref(storage, lambda _, key=key, size=size: self._free(key, size))
+        self.peak = max(self.peak, self.current)
+        return out
+
+    def _free(self, key: int, size: int) -> None:
+        self.current -= size
+        self.refs.pop(key, None)

@@ -124,3 +124,23 @@ def test_gram_and_gaussians_leave_bf16_autocast_in_float32():
     c2w[0, 2, 3] = 2.0
     intrinsics = torch.tensor([[[16.0, 0, 8], [0, 16.0, 8], [0, 0, 1]]])
     assert render_views(gaussians, c2w, intrinsics, 16, 16).dtype == torch.float32
+
+
+def test_frozen_networks_in_bf16_take_float32_inputs_outside_autocast(tmp_path):
+    """On GPU the frozen networks are held in bf16 and the understanding and render losses call them from
+    float32 code (autocast off): each casts its inputs. Run here on CPU in bf16."""
+    from atoken.train.losses.perceptual import PerceptualLosses
+    from atoken.train.losses.towers import ImageTower
+    from atoken.train.model.text_encoder import TextEncoder
+
+    from helpers import save_tiny_siglip2
+
+    folder = save_tiny_siglip2(tmp_path / "siglip2", width=32, depth=1, heads=2, mlp=64)
+    images, outputs = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    tower = ImageTower.from_path(folder).to(dtype=torch.bfloat16)
+    assert torch.isfinite(tower(images).float()).all()
+    perceptual = PerceptualLosses(32, vision_tower=str(folder)).to(dtype=torch.bfloat16)
+    terms = perceptual(images, outputs)
+    assert all(torch.isfinite(value.float()) for value in terms.values())
+    text = TextEncoder.from_path(folder).to(dtype=torch.bfloat16)
+    assert text(["a red shoe"]).dtype == torch.float32

@@ -71,7 +71,10 @@ class PerceptualLosses(nn.Module):
         """target, output (B, 3, H, W) in [-1, 1] → the asked `terms` of {lpips, gram, clip_perceptual}, each a
         batch mean (a term not asked for is not computed: the 3D render loss needs LPIPS alone)."""
         batch = target.shape[0]
-        both = resize_for_features(torch.cat([target.detach(), output]), self.resolution)  # (2B, 3, R, R)
+        # In the frozen network's dtype (bf16 on GPU), whether or not autocast is on (the 3D render loss calls
+        # it from float32 code).
+        dtype = next(self.network.parameters()).dtype
+        both = resize_for_features(torch.cat([target.detach(), output]).to(dtype), self.resolution)  # (2B, 3, R, R)
         taps = self._taps(both)
         result: dict[str, torch.Tensor] = {}
         if "lpips" in terms:

@@ -48,7 +48,9 @@ class ImageTower(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [-1, 1] (SigLIP's own normalisation) → pooled embeddings (B, D)."""
+        """images (B, 3, H, W) in [-1, 1] (SigLIP's own normalisation) → pooled embeddings (B, D), in the tower's
+        dtype (bf16 on GPU: the inputs are cast, since the understanding losses call it outside autocast)."""
+        images = images.to(next(self.model.parameters()).dtype)
         if self.model_type == "siglip":
             pixels = F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", align_corners=False,
                                    antialias=True)

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from atoken.train.losses.semantic import sigmoid_loss
 from atoken.train.model.tokenizer import PRESETS, Tokenizer
@@ -22,6 +18,8 @@ from atoken.train.model.tokens import (
     unpatchify,
     voxel_tokens,
 )
+
+from helpers import LiveBytes
 
 
 def tiny(**overrides) -> Tokenizer:
@@ -181,32 +179,6 @@ def test_preset_table_shapes():
     assert PRESETS["base"] == dict(width=768, depth=12, heads=12, mlp_width=3072)
     with pytest.raises(ValueError, match="unknown preset"):
         Tokenizer.from_preset("huge")
-
-
-class LiveBytes(TorchDispatchMode):
-    """The peak of bytes held by tensors created inside the block (each storage counted once, until freed)."""
-
-    def __init__(self):
-        super().__init__()
-        self.current = self.peak = 0
-        self.refs: dict[int, weakref.ref] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                key = id(storage)
-                if key not in self.refs:
-                    size = storage.nbytes()
-                    self.current += size
-                    self.refs[key] = weakref.ref(storage, lambda _, key=key, size=size: self._free(key, size))
-        self.peak = max(self.peak, self.current)
-        return out
-
-    def _free(self, key: int, size: int) -> None:
-        self.current -= size
-        self.refs.pop(key, None)
 
 
 def tiled_working_memory(model: Tokenizer, latent_frames: int, tile_latent_frames: int) -> int:
