@@ -84,9 +84,9 @@ def run_atoken(items, settings, work: Path, assets_per_process: int) -> list[dic
     rows = []
     for item in items:
         start = time.perf_counter()
-        _, npz, meta = process_object(b"", item, object_settings)
+        _, npz, meta, measured = process_object(b"", item, object_settings)
         rows.append({"asset": item.key, "seconds": time.perf_counter() - start,
-                     "blender_view_seconds": meta["render"]["seconds"], "voxels": meta["voxels"],
+                     "blender_view_seconds": measured["render_seconds"], "voxels": meta["voxels"],
                      "npz_bytes": len(npz)})
     close_blender_processes()
     return {"child_start_seconds": startup, "assets": rows}

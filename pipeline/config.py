@@ -176,7 +176,7 @@ class TrainStageSection:
     # resumes exactly on any num_workers that divides data_streams.
     data_streams: int | None = None
     activation_checkpointing: bool = False  # recompute each transformer block in backward (memory for time)
-    compile: bool = False  # torch.compile each transformer block (GPU; off on CPU)
+    compile: bool = False  # torch.compile each transformer block on GPU (ignored on CPU)
     deterministic: bool = False  # PyTorch's deterministic algorithms (GPU; CPU kernels already are)
     keep_checkpoints: int = 3  # committed checkpoints kept; older ones are deleted after each commit
     async_checkpoint: bool = False  # write (and upload) checkpoints in the background while training goes on

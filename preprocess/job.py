@@ -123,14 +123,16 @@ def run_shard_job(plans: list[ShardPlan], settings: ImageSettings | VideoSetting
                   parallelism: int, progress: bool, description: str, unit: str,
                   samples_per_shard: int | None = None,
                   resources: dict[str, float] | None = None,
-                  manifest_stats: Callable[[pa.Table], dict[str, Any]] | None = None) -> dict[str, Any]:
+                  job_stats: Callable[[pa.Table, list[ShardResult]], dict[str, Any]] | None = None
+                  ) -> dict[str, Any]:
     """Write every planned group as a part, repack the parts into shards of exactly `samples_per_shard`
     samples (default: the largest group's item count), then the job's manifest, errors and stats.
 
     Both steps are parallel Ray tasks on the same workers; see preprocess/writer.py for how each commits.
     `resources`: Ray custom resources every task asks for (config `ray.preprocess_resources`), which keeps the
     work on a cluster's CPU render workers. A task whose node dies is rerun elsewhere (max_retries).
-    `manifest_stats`: figures of the job's whole manifest added to its stats (the 3D job's render figures).
+    `job_stats`: figures of the job's whole manifest and of its parts' results (what making their samples
+    measured) added to its stats (the 3D job's render figures).
     """
     import ray
 
@@ -179,8 +181,8 @@ def run_shard_job(plans: list[ShardPlan], settings: ImageSettings | VideoSetting
         "seconds": round(seconds, 3),
         "items_per_second": round(built_items / seconds, 2) if built else 0.0,
     }
-    if manifest_stats is not None:
-        stats.update(manifest_stats(manifest))
+    if job_stats is not None:
+        stats.update(job_stats(manifest, part_results))
     storage.write_json(join(output, "_stats.json"), stats)
     return stats
 

@@ -196,16 +196,18 @@ class ObjectSettings:
         # webdataset, pyarrow and PyAV.
         from atoken.preprocess.writer import ShardSample
 
-        key, npz, meta = process_object(data, item, self)
-        return [ShardSample(key, {"npz": npz}, meta)]
+        key, npz, meta, measured = process_object(data, item, self)
+        return [ShardSample(key, {"npz": npz}, meta, measured)]
 
 
 def renders_uri(output: str, key: str) -> str:
     return join(output, "renders", key)
 
 
-def process_object(data: bytes, item: ItemSpec, settings: ObjectSettings) -> tuple[str, bytes, dict]:
-    """Render (or reuse the kept renders of) one asset, voxelise it, flag it → (key, npz bytes, metadata)."""
+def process_object(data: bytes, item: ItemSpec, settings: ObjectSettings) -> tuple[str, bytes, dict, dict]:
+    """Render (or reuse the kept renders of) one asset, voxelise it, flag it → (key, npz bytes, metadata,
+    measured). The metadata is a function of the asset and the settings alone; what this run measured (seconds,
+    views rendered, renders reused) comes apart, as writer.ShardSample.measured."""
     started = time.perf_counter()
     folder_uri = renders_uri(settings.output, item.key)
     offset = camera_offset(item.key)
@@ -245,25 +247,26 @@ def process_object(data: bytes, item: ItemSpec, settings: ObjectSettings) -> tup
                                           "missing_textures", "color_attributes")},
         "normalisation": {"scale": info["scale"], "offset": info["offset"]},
         "render": {**settings.render.fingerprint(), "camera_offset": list(offset), "device": info.get("device"),
-                   "blender": info.get("blender"), "seconds": round(sum(info["view_seconds"]), 4),
-                   "seconds_per_view": round(sum(info["view_seconds"]) / views, 4),
-                   "setup_seconds": round(info["import_seconds"], 4), "reused": reused},
-        "renders": folder_uri if settings.keep_renders else None,
-        "blender_log": join(folder_uri, "blender.log"),
+                   "blender": info.get("blender")},
+        # Relative to the job's output (see renders_uri), so that the sample is the same wherever the output lives.
+        "renders": f"renders/{item.key}" if settings.keep_renders else None,
+        "blender_log": f"renders/{item.key}/blender.log",
         "source_sha256": hashlib.sha256(data).hexdigest(),
         "sha256": hashlib.sha256(npz).hexdigest(),
         "license": None,
-        "seconds": round(time.perf_counter() - started, 4),
     }
+    render_seconds = 0.0 if reused else sum(info["view_seconds"])
+    measured = {"seconds": time.perf_counter() - started, "render_seconds": render_seconds,
+                "rendered_views": 0 if reused else views, "reused_renders": int(reused)}
     if item.source == "objaverse":
         annotation = objaverse_annotation(item.locator)
         meta.update(annotation, objaverse=annotation)
     if settings.log_assets:
-        what = "reused renders" if reused else f"{views} views in {sum(info['view_seconds']):.1f} s " \
-                                               f"({meta['render']['seconds_per_view']:.2f} s/view)"
-        print(f"atoken 3d: {item.key}: {what}, {meta['voxels']} voxels, {meta['seconds']:.1f} s"
+        what = "reused renders" if reused else f"{views} views in {render_seconds:.1f} s " \
+                                               f"({render_seconds / views:.2f} s/view)"
+        print(f"atoken 3d: {item.key}: {what}, {meta['voxels']} voxels, {measured['seconds']:.1f} s"
               + (f", flags {','.join(voxelised.flags)}" if voxelised.flags else ""), flush=True)
-    return item.key, npz, meta
+    return item.key, npz, meta, measured
 
 
 def load_object_sample(data: bytes) -> dict[str, np.ndarray]:
@@ -429,18 +432,18 @@ def run_object_job(items: list[ItemSpec], settings: ObjectSettings, assets_per_s
 
     return run_shard_job(plan_shards(items, assets_per_shard, val_every), settings, settings.storage,
                          settings.output, parallelism, progress, description, "asset", resources=resources,
-                         manifest_stats=_render_stats)
+                         job_stats=_render_stats)
 
 
-def _render_stats(manifest) -> dict:
-    """Seconds per view (Blender, as rendered) and how many assets carry each flag."""
-    rows = manifest.select(["views", "render_seconds", "flags"]).to_pylist()
-    rows = [row for row in rows if row["views"]]
-    views = sum(row["views"] for row in rows)
-    seconds = sum(row["render_seconds"] or 0.0 for row in rows)
+def _render_stats(manifest, part_results: list) -> dict:
+    """The views in the shards, Blender's seconds per view over those this run rendered (none when every
+    asset reused its kept renders or its part was skipped), and how many assets carry each flag."""
+    rows = [row for row in manifest.select(["views", "flags"]).to_pylist() if row["views"]]
+    rendered = sum(r.measured.get("rendered_views", 0) for r in part_results)
+    seconds = sum(r.measured.get("render_seconds", 0.0) for r in part_results)
     flagged = {flag: sum(flag in (row["flags"] or []) for row in rows) for flag in FLAGS}
-    return {"views": views, "seconds_per_view": round(seconds / views, 4) if views else None,
-            "flagged": flagged}
+    return {"views": sum(row["views"] for row in rows), "views_rendered": int(rendered),
+            "seconds_per_view": round(seconds / rendered, 4) if rendered else None, "flagged": flagged}
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ it; one without is rebuilt from scratch, so a kill at any point loses nothing an
 A done part with failed items is rebuilt on a rerun (up to MAX_ATTEMPTS), so an item that failed for a
 passing reason (a timeout, a file still being copied) lands the next time; a final shard is skipped only
 if its manifest equals the one planned from the parts, so the shards after a newly landed item are
-rebuilt. Tars are written with fixed headers (mtime 0), so the same samples always give the same bytes.
+rebuilt. Tars are written with fixed headers (mtime 0), and neither a sample nor its manifest row holds a
+fact of the run that made it (seconds, absolute paths: `ShardSample.measured` carries those to the stats), so
+the same inputs give the same shard bytes on every run, wherever the output lives.
 Plain functions: preprocess/job.py maps them over Ray.
 """
 
@@ -40,9 +42,8 @@ MANIFEST_SCHEMA = pa.schema([
     ("source_key", pa.string()), ("start_seconds", pa.float64()), ("end_seconds", pa.float64()),
     ("fps", pa.float64()), ("frames", pa.int32()),
     # 3D assets only (null for images and clips): views rendered, occupied voxels, quality flags
-    # (preprocess/voxels.py FLAGS), the asset's licence where its source has one, Blender seconds
+    # (preprocess/voxels.py FLAGS), the asset's licence where its source has one
     ("views", pa.int32()), ("voxels", pa.int32()), ("flags", pa.list_(pa.string())), ("license", pa.string()),
-    ("render_seconds", pa.float64()),
 ])
 ERRORS_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("locator", pa.string()), ("stage", pa.string()),
@@ -90,6 +91,7 @@ class ShardResult:
     skipped: bool = False
     error_rows: list[dict] = field(default_factory=list)
     manifest: pa.Table | None = None  # a part's committed rows, so the job plans shards without reading them back
+    measured: dict[str, float] = field(default_factory=dict)  # its samples' `ShardSample.measured`, summed
 
     def __reduce__(self):
         return _with_manifest, (ShardResult, {**self.__dict__, "manifest": _ipc_bytes(self.manifest)})
@@ -116,6 +118,10 @@ class ShardSample:
     key: str
     files: dict[str, bytes]  # extension → bytes, e.g. {"png": ...} or {"mp4": ...}
     meta: dict
+    # What making it measured (seconds, views rendered, renders reused): facts of this run, not of the sample,
+    # so they stay out of its bytes and its manifest row (the same inputs give the same shards on every run and
+    # wherever the output lives) and reach the job's stats through ShardResult.measured.
+    measured: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,7 @@ def write_shard(plan: ShardPlan, storage: Storage, output: str, settings: ImageS
 
     rows: list[dict] = []
     error_rows: list[dict] = []
+    measured: dict[str, float] = {}
     with storage.staged_file(shard_uri(output, plan.name)) as tar_path:
         with TarSink(tar_path) as sink:
             for item in plan.items:
@@ -181,6 +188,8 @@ def write_shard(plan: ShardPlan, storage: Storage, output: str, settings: ImageS
                     meta = {**sample.meta, "caption": item.caption, "source": item.source, "split": plan.split}
                     _add_sample(sink, sample.key, {**sample.files, "json": json.dumps(meta).encode()})
                     rows.append(_manifest_row(sample, meta, plan))
+                    for name, value in sample.measured.items():
+                        measured[name] = measured.get(name, 0) + value
         _verify_tar(tar_path, [row["key"] for row in rows], sum(row["bytes"] for row in rows))
     # The manifest's measure (bytes of the samples' media), so a skipped shard reports the same number.
     size = sum(row["bytes"] for row in rows)
@@ -188,7 +197,7 @@ def write_shard(plan: ShardPlan, storage: Storage, output: str, settings: ImageS
     storage.write_bytes(errors_uri(output, plan.name), _parquet(error_rows, ERRORS_SCHEMA))
     storage.write_bytes(manifest_uri(output, plan.name), _parquet_table(manifest))
     return ShardResult(plan.name, len(rows), len(error_rows), size, time.perf_counter() - started,
-                       error_rows=error_rows, manifest=manifest)
+                       error_rows=error_rows, manifest=manifest, measured=measured)
 
 
 def _manifest_row(sample: ShardSample, meta: dict, plan: ShardPlan) -> dict:
@@ -202,7 +211,7 @@ def _manifest_row(sample: ShardSample, meta: dict, plan: ShardPlan) -> dict:
         "source_key": meta.get("source_key"), "start_seconds": meta.get("start_seconds"),
         "end_seconds": meta.get("end_seconds"), "fps": meta.get("fps"), "frames": meta.get("frames"),
         "views": meta.get("views"), "voxels": meta.get("voxels"), "flags": meta.get("flags"),
-        "license": meta.get("license"), "render_seconds": (meta.get("render") or {}).get("seconds"),
+        "license": meta.get("license"),
     }
 
 

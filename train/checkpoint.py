@@ -30,7 +30,7 @@ from safetensors.torch import load, save
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
 from atoken.pipeline.storage import LocalStaging, Storage, is_s3, join, local_path
-from atoken.train.checkpoint_store import ShardReader, shard_writer, upload_folder
+from atoken.train.checkpoint_store import ShardReader, commit, committed_steps, shard_writer, step_folder, upload_folder
 
 # One process without a process group is intended (no_dist is passed): DCP warns on every save and load anyway.
 warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
@@ -44,7 +44,7 @@ class Restored:
     rank_state: dict[str, Any] | None  # this rank's own; None when the checkpoint was saved on another world size
     rank_tensors: dict[str, torch.Tensor] | None  # likewise (e.g. rng.torch, rng.cuda)
     saved_world_size: int
-    bytes_read: int  # by this rank: shard headers and the byte ranges of its own shards, plus its JSON files
+    bytes_read: int  # by this rank: the byte ranges of its own shards, its JSON files, and (rank 0) shard headers
 
 
 class Checkpointer:
@@ -55,15 +55,18 @@ class Checkpointer:
       EMA (a dict of tensors, DTensors under FSDP) through DCP, each rank writing only its own shards;
       `shared_state` (JSON, identical on every rank) once, by rank 0; `rank_state` (JSON) and `rank_tensors`
       (e.g. RNG) in this rank's own files. On s3:// each rank stages its shard file locally (`staging_dir`)
-      and uploads it in parts (`StorageSection.multipart_chunk_mb`). Then a barrier, and rank 0 commits
-      latest.json and deletes all but the last `keep_last` committed checkpoints. A committed step is never
-      rewritten (ValueError): its folder would be gone before the new one is committed.
+      and uploads it in parts (`StorageSection.multipart_chunk_mb`). Then the ranks agree that every one wrote
+      (an all-reduce of a flag, the barrier), and rank 0 commits latest.json and deletes all but the last
+      `keep_last` committed checkpoints; if any rank's write or upload failed, no rank commits and every rank
+      raises (instead of the others waiting out the barrier's timeout). A committed step is never rewritten
+      (ValueError): its folder would be gone before the new one is committed.
     - `async_save`: `save` returns once the tensors are copied to CPU (DCP's staging); writing, uploading and
       the commit run on a background thread (its collectives on a gloo group of their own, apart from the
       training's). The next `save` or `wait()` joins it and re-raises what it raised.
     - `load_latest(model, optimizer, ema_weights) -> Restored | None`: the newest committed checkpoint, loaded
-      in place, on any world size (DCP reshards); each rank reads only the byte ranges it needs. Its
-      `rank_state` and `rank_tensors` are this rank's, or None when the world size differs.
+      in place, on any world size (DCP reshards); rank 0 reads the shard headers and broadcasts DCP's metadata,
+      then each rank reads only the byte ranges it needs. Its `rank_state` and `rank_tensors` are this rank's,
+      or None when the world size differs.
     """
 
     def __init__(self, storage: Storage, stage_output: str, rank: int, world_size: int, keep_last: int = 3,
@@ -77,20 +80,22 @@ class Checkpointer:
             Path(staging_dir).mkdir(parents=True, exist_ok=True)
         # Async collectives must not interleave with the training's on the default (NCCL) group: their own.
         self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
-        # The staged copy: on a GPU machine in pinned memory, kept from save to save (fast device-to-host copies;
-        # one host copy of this rank's shards held); on CPU a fresh copy each time (pinning needs a GPU).
+        # The staged copy: a host copy of all this rank holds of model, optimizer and EMA: its shards under FSDP,
+        # the whole (replicated) state under DDP or in one process, though DCP then writes each replicated tensor
+        # from one rank only. On a GPU machine in pinned memory, kept from save to save (fast device-to-host
+        # copies); on CPU a fresh copy each time (pinning needs a GPU).
         self._stager = BlockingAsyncStager(cache_staged_state_dict=torch.cuda.is_available()) if async_save else None
         self._pending: threading.Thread | None = None
         self._failure: BaseException | None = None
 
     def folder(self, step: int) -> str:
-        return join(self.root, f"step-{step:08d}")
+        return step_folder(self.root, step)
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              ema_weights: dict[str, torch.Tensor] | None, shared_state: dict[str, Any], rank_state: dict[str, Any],
              rank_tensors: dict[str, torch.Tensor]) -> None:
         self.wait()
-        if step in self._kept():  # it would be deleted below before its replacement is committed
+        if step in committed_steps(self.storage, self.root):  # it would be deleted before its replacement commits
             raise ValueError(f"step {step} is already committed under {self.root}; a committed checkpoint is "
                              "never rewritten")
         folder = self.folder(step)
@@ -140,7 +145,8 @@ class Checkpointer:
             set_optimizer_state_dict,
         )
 
-        kept = self._kept()
+        self.wait()  # an async save's commit first (and no collective of ours racing its own on the gloo group)
+        kept = committed_steps(self.storage, self.root)
         if not kept:
             return None
         step = kept[-1]
@@ -150,7 +156,7 @@ class Checkpointer:
         tensors, model_state, optimizer_state = _flat_state(model, optimizer, ema_weights)
         # A parameter no task has trained yet (the Gaussian head before stage 3) has no AdamW state in the
         # checkpoint; the fresh optimizer's (DCP's zero-step initialisation) is dropped, as in the one that saved.
-        in_checkpoint = reader.read_metadata().state_dict_metadata
+        in_checkpoint = reader.share_metadata(self._group).state_dict_metadata
         for fqn in list(optimizer_state["state"]):
             keys = [f"optimizer.{fqn}.{slot}" for slot, value in optimizer_state["state"][fqn].items()
                     if isinstance(value, torch.Tensor)]
@@ -179,43 +185,31 @@ class Checkpointer:
 
     def _finish_in_background(self, written, step: int, shards: Path, staging: LocalStaging | None) -> None:
         try:
-            written.result()
-            self._finish(step, shards, staging)
+            self._finish(step, shards, staging, written)
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
             self._failure = exc
 
-    def _finish(self, step: int, shards: Path, staging: LocalStaging | None) -> None:
-        """Upload this rank's shards (S3), wait for every rank, then commit (rank 0)."""
-        if staging is not None:
-            try:
-                if shards.is_dir():  # a rank with nothing of its own to write (DDP dedup) writes no file
-                    upload_folder(self.storage, shards, join(self.folder(step), "shards"))
-            finally:
+    def _finish(self, step: int, shards: Path, staging: LocalStaging | None, written=None) -> None:
+        """Finish this rank's write (async) and upload its shards (S3); once every rank has, commit (rank 0)."""
+        done = False
+        try:
+            if written is not None:
+                written.result()
+            if staging is not None and shards.is_dir():  # a rank with nothing of its own (DDP dedup) has no file
+                upload_folder(self.storage, shards, join(self.folder(step), "shards"))
+            done = True
+        finally:  # on a failure too: the other ranks learn of it here (and then raise) instead of waiting
+            if staging is not None:
                 shutil.rmtree(staging.path, ignore_errors=True)
-        _barrier(self._group)
+            everyone = _all_succeeded(done, self._group)
+        if not everyone:
+            raise RuntimeError(f"checkpoint step {step} is not committed: another rank failed to write or upload "
+                               "its shards (its log says why)")
         if self.rank == 0:
             self._commit(step)
 
-    def _kept(self) -> list[int]:
-        """The committed checkpoints' steps, oldest first (latest.json's `kept`); [] before the first commit."""
-        pointer = join(self.root, "latest.json")
-        latest = self.storage.read_json(pointer) if self.storage.exists(pointer) else {"kept": []}
-        if "kept" not in latest:
-            raise ValueError(f"{pointer} names a checkpoint of the previous whole-state format ({latest['folder']}), "
-                             "which Checkpointer does not read: resume with the release that wrote it")
-        return latest["kept"]
-
     def _commit(self, step: int) -> None:
-        """latest.json names this step (the commit); then every other folder but the last `keep_last` committed
-        goes, uncommitted leftovers of a crash included (none is newer than the step just committed)."""
-        kept = (self._kept() + [step])[-self.keep_last:]
-        self.storage.write_json(join(self.root, "latest.json"), {"step": step, "folder": self.folder(step),
-                                                                 "kept": kept})
-        prefix = join(self.root, "step-")
-        folders = {uri[len(prefix):].split("/", 1)[0] for uri in self.storage.list(self.root) if uri.startswith(prefix)}
-        for name in sorted(folders):
-            if name.isdigit() and int(name) not in kept and int(name) < step:
-                self.storage.delete_folder(prefix + name)
+        commit(self.storage, self.root, step, self.keep_last)
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
@@ -260,6 +254,16 @@ def _optimizer_hyperparameters(optimizer_state: dict[str, Any]) -> dict[str, Any
 def _barrier(group) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
+
+
+def _all_succeeded(ok: bool, group) -> bool:
+    """Whether every rank of `group` is ok: an all-reduce (MIN) of a flag, which is a barrier as well."""
+    if not dist.is_initialized():
+        return ok
+    on_gpu = dist.get_backend(group) == "nccl"  # NCCL reduces only CUDA tensors; gloo (or cpu:gloo,...) CPU ones
+    flag = torch.tensor([int(ok)], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
 
 
 def save_model(storage: Storage, stage_output: str, model: torch.nn.Module, config: dict[str, Any],

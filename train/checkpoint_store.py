@@ -1,4 +1,5 @@
-"""How a checkpoint's sharded tensors sit in storage: torch.distributed.checkpoint (DCP) files, safetensors only.
+"""How a checkpoint sits in storage: its sharded tensors as torch.distributed.checkpoint (DCP) files, safetensors
+only, and its commit.
 
 DCP plans the save: under FSDP2 each rank writes its own shard of every parameter, optimizer slot and EMA
 average; under DDP or in one process a replicated tensor is written once, by one rank (DCP's dedup). Its
@@ -6,10 +7,13 @@ Hugging Face writer stores each rank's part as one safetensors file with the sha
 (`shard-00001-model-00001-of-00001.safetensors` for rank 0), so nothing is pickled: DCP's default `.metadata`
 file and `.distcp` tensors are pickles, these are not.
 
-`ShardReader` reads them back through `Storage`: every rank reads the files' headers (a few hundred kB at
-so400m size), builds DCP's metadata from them, and then fetches only the byte ranges its own read plan needs,
-as ranged GETs on S3. Resharding (saved on 2 ranks, loaded on 1, or the other way) is DCP's planner's: it asks
-for the overlap of each saved shard with each rank's own shard.
+`ShardReader` reads them back through `Storage`: rank 0 alone lists the files and reads their headers (a few
+hundred kB at so400m size; every rank reading every header would be W x W x 2 GETs, 131k at 256 ranks), builds
+DCP's metadata from them and broadcasts it (`share_metadata`); then every rank fetches only the byte ranges its
+own read plan needs, as ranged GETs on S3. Resharding (saved on 2 ranks, loaded on 1, or the other way) is DCP's
+planner's: it asks for the overlap of each saved shard with each rank's own shard.
+
+The commit is latest.json (`commit`, `committed_steps`): written last, by rank 0, naming the steps kept.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint import StorageReader
 from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
 from torch.distributed.checkpoint.metadata import (
@@ -35,7 +40,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from atoken.pipeline.storage import Storage, join
+from atoken.pipeline.storage import Storage, StorageError, is_s3, join, local_path
 
 # safetensors dtype names (the header's "dtype") of the tensors a checkpoint holds.
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -67,7 +72,7 @@ class _Chunk:
 
 class ShardReader(StorageReader):
     """A DCP StorageReader over the safetensors shards in `folder` (a local folder or s3://), reading byte
-    ranges. `bytes_read` counts what it fetched, headers included."""
+    ranges. `bytes_read` counts what it fetched, headers included (on rank 0 only, after `share_metadata`)."""
 
     def __init__(self, storage: Storage, folder: str):
         super().__init__()
@@ -88,6 +93,26 @@ class ShardReader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self._metadata is None:
             self._metadata = self._metadata_from_headers()
+        return self._metadata
+
+    def share_metadata(self, group: dist.ProcessGroup | None = None) -> Metadata:
+        """`read_metadata` on rank 0, broadcast to the other ranks of `group` (a collective, when a process group
+        is initialised), which then read no header at all. A failure on rank 0 is raised on every rank."""
+        if not dist.is_initialized():
+            return self.read_metadata()
+        failure: BaseException | None = None
+        box: list[Any] = [None]
+        if dist.get_rank() == 0:
+            try:
+                box[0] = self.read_metadata()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, once the other ranks have been told
+                failure, box[0] = exc, f"{type(exc).__name__}: {exc}"
+        dist.broadcast_object_list(box, src=0, group=group)  # pickled in memory, between ranks; never stored
+        if failure is not None:
+            raise failure
+        if isinstance(box[0], str):
+            raise StorageError(f"rank 0 could not read the shard headers under {self.folder}: {box[0]}")
+        self._metadata = box[0]
         return self._metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -190,6 +215,42 @@ def _tensor(data: memoryview, dtype: torch.dtype, shape) -> torch.Tensor:
     if len(data) == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def step_folder(root: str, step: int) -> str:
+    return join(root, f"step-{step:08d}")
+
+
+def committed_steps(storage: Storage, root: str) -> list[int]:
+    """The committed checkpoints' steps under `root`, oldest first (latest.json's `kept`); [] before the first."""
+    pointer = join(root, "latest.json")
+    latest = storage.read_json(pointer) if storage.exists(pointer) else {"kept": []}
+    if "kept" not in latest:
+        raise ValueError(f"{pointer} names a checkpoint of the previous whole-state format ({latest['folder']}), "
+                         "which Checkpointer does not read: resume with the release that wrote it")
+    return latest["kept"]
+
+
+def commit(storage: Storage, root: str, step: int, keep_last: int) -> None:
+    """latest.json names `step` (the commit); then every other step folder but the last `keep_last` committed
+    goes, uncommitted leftovers of a crash included (none is newer than the step just committed)."""
+    kept = (committed_steps(storage, root) + [step])[-keep_last:]
+    storage.write_json(join(root, "latest.json"), {"step": step, "folder": step_folder(root, step), "kept": kept})
+    for name in sorted(subfolders(storage, root)):
+        number = name.removeprefix("step-")
+        if name.startswith("step-") and number.isdigit() and int(number) not in kept and int(number) < step:
+            storage.delete_folder(join(root, name))
+
+
+def subfolders(storage: Storage, root: str) -> set[str]:
+    """The names of the folders right under `root` that hold files. `Storage.list` gives local paths normalised
+    (no file://, no ./), so names are taken relative to the root as listed, not by matching `root` as written."""
+    if is_s3(root):
+        base = root.rstrip("/") + "/"
+        relative = [uri[len(base):] for uri in storage.list(root) if uri.startswith(base)]
+    else:
+        relative = [Path(path).relative_to(local_path(root)).as_posix() for path in storage.list(root)]
+    return {name.split("/", 1)[0] for name in relative if "/" in name}
 
 
 def upload_folder(storage: Storage, folder: Path, uri: str) -> None:

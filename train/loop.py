@@ -8,7 +8,6 @@ starts from the previous stage's final model (grown when the latent widens).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -26,10 +25,12 @@ from atoken.pipeline.console import print_progress
 from atoken.pipeline.storage import Storage
 from atoken.pipeline.tracking import Tracker
 from atoken.train.checkpoint import Checkpointer, load_model_weights, restore_rng, rng_tensors, save_model
+from atoken.train.frozen import Frozen
 from atoken.train.model import build_model
-from atoken.train.tasks import Frozen, TaskShards, TaskStreams, build_tasks, micro_batch, worker_streams
-
-ENCODER_PREFIXES = ("embeddings.", "encoder.", "post_layernorm.")
+from atoken.train.optim import EMA, learning_rate, parameter_groups
+from atoken.train.parallel import distribute, gradient_sync
+from atoken.train.streams import TaskStreams, worker_streams
+from atoken.train.tasks import TaskShards, build_tasks, micro_batch
 
 
 @dataclass
@@ -46,51 +47,6 @@ class StageJob:
     seed: int
     losses: LossSection = field(default_factory=LossSection)
     artifacts: bool = True  # reconstruction grid, clip and turntable at the stage's end (rank 0)
-
-
-def learning_rate(step: int, stage: TrainStageSection) -> float:
-    """Linear warm-up, then cosine to 10% of the peak (the paper's 3e-4 → 3e-5 shape)."""
-    if step < stage.warmup_steps:
-        return stage.lr * (step + 1) / stage.warmup_steps
-    progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
-    return stage.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-
-def parameter_groups(model: torch.nn.Module, stage: TrainStageSection) -> list[dict]:
-    """AdamW groups: the encoder at encoder_lr_scale (it starts from SigLIP2); no weight decay on gains, biases
-    and the sigmoid loss's scale and bias (vectors and scalars), as is usual for transformers."""
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, parameter in model.named_parameters():
-        key = (name.startswith(ENCODER_PREFIXES), parameter.dim() >= 2)
-        groups.setdefault(key, []).append(parameter)
-    return [{"params": params, "lr_scale": stage.encoder_lr_scale if encoder else 1.0,
-             "weight_decay": stage.weight_decay if decays else 0.0}
-            for (encoder, decays), params in sorted(groups.items())]
-
-
-class EMA:
-    """Exponential moving average of the weights (spec: 0.9999), kept in float32 beside the model. Under FSDP
-    the averages are sharded like the weights (DTensors), so no rank holds a whole copy until `full()`."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.weights = {name: tensor.detach().float().clone() for name, tensor in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        """One fused lerp over every floating tensor (`_foreach_lerp_`), not a Python loop of kernels."""
-        current = model.state_dict()
-        floating = [name for name, tensor in current.items() if tensor.is_floating_point()]
-        averages = [self.weights[name] for name in floating]
-        torch._foreach_lerp_(averages, [current[name].float() for name in floating], 1.0 - self.decay)
-        for name, tensor in current.items():
-            if not tensor.is_floating_point():
-                self.weights[name].copy_(tensor)
-
-    def full(self) -> dict[str, torch.Tensor]:
-        """Whole tensors on the CPU (a collective under FSDP: every rank calls it)."""
-        return {name: (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).cpu()
-                for name, tensor in self.weights.items()}
 
 
 @dataclass
@@ -155,7 +111,7 @@ def gather_positions(positions: dict[str, int], world_size: int) -> dict[str, in
 
 def global_terms(terms: dict[str, torch.Tensor], world_size: int) -> dict[str, float]:
     """The logged terms: each worker's share summed and divided by the world size, i.e. the global batch's
-    mean (the shares are scaled by `WorldShare`). The one host sync of a step, on log steps only."""
+    mean (the shares are scaled by `WorldShare`). The loss terms reach the host here only, on log steps."""
     names = sorted(terms)
     values = torch.stack([terms[name].detach().float().reshape(()) for name in names])
     if world_size > 1:
@@ -173,7 +129,10 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
     if stage.deterministic:
         # cuBLAS is deterministic only with a fixed workspace (PyTorch's reproducibility notes).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        # warn_only: a few CUDA backward kernels have no deterministic version (bilinear interpolation's, used
+        # to resize for the perceptual terms; gsplat's rasteriser backward): they warn, naming themselves,
+        # instead of stopping the run. CPU kernels are deterministic already.
+        torch.use_deterministic_algorithms(True, warn_only=True)
     raw_model = initial_model(job, runtime)
     model = distribute(raw_model, runtime, stage)
     embeds = hasattr(raw_model, "embed")
@@ -208,6 +167,12 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
                              note=f"resuming at step {state['step']} from its last checkpoint{workers}")
     streams = TaskStreams(tasks, job.shards, job.storage, job.seed, worker_streams(data_streams, rank, world_size),
                           data_streams, state["positions"])
+    # The per-micro-batch exchange of captions and counts (host objects) on gloo: it never waits on the GPU.
+    objects_group = None
+    if world_size > 1:
+        import torch.distributed as dist
+
+        objects_group = dist.new_group(backend="gloo")
     if rank == 0 and job.tracker is not None:
         job.tracker.set_tags(job.run_id, frozen.stand_ins())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and stage.bf16)
@@ -224,7 +189,7 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
         for slot, name in enumerate(stage.tasks):
             waited = time.perf_counter()
             batch, parts = streams.next(name)
-            micro = micro_batch(tasks[name], batch, parts, job.seed, slot, step, world_size, device)
+            micro = micro_batch(tasks[name], batch, parts, job.seed, slot, step, world_size, device, objects_group)
             window["data_wait"] += time.perf_counter() - waited
             # Gradients of all but the last micro-batch stay local: one all-reduce per optimizer step.
             with gradient_sync(model, last=slot == len(stage.tasks) - 1):
@@ -247,12 +212,13 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
 
         if step % stage.log_every == 0 or step == stage.steps:
             seconds = time.perf_counter() - window["start"]
-            logged = global_terms(terms, world_size)
+            logged = global_terms(terms | {"tokens": torch.tensor(float(window["tokens"]), device=device)}, world_size)
+            tokens = logged.pop("tokens") * world_size  # every worker's (packs differ in size)
             metrics = {f"train/{k}": v for k, v in logged.items()}
             metrics |= {"train/loss": sum(logged[f"{n}/total"] for n in dict.fromkeys(stage.tasks)),
                         "train/lr": rate, "train/grad_norm": float(grad_norm),
                         "train/steps_per_second": window["steps"] / max(seconds, 1e-9),
-                        "train/tokens_per_second": window["tokens"] * world_size / max(seconds, 1e-9),
+                        "train/tokens_per_second": tokens / max(seconds, 1e-9),
                         "train/step_seconds": seconds / window["steps"],
                         "train/data_wait_seconds": window["data_wait"] / window["steps"]}
             if rank == 0 and job.tracker is not None:
@@ -282,51 +248,6 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
 
         log_stage_artifacts(job, raw_model, tasks)
     return metrics
-
-
-@contextlib.contextmanager
-def gradient_sync(model: torch.nn.Module, last: bool):
-    """Gradient reduction on the step's last micro-batch only: DDP's `no_sync`, FSDP2's
-    `set_requires_gradient_sync` (no reduce-scatter per micro-batch)."""
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(last)
-        yield
-    elif not last and hasattr(model, "no_sync"):
-        with model.no_sync():
-            yield
-    else:
-        yield
-
-
-def distribute(model: torch.nn.Module, runtime: WorkerRuntime, stage: TrainStageSection) -> torch.nn.Module:
-    """DDP through Ray Train's prepare_model; FSDP2 (`fully_shard`, per transformer block, then the whole model),
-    which also runs on CPU with gloo, so that the sharded path is tested where there is no GPU. On GPU, FSDP2
-    computes in bf16 and reduces gradients in float32 (`MixedPrecisionPolicy`). `compile` compiles each block
-    in place (`Module.compile`: parameter names, and so checkpoints, unchanged)."""
-    blocks = [block for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None))
-              for block in getattr(stack, "layers", [])]
-    for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
-        if stack is not None and hasattr(stack, "checkpointing"):
-            stack.checkpointing = stage.activation_checkpointing
-    if stage.compile:
-        for block in blocks:
-            block.compile()
-    if runtime.world_size == 1:
-        return runtime.prepare_model(model)
-    if stage.strategy == "ddp":
-        # Tasks use different heads (pixels, Gaussians, pooling): DDP must expect unused parameters.
-        return runtime.prepare_model(model, parallel_strategy="ddp",
-                                     parallel_strategy_kwargs={"find_unused_parameters": True})
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    model.to(runtime.device)
-    bf16 = runtime.device.type == "cuda" and stage.bf16
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-        MixedPrecisionPolicy()
-    for block in blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-    return model
 
 
 def run_train_stage(job: StageJob, local_dir: str, resources: dict[str, float] | None = None) -> None:

@@ -5,14 +5,9 @@
     video  reconstruction (L1 over real frames) + understanding (sigmoid)
     3d     reconstruction (L1 over voxel features, Gaussian render loss at held-out views) + understanding (sigmoid)
 
-Every task's total is 0.2·L_rec + 1.0·L_sem + 1e-8·L_KL (weights from train.losses).
-
-Data streams, not workers, define the data. A task reads `data_streams` independent streams of shards, each with
-its own position; a worker reads its contiguous share of them and concatenates their batches into one
-micro-batch. Randomness (the posterior's noise, the rendered views) is drawn per stream from a generator seeded
-by (seed, task slot, stream, step). So the global batch of a step, and everything drawn for it, is the same on
-1 worker or N: with the losses' global normalisation (`WorldShare`) N workers train to 1 worker's weights, and a
-checkpoint resumes exactly on any world size that divides the streams.
+Every task's total is 0.2·L_rec + 1.0·L_sem + 1e-8·L_KL (weights from train.losses). Micro-batches come from
+data streams (train/streams.py): each term is this worker's mean rescaled to the global batch (`WorldShare`),
+so the same config trains the same weights on 1 worker or N.
 """
 
 from __future__ import annotations
@@ -25,8 +20,9 @@ import numpy as np
 import torch
 
 from atoken.pipeline.config import LossSection, TrainStageSection
-from atoken.pipeline.storage import Storage
 from atoken.train.data import ShardInfo, ShardStream, caption_of, decode_image
+from atoken.train.frozen import Frozen
+from atoken.train.losses.perceptual import resize_for_features
 from atoken.train.losses.render import composite_views, gaussian_render_loss, render_views, resize_views
 from atoken.train.losses.semantic import caption_matches, distillation_loss, sigmoid_loss
 from atoken.train.model.quantizers import KLHead
@@ -38,6 +34,15 @@ from atoken.train.model.tokens import (
     tokens_per_sample,
     unpatchify,
     voxel_tokens,
+)
+from atoken.train.streams import (
+    StreamNoise,
+    StreamPart,
+    WorldShare,
+    batch_samples,
+    batch_tokens,
+    part_seed,
+    world_share,
 )
 
 
@@ -83,125 +88,6 @@ class ObjectBatch:
         return self.packed.num_samples
 
 
-class Frozen:
-    """The frozen networks of the losses, built once per worker: text encoder, perceptual net, teacher."""
-
-    def __init__(self, losses: LossSection, device: torch.device, need_perceptual: bool, need_text: bool,
-                 bf16: bool = False):
-        from atoken.train.losses.perceptual import PerceptualLosses
-        from atoken.train.losses.towers import ImageTower
-        from atoken.train.model.text_encoder import TextEncoder
-
-        self.losses = losses
-        self.device = device
-        # bf16 on GPU (half the memory of every frozen copy; they run under bf16 autocast anyway), float32 on CPU.
-        dtype = torch.bfloat16 if device.type == "cuda" and bf16 else torch.float32
-        self.text_encoder = TextEncoder.from_path(losses.text_encoder).to(device, dtype) if need_text else None
-        self.perceptual = (PerceptualLosses(losses.perceptual_resolution, losses.lpips_backbone,
-                                            losses.vision_tower).to(device, dtype) if need_perceptual else None)
-        self.teacher = (ImageTower.from_path(losses.teacher).to(device, dtype) if losses.teacher and need_text
-                        else None)
-        self._text_cache: dict[str, torch.Tensor] = {}
-
-    def text(self, captions: list[str]) -> torch.Tensor:
-        """(S, D) unit text embeddings; each distinct caption is embedded once per worker (class names repeat)."""
-        for caption in dict.fromkeys(captions):
-            if caption not in self._text_cache:
-                # One caption at a time: padded beside others its embedding moves in the last bits, and which
-                # captions share a batch depends on where a run started, so a resumed run would drift.
-                self._text_cache[caption] = self.text_encoder([caption])[0]
-        return torch.stack([self._text_cache[c] for c in captions])
-
-    def stand_ins(self) -> dict[str, str]:
-        """What in this stage is not the paper's network: written as MLflow tags on the stage's run."""
-        tags = {}
-        if self.perceptual is not None:
-            tags.update({f"stand_in.{k}": v for k, v in self.perceptual.stand_ins.items()})
-        if self.text_encoder is not None and self.text_encoder.is_stand_in:
-            tags["stand_in.text_encoder"] = f"{self.text_encoder.name} (sentence encoder), not SigLIP2's text tower"
-        if self.text_encoder is not None and self.teacher is None:
-            tags["stand_in.image_semantic"] = "sigmoid loss on captions: no SigLIP2 teacher for distillation"
-        return tags
-
-
-# -- one micro-batch's place in the global batch --------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StreamPart:
-    """One data stream's share of a micro-batch: its samples and tokens sit contiguously, in stream order."""
-    stream: int
-    samples: int
-    tokens: int
-
-
-def batch_samples(batch) -> int:
-    return batch.num_samples if isinstance(batch, PackedBatch) else batch.samples
-
-
-def batch_tokens(batch) -> int:
-    return batch.patches.shape[0] if isinstance(batch, PackedBatch) else batch.tokens
-
-
-@dataclass
-class WorldShare:
-    """How this worker's micro-batch of a task relates to the step's global one (every worker's together).
-
-    Loss terms are means over samples, tokens or pixel values. Each worker takes its local mean times
-    `scale(kind)` = local count · world size / global count, so that the gradients DDP averages equal those of
-    the global mean; one worker reading every stream gets scale 1. The understanding losses use every worker's
-    captions as negatives (`captions`), as SigLIP gathers them across devices."""
-    captions: list[str]  # every worker's captions, in rank order
-    local_captions: list[str]
-    counts: dict[str, tuple[int, int]]  # kind → (this worker's, all workers')
-    world_size: int = 1
-
-    def scale(self, kind: str) -> float:
-        local, total = self.counts[kind]
-        return local * self.world_size / total if total else 0.0
-
-
-def world_share(captions: list[str], counts: dict[str, int], world_size: int) -> WorldShare:
-    """One small collective per micro-batch (captions and counts, host objects) when there are several workers."""
-    if world_size == 1:
-        return WorldShare(list(captions), list(captions), {k: (v, v) for k, v in counts.items()}, 1)
-    import torch.distributed as dist
-
-    gathered: list = [None] * world_size
-    dist.all_gather_object(gathered, (list(captions), counts))
-    every = [c for rank_captions, _ in gathered for c in rank_captions]
-    totals = {kind: (counts[kind], sum(rank_counts[kind] for _, rank_counts in gathered)) for kind in counts}
-    return WorldShare(every, list(captions), totals, world_size)
-
-
-def part_seed(seed: int, slot: int, stream: int, step: int, purpose: int) -> int:
-    """A generator seed for one stream's share of one task slot at one step: the same on any worker layout."""
-    return int(np.random.SeedSequence([seed, slot, stream, step, purpose]).generate_state(1)[0])
-
-
-class StreamNoise:
-    """ε for the posterior draw: each stream's rows from its own generator (rows are tokens for the tokenizer,
-    images for the convolutional models), so the draw is the one a worker reading that stream alone makes."""
-
-    def __init__(self, parts: list[StreamPart], seeds: list[int]):
-        self.parts, self.seeds = parts, seeds
-
-    def __call__(self, mean: torch.Tensor) -> torch.Tensor:
-        tokens, samples = sum(p.tokens for p in self.parts), sum(p.samples for p in self.parts)
-        if mean.shape[0] == tokens:
-            rows = [p.tokens for p in self.parts]
-        elif mean.shape[0] == samples:
-            rows = [p.samples for p in self.parts]
-        else:
-            raise ValueError(f"a posterior of {mean.shape[0]} rows fits neither {tokens} tokens nor {samples} samples")
-        draws = [torch.randn((count, *mean.shape[1:]), generator=_generator(seed, mean.device), device=mean.device,
-                             dtype=mean.dtype) for count, seed in zip(rows, self.seeds, strict=True)]
-        return torch.cat(draws)  # like mean
-
-
-def _generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 @dataclass
 class MicroBatch:
     """What a task's `losses_of` receives: the data, its streams, this step's draws and its global share."""
@@ -243,26 +129,28 @@ def _semantic(out: dict, share: WorldShare, frozen: Frozen, teacher_images: list
         return _untouched_logits(out)
     with full_precision():
         embedding = embedding.float()
-        text_dim = frozen.text(share.captions[:1]).shape[-1]
-        if embedding.shape[-1] != text_dim:
-            raise ValueError(f"the tokenizer embeds to {embedding.shape[-1]} dims, the text encoder to {text_dim}: "
-                             f"set train.model.text_dim: {text_dim}")
+        # Each worker embeds its own captions; the global batch's are gathered (frozen: no gradient).
+        text = share.gather_rows(frozen.text(share.local_captions).float())  # (S_global, D)
+        if embedding.shape[-1] != text.shape[-1]:
+            raise ValueError(f"the tokenizer embeds to {embedding.shape[-1]} dims, the text encoder to "
+                             f"{text.shape[-1]}: set train.model.text_dim: {text.shape[-1]}")
         if teacher_images is not None and frozen.teacher is not None:
             with torch.no_grad():
                 teacher = _embed_by_size(frozen.teacher, teacher_images).float()  # (S, D)
-            distinct = frozen.text(list(dict.fromkeys(share.captions)))  # (C, D): every worker's captions
+            first = {caption: index for index, caption in reversed(list(enumerate(share.captions)))}
+            distinct = text[sorted(first.values())]  # (C, D): every worker's distinct captions
             loss = distillation_loss(embedding, teacher, distinct, frozen.losses.distillation_temperature,
                                      frozen.teacher.similarity_scale)
             return {"distillation": loss * share.scale("samples") + _untouched_logits(out).get("semantic", 0.0)}
         matches = caption_matches(share.local_captions, share.captions)  # (S_local, S_global)
-        loss = sigmoid_loss(embedding, frozen.text(share.captions), matches, out["logit_scale"].float(),
-                            out["logit_bias"].float())
+        loss = sigmoid_loss(embedding, text, matches, out["logit_scale"].float(), out["logit_bias"].float())
         return {"sigmoid": loss * share.scale("samples")}
 
 
 def _untouched_logits(out: dict) -> dict[str, torch.Tensor]:
-    """A zero that depends on the sigmoid loss's scale and bias when this micro-batch's loss does not use them:
-    DDP saw them among the forward's outputs and waits for their gradients (zero ones, then)."""
+    """A zero that depends on the sigmoid loss's scale and bias when this micro-batch's loss does not use them
+    (images with a teacher): every parameter the forward returned then has a gradient in every micro-batch,
+    whatever DDP's handling of returned-but-unused outputs (torch 2.13's did not hang without it)."""
     if "logit_scale" not in out:
         return {}
     return {"semantic": 0.0 * (out["logit_scale"] + out["logit_bias"]).sum()}
@@ -282,19 +170,12 @@ def _embed_by_size(tower, images: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _perceptual(frozen: Frozen, targets: list[torch.Tensor], outputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LPIPS, Gram and CLIP-perceptual over images of any sizes (each resized to perceptual_resolution by the
-    network): per-size batch means, weighted by their share of the images."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for index, image in enumerate(targets):
-        groups.setdefault(tuple(image.shape[-2:]), []).append(index)
-    terms: dict[str, torch.Tensor] = {}
-    for indices in groups.values():
-        target = torch.stack([targets[i] for i in indices])  # (g, 3, H, W)
-        output = torch.stack([outputs[i] for i in indices])
-        group_terms = frozen.perceptual(target, output)
-        for name, value in group_terms.items():
-            terms[name] = terms.get(name, 0.0) + value * (len(indices) / len(targets))
-    return terms
+    """LPIPS, Gram and CLIP-perceptual over images of any sizes: each resized to perceptual_resolution first,
+    then one batched call of the frozen network (not one per distinct size)."""
+    size = frozen.perceptual.resolution
+    target = torch.cat([resize_for_features(image[None], size) for image in targets])  # (B, 3, R, R)
+    output = torch.cat([resize_for_features(image[None], size) for image in outputs])  # (B, 3, R, R)
+    return frozen.perceptual(target, output)
 
 
 def _perceptual_choice(parts: list[StreamPart], limit: int | None) -> list[int]:
@@ -369,7 +250,8 @@ class ImageTask:
         batch, share = micro.data, micro.share
         weights = {"l1": self.losses.l1, "lpips": self.losses.lpips, "gram": self.losses.gram,
                    "clip_perceptual": self.losses.clip_perceptual}
-        kwargs = {"quantize": self.stage.quantize, "embed": True} if self.embeds else {}
+        # The pooled embedding only when a loss reads it (no text tower: no understanding loss).
+        kwargs = {"quantize": self.stage.quantize, "embed": frozen.text_encoder is not None} if self.embeds else {}
         if isinstance(batch, PackedBatch):
             out = model(batch, noise=micro.noise, **kwargs)
             rec = {"l1": _packed_reconstruction(batch, out, share)}
@@ -403,7 +285,8 @@ class VideoTask:
 
     def losses_of(self, model, micro: MicroBatch, frozen: Frozen):
         """L1 over the clips' real frames and the sigmoid loss on their captions."""
-        out = model(micro.data, quantize=self.stage.quantize, embed=True, noise=micro.noise)
+        out = model(micro.data, quantize=self.stage.quantize, embed=frozen.text_encoder is not None,
+                    noise=micro.noise)
         rec = {"l1": _packed_reconstruction(micro.data, out, micro.share)}
         sem = _semantic(out, micro.share, frozen)
         return _combine(rec, sem, _kl(out, micro.share), self.losses, {"l1": self.losses.l1})
@@ -451,7 +334,8 @@ class ObjectTask:
     def losses_of(self, model, micro: MicroBatch, frozen: Frozen):
         """L1 over voxel features, the Gaussian render loss at held-out views, the sigmoid loss."""
         batch, share = micro.data, micro.share
-        out = model(batch.packed, quantize=self.stage.quantize, embed=True, noise=micro.noise)
+        out = model(batch.packed, quantize=self.stage.quantize, embed=frozen.text_encoder is not None,
+                    noise=micro.noise)
         feature_values = 768  # a voxel's feature is one 16x16 RGB patch; the rest of its 3072 is padding
         l1 = (out["patches"][:, :feature_values] - batch.packed.patches[:, :feature_values]).abs().mean()
         rec = {"l1": l1 * share.scale("tokens")}
@@ -493,57 +377,13 @@ def build_tasks(stage: TrainStageSection, losses: LossSection, embeds: bool = Tr
     return tasks
 
 
-# -- data streams ------------------------------------------------------------------------------------------
-
-def stream_key(task: str, stream: int) -> str:
-    return f"{task}/{stream}"
-
-
-def worker_streams(data_streams: int, rank: int, world_size: int) -> list[int]:
-    """The contiguous streams a worker reads (rank order = stream order, so the global batch is the same)."""
-    if data_streams % world_size:
-        raise ValueError(f"{data_streams} data streams cannot be shared by {world_size} workers: set "
-                         f"train.stages[].data_streams to a multiple of num_workers")
-    per_worker = data_streams // world_size
-    return list(range(rank * per_worker, (rank + 1) * per_worker))
-
-
-class TaskStreams:
-    """Every task's streams on this worker: `next(task)` gives one micro-batch (its streams' batches merged)
-    and advances their positions, keyed `task/stream` (world-size independent)."""
-
-    def __init__(self, tasks: dict[str, object], shards: TaskShards, storage: Storage, seed: int, streams: list[int],
-                 data_streams: int, positions: dict[str, int]):
-        sources = {"image": shards.image, "video": shards.video, "3d": shards.objects}
-        self.tasks, self.streams = tasks, streams
-        self.positions = {stream_key(name, s): positions.get(stream_key(name, s), 0) for name in tasks for s in streams}
-        self.iterators: dict[str, Iterator] = {}
-        for offset, (name, task) in enumerate(tasks.items()):
-            if not sources[name]:
-                raise ValueError(f"the {name} task has no training shards (its ingest stage wrote none)")
-            for stream in streams:
-                # Distinct seeds per task: the same seed would walk two modalities' shards in lockstep.
-                source = ShardStream(sources[name], storage, seed + 1000 * offset, stream, data_streams)
-                key = stream_key(name, stream)
-                self.iterators[key] = task.batches(source, self.positions[key])
-
-    def next(self, name: str) -> tuple[object, list[StreamPart]]:
-        batches, parts = [], []
-        for stream in self.streams:
-            key = stream_key(name, stream)
-            batch, self.positions[key] = next(self.iterators[key])
-            batches.append(batch)
-            parts.append(StreamPart(stream, batch_samples(batch), batch_tokens(batch)))
-        merged = batches[0] if len(batches) == 1 else self.tasks[name].merge(batches)
-        return merged, parts
-
-
 def micro_batch(task, batch, parts: list[StreamPart], seed: int, slot: int, step: int, world_size: int,
-                device: torch.device) -> MicroBatch:
-    """The micro-batch of one task slot at one step, on the device, with its draws and its global share."""
+                device: torch.device, group=None) -> MicroBatch:
+    """The micro-batch of one task slot at one step, on the device, with its draws and its global share
+    (`group`: the gloo group its host-object collective runs on)."""
     captions = batch.captions if isinstance(batch, ImageBatch) else (
         (batch.packed if isinstance(batch, ObjectBatch) else batch).captions or [])
-    share = world_share(captions, task.counts(batch, parts), world_size)
+    share = world_share(captions, task.counts(batch, parts), world_size, group)
     noise = StreamNoise(parts, [part_seed(seed, slot, p.stream, step, 0) for p in parts])
     return MicroBatch(batch.to(device), parts, noise, [part_seed(seed, slot, p.stream, step, 1) for p in parts],
                       share)

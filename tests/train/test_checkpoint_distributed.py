@@ -1,5 +1,6 @@
 """train/checkpoint.py on two processes (gloo on loopback, FSDP2): each rank writes and reads its own shards,
-and a checkpoint loads on another world size (DCP reshards 1 -> 2 and 2 -> 1)."""
+only rank 0 reads the shard headers, a checkpoint loads on another world size (DCP reshards 1 -> 2 and 2 -> 1),
+and one rank's failed upload stops both ranks at once, committing nothing."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ import json
 import os
 import subprocess
 import sys
+import time
+import uuid
+from collections import Counter
 from pathlib import Path
 
+import boto3
 import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from atoken.pipeline.storage import Storage
+from atoken.pipeline.storage import Storage, StorageError
 from atoken.train.checkpoint import Checkpointer
 
 pytestmark = pytest.mark.slow
@@ -82,14 +87,37 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert not different, f"tensors differ: {different}"
 
 
+class CountingStorage(Storage):
+    """Counts this rank's requests to storage, as GETs and LISTs on S3: reads of a shard file's header (the
+    8-byte length at 0 and the JSON at 8; no tensor's data starts before byte 9), other ranged reads (tensor
+    data), whole-object reads (JSON, rank files) and listings."""
+
+    def __init__(self):
+        super().__init__()
+        self.requests: Counter[str] = Counter()
+
+    def read_range(self, uri: str, start: int, length: int) -> bytes:
+        self.requests["header" if start <= 8 else "data"] += 1
+        return super().read_range(uri, start, length)
+
+    def read_bytes(self, uri: str) -> bytes:
+        self.requests["whole"] += 1
+        return super().read_bytes(uri)
+
+    def list(self, prefix: str) -> list[str]:
+        self.requests["list"] += 1
+        return super().list(prefix)
+
+
 def rank_main(rank: int, folder: str) -> None:
     root = Path(folder)
     dist.init_process_group("gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=WORLD)
-    storage = Storage()
+    storage = CountingStorage()
 
     # 1 -> 2: a single process's checkpoint, resharded onto FSDP; its rank state belongs to another world size.
     model, optimizer, ema = fresh(shard=True)
     restored = Checkpointer(storage, str(root / "single"), rank, WORLD).load_latest(model, optimizer, ema)
+    requests = {"single": dict(storage.requests)}
     assert restored.saved_world_size == 1 and restored.rank_state is None and restored.rank_tensors is None
     assert_same(whole(model, optimizer, ema), load_file(root / "single.safetensors"))
 
@@ -107,21 +135,64 @@ def rank_main(rank: int, folder: str) -> None:
 
     # ... and read back only theirs, exactly, rank state included.
     model, optimizer, ema = fresh(shard=True)
+    storage.requests.clear()
     restored = Checkpointer(storage, str(root / "sharded"), rank, WORLD).load_latest(model, optimizer, ema)
+    requests["sharded"] = dict(storage.requests)
     assert_same(whole(model, optimizer, ema), expected)
     assert restored.shared_state == {"step": 2, "stage": "s"} and restored.saved_world_size == WORLD
     assert restored.rank_state == {"positions": {"image": 20 + rank}}
     assert not optimizer.state[model.head.weight], "the untrained head has no AdamW state, as when saved"
-    (root / f"read-{rank}.json").write_text(json.dumps({"bytes_read": restored.bytes_read}))
+    (root / f"read-{rank}.json").write_text(json.dumps({"bytes_read": restored.bytes_read,
+                                                               "requests": requests}))
     dist.destroy_process_group()
 
 
-def run_ranks(folder: Path) -> None:
-    """`rank_main` on WORLD processes, torchrun-style: this file run as a script, once per rank."""
+def failed_upload_main(rank: int, folder: str, output: str) -> None:
+    """Async saves to S3 (`output`); rank 1's upload of step 2 fails. Both ranks record what `wait()` raised and
+    how long it took, then meet in a barrier: a rank that raised stays in the group, as in training, so a rank
+    left waiting for it would wait (the gloo timeout, 30 min) rather than see it exit."""
+    root = Path(folder)
+    dist.init_process_group("gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=WORLD)
+    storage = Storage()  # the moto endpoint: AWS_ENDPOINT_URL
+    model, optimizer, ema = trained(seed=0, shard=True)
+    checkpointer = Checkpointer(storage, output, rank, WORLD, async_save=True,
+                                staging_dir=str(root / f"staging-{rank}"))
+    for step in (1, 2):
+        if step == 2 and rank == 1:
+            def failing_upload(source, uri):
+                raise StorageError(f"injected: cannot upload {uri}")
+
+            storage.upload = failing_upload
+        checkpointer.save(step, model, optimizer, ema, {"step": step}, {"positions": {}},
+                          {"rng.torch": torch.get_rng_state()})
+        start, raised = time.monotonic(), None
+        try:
+            checkpointer.wait()
+        except RuntimeError as exc:
+            raised = str(exc)
+        (root / f"outcome-{rank}-{step}.json").write_text(json.dumps({"raised": raised,
+                                                                     "seconds": time.monotonic() - start}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+SCENARIOS = {"round_trip": rank_main, "failed_upload": failed_upload_main}
+
+
+def run_ranks(folder: Path, scenario: str = "round_trip", *args: str, timeout: float = 120) -> None:
+    """A scenario's main on WORLD processes, torchrun-style: this file run as a script, once per rank; all
+    killed, and the test failed, if they are not done within `timeout` seconds."""
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
-    ranks = [subprocess.Popen([sys.executable, __file__, str(rank), str(folder)], env=env, stderr=subprocess.PIPE,
-                              text=True) for rank in range(WORLD)]
-    errors = [process.communicate(timeout=120)[1] for process in ranks]
+    ranks = [subprocess.Popen([sys.executable, __file__, scenario, str(rank), str(folder), *args], env=env,
+                              stderr=subprocess.PIPE, text=True) for rank in range(WORLD)]
+    deadline = time.monotonic() + timeout
+    try:
+        errors = [process.communicate(timeout=max(1.0, deadline - time.monotonic()))[1] for process in ranks]
+    except subprocess.TimeoutExpired:
+        for process in ranks:
+            process.kill()
+        tails = "\n".join(f"rank {rank}:\n{process.communicate()[1][-2000:]}" for rank, process in enumerate(ranks))
+        pytest.fail(f"the ranks were not done within {timeout:.0f} s (one left waiting in a collective?)\n{tails}")
     failed = [(rank, error) for rank, (process, error) in enumerate(zip(ranks, errors, strict=True))
               if process.returncode != 0]
     assert not failed, "\n".join(f"rank {rank} failed:\n{error[-3000:]}" for rank, error in failed)
@@ -141,9 +212,15 @@ def test_fsdp_shards_round_trip_and_reshard_to_other_world_sizes(tmp_path):
     assert [p.name for p in shards] == ["shard-00001-model-00001-of-00001.safetensors",
                                         "shard-00002-model-00001-of-00001.safetensors"]
     sizes = sum(p.stat().st_size for p in shards)
-    for rank in range(WORLD):
-        read = json.loads((tmp_path / f"read-{rank}.json").read_text())["bytes_read"]
-        assert read < 0.7 * sizes, f"rank {rank} read {read} of {sizes} shard bytes: not only its own"
+    reads = [json.loads((tmp_path / f"read-{rank}.json").read_text()) for rank in range(WORLD)]
+    for rank, read in enumerate(reads):
+        assert read["bytes_read"] < 0.7 * sizes, f"rank {rank} read {read['bytes_read']} of {sizes} shard bytes"
+    # The headers (2 reads a file: its length, then its JSON) and the listing of the files: on rank 0 only, which
+    # broadcasts the metadata. Before, every rank read every file's header: W x W x 2 GETs in all.
+    for checkpoint, files in (("single", 1), ("sharded", len(shards))):
+        assert reads[0]["requests"][checkpoint]["header"] == 2 * files and reads[0]["requests"][checkpoint]["list"] == 1
+        assert reads[1]["requests"][checkpoint].get("header", 0) == 0, reads[1]["requests"]
+        assert reads[1]["requests"][checkpoint].get("list", 0) == 0, reads[1]["requests"]
     # 2 -> 1: one plain process (no process group) gets the whole tensors back.
     model, optimizer, ema = fresh(shard=False)
     restored = Checkpointer(Storage(), str(tmp_path / "sharded"), 0, 1).load_latest(model, optimizer, ema)
@@ -151,5 +228,25 @@ def test_fsdp_shards_round_trip_and_reshard_to_other_world_sizes(tmp_path):
     assert_same(whole(model, optimizer, ema), load_file(tmp_path / "sharded.safetensors"))
 
 
+def test_a_failed_upload_on_one_rank_raises_on_every_rank_at_once_and_commits_nothing(
+        s3_endpoint, s3_credentials, tmp_path, monkeypatch):
+    bucket = f"atoken-ckpt-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    output = f"s3://{bucket}/run/train_stage1/abc"
+
+    run_ranks(tmp_path, "failed_upload", output, timeout=150)  # without the agreement: 30 min in a barrier
+
+    outcomes = [[json.loads((tmp_path / f"outcome-{rank}-{step}.json").read_text()) for step in (1, 2)]
+                for rank in range(WORLD)]
+    assert all(first["raised"] is None for first, _ in outcomes), "step 1 saves on both"
+    assert "injected: cannot upload" in outcomes[1][1]["raised"]
+    assert "step 2 is not committed: another rank failed" in outcomes[0][1]["raised"]
+    assert all(second["seconds"] < 20 for _, second in outcomes), outcomes
+    latest = Storage().read_json(f"{output}/checkpoints/latest.json")
+    assert (latest["step"], latest["kept"]) == (1, [1]), "step 1 is still what loads"
+    assert not list((tmp_path / "staging-1").iterdir()), "the staged shard is removed after the failure too"
+
+
 if __name__ == "__main__":
-    rank_main(int(sys.argv[1]), sys.argv[2])
+    SCENARIOS[sys.argv[1]](int(sys.argv[2]), *sys.argv[3:])

@@ -7,9 +7,9 @@ import torch
 
 from atoken.pipeline.config import ModelSection, TrainStageSection
 from atoken.train.checkpoint import grow_state
-from atoken.train.loop import EMA, parameter_groups
 from atoken.train.model import build_model
 from atoken.train.model.tokens import pack_images
+from atoken.train.optim import EMA, parameter_groups
 
 
 def tiny(latent: int):

@@ -1,4 +1,5 @@
-"""The curriculum's tasks: data streams, per-stream draws, the global share of each loss, the packed image path."""
+"""The curriculum's tasks (train/tasks.py), their data streams and draws (train/streams.py) and frozen networks
+(train/frozen.py): the global share of each loss, the packed image path."""
 
 from __future__ import annotations
 
@@ -7,24 +8,21 @@ import torch
 
 from atoken.pipeline.config import LossSection, TrainStageSection
 from atoken.pipeline.storage import Storage
+from atoken.train.frozen import Frozen
 from atoken.train.losses.perceptual import gram_matrix
 from atoken.train.losses.render import render_views
 from atoken.train.model import Tokenizer
 from atoken.train.model.tokens import pack_images
-from atoken.train.tasks import (
-    Frozen,
-    ImageBatch,
-    ImageTask,
-    MicroBatch,
+from atoken.train.streams import (
     StreamNoise,
     StreamPart,
     TaskStreams,
     WorldShare,
-    build_tasks,
     part_seed,
     worker_streams,
     world_share,
 )
+from atoken.train.tasks import ImageBatch, ImageTask, MicroBatch, build_tasks
 
 from helpers import write_training_shards
 
@@ -144,3 +142,16 @@ def test_frozen_networks_in_bf16_take_float32_inputs_outside_autocast(tmp_path):
     assert all(torch.isfinite(value.float()) for value in terms.values())
     text = TextEncoder.from_path(folder).to(dtype=torch.bfloat16)
     assert text(["a red shoe"]).dtype == torch.float32
+
+
+def test_the_caption_cache_stays_bounded_and_keeps_what_repeats(monkeypatch):
+    """Captions that never repeat (file names, Objaverse titles) must not grow a worker's memory with the samples
+    seen; a class name in every batch stays cached."""
+    import atoken.train.frozen as frozen_module
+
+    monkeypatch.setattr(frozen_module, "TEXT_CACHE_SIZE", 4)
+    frozen = Frozen(LossSection(), torch.device("cpu"), need_perceptual=False, need_text=True)
+    for index in range(20):
+        frozen.text(["a photo of a cat", f"file_{index:04d}.png"])
+    assert len(frozen._text_cache) == 4 and "a photo of a cat" in frozen._text_cache
+    assert torch.equal(frozen.text(["a photo of a cat"])[0], frozen.text_encoder(["a photo of a cat"])[0])

@@ -61,9 +61,8 @@ def siglip2_settings(folder: str | Path) -> dict:
     settings = dict(width=vision["hidden_size"], depth=vision["num_hidden_layers"],
                     heads=vision["num_attention_heads"], mlp_width=vision["intermediate_size"],
                     layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
-                    position_grid=int(round(vision.get("num_patches", 256) ** 0.5)))
-    if vision.get("patch_size", 16) != 16:
-        settings["patch_size"] = vision["patch_size"]
+                    position_grid=int(round(vision.get("num_patches", 256) ** 0.5)),
+                    patch_size=vision.get("patch_size", 16))
     return settings
 
 
