@@ -6,7 +6,7 @@ Layout under a stage's output:
         optimizer and EMA, as DCP wrote it; one file per rank that holds any: see checkpoint_store.py)
     checkpoints/step-00000200/rank-00000.json, rank-00000.safetensors  (each rank's own: data positions, RNG)
     checkpoints/step-00000200/checkpoint.json  (shared state, optimizer hyper-parameters, world size: rank 0)
-    checkpoints/latest.json  -> {"step": 200, "folder": ".../step-00000200", "kept": [100, 200]}
+    checkpoints/latest.json  -> {"step": 200, "folder": "step-00000200", "kept": [100, 200]}
         (written last, by rank 0, once every rank has written: the commit; `kept` is the committed steps still
         there, oldest first, at most `keep_last`; a folder it does not name is never loaded, so a crash mid-save
         leaves the previous checkpoint loadable)
@@ -30,7 +30,15 @@ from safetensors.torch import load, save
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
 from atoken.pipeline.storage import LocalStaging, Storage, is_s3, join, local_path
-from atoken.train.checkpoint_store import ShardReader, commit, committed_steps, shard_writer, step_folder, upload_folder
+from atoken.train.checkpoint_store import (
+    ShardReader,
+    canonical_safetensors_header,
+    commit,
+    committed_steps,
+    shard_writer,
+    step_folder,
+    upload_folder,
+)
 
 # One process without a process group is intended (no_dist is passed): DCP warns on every save and load anyway.
 warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
@@ -195,6 +203,8 @@ class Checkpointer:
         try:
             if written is not None:
                 written.result()
+            for shard in sorted(shards.glob("*.safetensors")) if shards.is_dir() else []:
+                canonical_safetensors_header(shard)  # byte-identical files from identical runs
             if staging is not None and shards.is_dir():  # a rank with nothing of its own (DDP dedup) has no file
                 upload_folder(self.storage, shards, join(self.folder(step), "shards"))
             done = True

@@ -217,6 +217,24 @@ def _tensor(data: memoryview, dtype: torch.dtype, shape) -> torch.Tensor:
     return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
+def canonical_safetensors_header(path: Path) -> None:
+    """safetensors writes `__metadata__` from a Rust HashMap, in an order that changes from process to process
+    (DCP's shards carry three keys), so two identical runs wrote different bytes: rewrite the header with its
+    keys sorted, padded to the same length (tensor offsets unchanged)."""
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        metadata = header.pop("__metadata__", None)
+        if not metadata or len(metadata) < 2:
+            return
+        text = json.dumps({"__metadata__": dict(sorted(metadata.items())), **header}, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+        if len(text) > length:
+            raise ValueError(f"{path}: canonical header longer than the original")
+        handle.seek(8)
+        handle.write(text + b" " * (length - len(text)))
+
+
 def step_folder(root: str, step: int) -> str:
     return join(root, f"step-{step:08d}")
 
@@ -235,7 +253,8 @@ def commit(storage: Storage, root: str, step: int, keep_last: int) -> None:
     """latest.json names `step` (the commit); then every other step folder but the last `keep_last` committed
     goes, uncommitted leftovers of a crash included (none is newer than the step just committed)."""
     kept = (committed_steps(storage, root) + [step])[-keep_last:]
-    storage.write_json(join(root, "latest.json"), {"step": step, "folder": step_folder(root, step), "kept": kept})
+    # The folder relative to the checkpoints folder: the pointer reads the same wherever the run root lives.
+    storage.write_json(join(root, "latest.json"), {"step": step, "folder": f"step-{step:08d}", "kept": kept})
     for name in sorted(subfolders(storage, root)):
         number = name.removeprefix("step-")
         if name.startswith("step-") and number.isdigit() and int(number) not in kept and int(number) < step:
