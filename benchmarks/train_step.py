@@ -34,13 +34,12 @@ from atoken.pipeline.storage import Storage
 from atoken.train.loop import StageJob, single_process_runtime, train_worker
 from atoken.train.tasks import TaskShards
 
-root, steps = sys.argv[1], int(sys.argv[2])
+root, steps, preset, tasks, batch = sys.argv[1], int(sys.argv[2]), sys.argv[5], sys.argv[6].split(","), int(sys.argv[7])
 shards = write_training_shards(__import__("pathlib").Path(root) / "shards", shards=2, images=32, clips=8, size=64,
                                frames=8)
-stage = TrainStageSection(name="bench", steps=steps, batch_size=8, lr=1e-3, warmup_steps=1,
-                          checkpoint_every=10 * steps, log_every=steps // 2, tasks=["image", "video"],
-                          video_max_tokens=256)
-model = ModelSection(kind="atoken", preset="small", patch_size=16, latent_channels=32, text_dim=384,
+stage = TrainStageSection(name="bench", steps=steps, batch_size=batch, lr=1e-3, warmup_steps=1,
+                          checkpoint_every=10 * steps, log_every=steps // 2, tasks=tasks, video_max_tokens=256)
+model = ModelSection(kind="atoken", preset=preset, patch_size=16, latent_channels=32, text_dim=384,
                      gaussians_per_voxel=2, voxel_grid=16)
 job = StageJob(stage, model, TaskShards(image=shards["image"], video=shards["video"]), root + "/out", None,
                Storage(), None, "bench", seed=0, losses=LossSection(perceptual_resolution=64), artifacts=False)
@@ -50,12 +49,13 @@ print("RESULT " + json.dumps({"step_seconds": metrics["train/step_seconds"],
 """
 
 
-def run_version(package_parent: Path | None, steps: int, threads: int) -> dict:
+def run_version(package_parent: Path | None, steps: int, threads: int, job: tuple[str, str, int]) -> dict:
     env = dict(os.environ)
     if package_parent is not None:
         env["PYTHONPATH"] = str(package_parent)  # ahead of the editable install's finder
     with tempfile.TemporaryDirectory() as root:
-        done = subprocess.run([sys.executable, "-c", WORKER, root, str(steps), str(REPO / "tests"), str(threads)],
+        done = subprocess.run([sys.executable, "-c", WORKER, root, str(steps), str(REPO / "tests"), str(threads),
+                               job[0], job[1], str(job[2])],
                               env=env, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -97,8 +97,12 @@ def main() -> None:
     parser.add_argument("--before", required=True, help="a git revision: the code before the change")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--tasks", default="image,video")
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    job = (args.preset, args.tasks, args.batch_size)
     with tempfile.TemporaryDirectory() as scratch:
         tree = Path(scratch) / "tree"
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.before], check=True,
@@ -106,18 +110,18 @@ def main() -> None:
         try:
             (Path(scratch) / "pkg").mkdir()
             (Path(scratch) / "pkg" / "atoken").symlink_to(tree)
-            before = run_version(Path(scratch) / "pkg", args.steps, args.threads)
+            before = run_version(Path(scratch) / "pkg", args.steps, args.threads, job)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
-    after = run_version(None, args.steps, args.threads)
+    after = run_version(None, args.steps, args.threads, job)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.before], capture_output=True,
                             text=True).stdout.strip()
     result = {
         "command": " ".join(["benchmarks/train_step.py", *sys.argv[1:]]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
                    f"{args.threads}",
-        "job": "1 worker, small preset, tasks [image, video], batch 8 images of 64 px + 256-token video packs, "
-               "every loss on (LPIPS/CLIP stand-ins, MiniLM text tower), fp32",
+        "job": f"1 worker, {args.preset} preset, tasks [{args.tasks}], batch {args.batch_size} images of 64 px "
+               "(+ 256-token video packs), every loss on (LPIPS/CLIP stand-ins, MiniLM text tower), fp32",
         "before": {"revision": commit, **before},
         "after": {"revision": "working tree", **after},
         "after_over_before": after["step_seconds"] / before["step_seconds"],
