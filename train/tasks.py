@@ -13,6 +13,7 @@ so the same config trains the same weights on 1 worker or N.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ from atoken.train.model.tokens import (
     PackedBatch,
     concat_packed,
     pack,
+    to_device,
     tokens_per_sample,
     unpatchify,
     voxel_tokens,
@@ -60,7 +62,7 @@ class ImageBatch:
     captions: list[str]
 
     def to(self, device: torch.device) -> ImageBatch:
-        return ImageBatch(self.pixels.to(device), self.captions)
+        return ImageBatch(to_device(self.pixels, device), self.captions)
 
     @property
     def tokens(self) -> int:
@@ -77,7 +79,8 @@ class ObjectBatch:
     views: list[dict[str, torch.Tensor]]  # per asset: target (V, H, W, 3) in [0, 1], c2w (V, 4, 4), intrinsics
 
     def to(self, device: torch.device) -> ObjectBatch:
-        return ObjectBatch(self.packed.to(device), [{k: v.to(device) for k, v in view.items()} for view in self.views])
+        return ObjectBatch(self.packed.to(device),
+                           [{k: to_device(v, device) for k, v in view.items()} for view in self.views])
 
     @property
     def tokens(self) -> int:
@@ -194,7 +197,8 @@ def _packed_reconstruction(batch: PackedBatch, out: dict, share: WorldShare) -> 
     frame_values = batch.patches.shape[1] // 4
     real = torch.ones_like(error, dtype=torch.bool)
     real[batch.modality_mask(IMAGE), frame_values:] = False
-    return error[real].mean() * share.scale("values")
+    # The count from the layouts (host arithmetic): a boolean-indexed mean would wait on the device for it.
+    return (error * real).sum() / real_values(batch) * share.scale("values")
 
 
 def real_values(batch: PackedBatch) -> int:
@@ -340,7 +344,9 @@ class ObjectTask:
         l1 = (out["patches"][:, :feature_values] - batch.packed.patches[:, :feature_values]).abs().mean()
         rec = {"l1": l1 * share.scale("tokens")}
         gaussians = out["gaussians"]
-        owner = batch.packed.sample_ids[gaussians["token_index"]]  # (M,) asset of each Gaussian
+        # Gaussians come per token, in token order: an asset's are one slice (host arithmetic, no mask).
+        per_token = gaussians["means"].shape[0] // batch.packed.patches.shape[0]
+        starts = [0, *itertools.accumulate(count * per_token for count in tokens_per_sample(batch.packed))]
         render_terms: list[dict[str, torch.Tensor]] = []
         render_weights = {"render_l1": self.losses.render_l1, "render_lpips": self.losses.render_lpips,
                           "render_ssim": self.losses.render_ssim}
@@ -354,7 +360,7 @@ class ObjectTask:
             seed = asset_parts[asset]
             generator = generators.setdefault(seed, torch.Generator().manual_seed(seed))
             chosen = torch.randperm(count, generator=generator)[: min(self.stage.render_views, count)].tolist()
-            mine = {k: v[owner == asset] for k, v in gaussians.items() if k != "token_index"}
+            mine = {k: v[starts[asset]:starts[asset + 1]] for k, v in gaussians.items() if k != "token_index"}
             target = view["target"][chosen]  # (v, H, W, 3)
             with full_precision():
                 rendered = render_views(mine, view["c2w"][chosen], view["intrinsics"][chosen], target.shape[2],

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from atoken.train.model.tokens import to_device
+
 
 def caption_matches(captions: list[str], others: list[str] | None = None) -> torch.Tensor:
     """(S, S') bool: caption i equals other caption j (`others`: the global batch's captions; None: the same
@@ -27,7 +29,7 @@ def sigmoid_loss(embeddings: torch.Tensor, text: torch.Tensor, matches: torch.Te
     every worker, as SigLIP's chunked all-gather), unit-normalised here; matches (S, S') bool. Normalised by the
     local rows S; the caller rescales to the global batch."""
     logits = logit_scale.exp() * F.normalize(embeddings, dim=-1) @ F.normalize(text, dim=-1).T + logit_bias  # (S, S')
-    signs = matches.to(logits.device, logits.dtype) * 2.0 - 1.0
+    signs = to_device(matches, logits.device).to(logits.dtype) * 2.0 - 1.0  # (S, S'): +1 match, -1 not
     return -F.logsigmoid(signs * logits).sum() / embeddings.shape[0]
 
 

@@ -11,6 +11,7 @@ Sizes are data (PRESETS); the paper's figures are in ../shared/reference/atoken-
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -21,7 +22,7 @@ from atoken.train.model.gaussians import GaussianHead
 from atoken.train.model.pooling import AttentionPooling
 from atoken.train.model.quantizers import FSQ, KLHead
 from atoken.train.model.rope import rope_angles
-from atoken.train.model.tokens import VOXELS, PackedBatch, pack_images, unpack_images
+from atoken.train.model.tokens import VOXELS, PackedBatch, pack_images, tokens_per_sample, unpack_images
 from atoken.train.model.transformer import KVCache, Stack, TokenInfo
 
 
@@ -87,12 +88,18 @@ class Embeddings(nn.Module):
         table = self.position_embedding.weight.reshape(grid, grid, -1)  # (G, G, D)
         resized: dict[tuple[int, int], torch.Tensor] = {}
         out = []
+        counts = tokens_per_sample(batch)
+        # Samples are contiguous runs: slices from the layouts' counts (host arithmetic) when they describe
+        # every token; a tile of a video (encode_tiled) holds fewer, and is cut by its sample ids instead.
+        whole = sum(counts) == batch.patches.shape[0]
+        starts = [0, *itertools.accumulate(counts)]
         for index, layout in enumerate(batch.layouts):
             size = (self.config.voxel_grid,) * 2 if layout.modality == VOXELS else layout.grid[1:]
             if size not in resized:
                 rows, cols = (resize_weights(grid, n, table.device) for n in size)  # (h, G), (w, G)
                 resized[size] = torch.einsum("ig,jk,gkd->ijd", rows, cols, table.float()).to(table.dtype)  # (h, w, D)
-            coords = batch.coords[batch.sample_ids == index]  # (n, 4)
+            coords = (batch.coords[starts[index]:starts[index + 1]] if whole
+                      else batch.coords[batch.sample_ids == index])  # (n, 4)
             out.append(resized[size][coords[:, 2], coords[:, 1]])  # (n, D)
         return torch.cat(out)  # (N, D)
 
@@ -183,8 +190,8 @@ class Tokenizer(nn.Module):
         info = self.token_info(batch) if info is None else info
         hidden = self.decoder_norm(self.decoder(self.decoder_in(latent), info))  # (N, width)
         out: dict[str, object] = {"patches": self.pixel_head(hidden)}
-        voxels = batch.modality_mask(VOXELS)
-        if voxels.any():
+        if any(layout.modality == VOXELS for layout in batch.layouts):  # decided on the host: no device sync
+            voxels = batch.modality_mask(VOXELS)
             out["gaussians"] = self.gaussian_head(hidden[voxels], batch.coords[voxels][:, 1:])
         return out
 

@@ -40,13 +40,23 @@ class PackedBatch:
         return len(self.layouts)
 
     def to(self, device: torch.device | str) -> PackedBatch:
-        return PackedBatch(self.patches.to(device), self.coords.to(device), self.sample_ids.to(device), self.layouts,
-                           self.captions)
+        return PackedBatch(to_device(self.patches, device), to_device(self.coords, device),
+                           to_device(self.sample_ids, device), self.layouts, self.captions)
 
     def modality_mask(self, modality: str) -> torch.Tensor:
         """(N,) bool: the tokens of samples of one modality."""
-        flags = torch.tensor([layout.modality == modality for layout in self.layouts], device=self.sample_ids.device)
+        flags = to_device(torch.tensor([layout.modality == modality for layout in self.layouts]),
+                          self.sample_ids.device)
         return flags[self.sample_ids]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory without blocking, so that the copy does not make
+    the host wait for the GPU's queue (a copy from pageable memory does)."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def patchify_video(video: torch.Tensor, patch: int = 16, temporal: int = 4) -> tuple[torch.Tensor, torch.Tensor,
