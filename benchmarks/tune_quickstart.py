@@ -58,20 +58,22 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def write_tuning_shards(config, folder: Path) -> tuple[list[ShardInfo], list[ShardInfo]]:
-    """The quickstart's training sources (its held-out source dropped, every source split by position) as train
+    """The quickstart's training sources (its held-out source dropped, every source split by hash) as train
     and tuning shards, through the ingest's own per-item code."""
     import webdataset as wds
 
-    from atoken.preprocess.job import list_items, plan_shards
+    from atoken.preprocess.job import iter_items
+    from atoken.preprocess.plan import Planner
     from atoken.preprocess.sources import read_item_bytes
     from atoken.preprocess.writer import ImageSettings
 
     section = config.ingest
     sources = [dataclasses.replace(s, split="auto") for s in section.sources if s.name != "held-out-photos"]
-    items = list_items(dataclasses.replace(section, sources=sources))
+    planner = Planner(section.val_every, section.samples_per_shard)
+    planner.add(iter_items(dataclasses.replace(section, sources=sources)))
     settings = ImageSettings(section.resolution, section.max_pixels)
     shards: dict[str, list[ShardInfo]] = {"train": [], "val": []}
-    for plan in plan_shards(items, section.samples_per_shard, section.val_every):
+    for plan in planner.parts(planner.bits()):
         path = folder / f"{plan.name}.tar"
         count = 0
         with wds.TarWriter(str(path)) as sink:

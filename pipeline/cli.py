@@ -214,7 +214,7 @@ def _preprocess(args: argparse.Namespace, run_job) -> int:
     (preflight_ingest if args.kind == "images" else preflight_videos)(job.config)
     storage.check_writable(job.out)
     start_ray(job.config)
-    stats = run_job(job.section, storage, job.out, progress=job.progress, resources=job.resources)
+    stats = run_job(job.section, storage, job.out, progress=job.progress, resources=job.resources, redo=args.redo)
     print(json.dumps(stats, indent=2))
     return 0
 

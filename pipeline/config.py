@@ -81,10 +81,11 @@ class SourceSection:
 class IngestSection:
     sources: list[SourceSection] = field(default_factory=lambda: [SourceSection()])
     resolution: int = 64  # pixels a side: the short side resized to it, then centre-cropped square
-    samples_per_shard: int = 64  # images in every shard but a split's last
-    val_every: int = 10  # every n-th item (by stable order) goes to the validation split
+    samples_per_shard: int = 64  # images per part (one Ray task, one shard) on average: parts are hash ranges
+    val_every: int = 10  # one item in val_every (by a hash of its key) goes to the validation split
     max_pixels: int = 89_478_485  # PIL's decompression-bomb cap
     parallelism: int = 2  # workers kept busy: twice this many Ray tasks (1 CPU each) are in flight
+    max_item_mb: int = 256  # an item read (file, object, URL) past this size is refused, never read whole
 
 
 @dataclass
@@ -97,10 +98,12 @@ class VideoIngestSection:
     fps: float = 8.0  # output frame rate; frames are picked by timestamp, never interpolated
     max_clips: int = 8  # per video, from its start
     encoding: str = "mp4"  # mp4 (H.264) or npy (raw uint8 frames, lossless)
-    videos_per_shard: int = 20  # videos per worker task (a part); shards are cut by clips_per_shard
-    clips_per_shard: int = 64  # every shard holds exactly this many clips, but a split's last one
-    val_every: int = 10  # every n-th video (by stable order) goes to the validation split
+    videos_per_shard: int = 20  # videos per part (one Ray task, one shard) on average; clips vary per video
+    val_every: int = 10  # one video in val_every (by a hash of its key) goes to the validation split
     parallelism: int = 2  # workers kept busy: twice this many Ray tasks (1 CPU each) are in flight
+    max_item_mb: int = 4096  # a video past this size is refused (streamed: never read whole)
+    spool_mb: int = 64  # a video past this size is decoded from a temporary file, not from memory
+    decode_timeout_s: float = 600.0  # a video whose decoding takes longer fails (transient: tried next run)
 
 
 @dataclass
@@ -479,6 +482,7 @@ def validate_ingest(ingest: IngestSection, where: str = "ingest") -> None:
     require(ingest.samples_per_shard > 0, f"{where}.samples_per_shard", "must be > 0")
     require(ingest.val_every >= 2, f"{where}.val_every", "must be >= 2")
     require(ingest.parallelism >= 1, f"{where}.parallelism", "must be >= 1")
+    require(ingest.max_item_mb >= 1, f"{where}.max_item_mb", "must be >= 1")
 
 
 def validate_videos(videos: VideoIngestSection) -> None:
@@ -486,10 +490,11 @@ def validate_videos(videos: VideoIngestSection) -> None:
 
     require = _require
     _validate_sources(videos.sources, "videos.sources", BUILTIN_VIDEO_SOURCES)
-    for name in ("resolution", "clip_frames", "stride_frames", "max_clips", "videos_per_shard", "clips_per_shard",
-                 "parallelism"):
+    for name in ("resolution", "clip_frames", "stride_frames", "max_clips", "videos_per_shard", "parallelism"):
         require(getattr(videos, name) > 0, f"videos.{name}", "must be > 0")
     require(videos.val_every >= 2, "videos.val_every", "must be >= 2")
+    for name in ("max_item_mb", "spool_mb", "decode_timeout_s"):
+        require(getattr(videos, name) > 0, f"videos.{name}", "must be > 0")
     require(videos.fps > 0, "videos.fps", "must be > 0")
     require(videos.encoding in ("mp4", "npy"), "videos.encoding", "must be mp4 or npy")
     require(videos.resolution % 16 == 0, "videos.resolution", "must be a multiple of 16 (the patch size)")

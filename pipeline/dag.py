@@ -61,10 +61,12 @@ class StageContext:
 class Stage:
     name: str
     depends_on: tuple[str, ...]
-    code_packages: tuple[str, ...]  # subfolders of the package whose source feeds the fingerprint
+    # Subfolders or files of the package whose code feeds the fingerprint (comments and docstrings do not).
+    code_packages: tuple[str, ...]
     section: Callable[[PipelineConfig], Any]  # the config slice that feeds the fingerprint
     run: Callable[[StageContext], dict[str, Any]]  # returns a summary of numbers
     preflight: Callable[[PipelineConfig], None] | None = None  # cheap checks before any stage runs
+    libraries: tuple[str, ...] = ()  # distributions whose versions feed the fingerprint (its decoders)
 
 
 @dataclass
@@ -76,12 +78,28 @@ class StageOutcome:
 
 
 def code_version(packages: tuple[str, ...]) -> str:
+    """A hash of the code in `packages` (folders or .py files under the package) as Python sees it: comments,
+    docstrings and formatting do not change it, a changed statement does."""
     digest = hashlib.sha256()
     for package in packages:
-        for path in sorted((PACKAGE_ROOT / package).rglob("*.py")):
-            digest.update(path.relative_to(PACKAGE_ROOT).as_posix().encode())
-            digest.update(path.read_bytes())
+        path = PACKAGE_ROOT / package
+        files = [path] if package.endswith(".py") else sorted(path.rglob("*.py"))
+        for file in files:
+            digest.update(file.relative_to(PACKAGE_ROOT).as_posix().encode())
+            digest.update(_code_of(file.read_text()).encode())
     return digest.hexdigest()
+
+
+def _code_of(source: str) -> str:
+    import ast
+
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False)
 
 
 def section_dict(stage: Stage, config: PipelineConfig) -> dict[str, Any]:
@@ -96,6 +114,10 @@ def fingerprint(stage: Stage, config: PipelineConfig, input_fingerprints: list[s
         "inputs": input_fingerprints,
         "code": code_version(stage.code_packages),
     }
+    if stage.libraries:
+        from atoken.preprocess.job import library_versions
+
+        payload["libraries"] = library_versions(stage.libraries)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

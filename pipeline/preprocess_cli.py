@@ -111,6 +111,9 @@ def add_standalone_arguments(parser: argparse.ArgumentParser, kind: str, source_
                         help=f"override one field of --config, e.g. --set {where}.val_every=5 (repeatable)")
     parser.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint (storage.endpoint_url)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--redo", action="store_true",
+                        help="OUT was made with other settings (or an older layout): rebuild it from nothing "
+                             "(without it such a rerun refuses, naming the setting)")
 
 
 @dataclass

@@ -21,13 +21,17 @@ from atoken.train.data import ShardInfo
 
 
 def build_stages(config: PipelineConfig) -> list[Stage]:
-    stages = [Stage("ingest", (), ("preprocess",), lambda c: c.ingest, run_ingest, preflight=preflight_ingest)]
+    from atoken.preprocess.job import CODE, DECODERS
+
+    # Each ingest stage's fingerprint: its config section, the code it runs and its decoders' versions.
+    stages = [Stage("ingest", (), CODE["images"], lambda c: c.ingest, run_ingest, preflight=preflight_ingest,
+                    libraries=DECODERS["images"])]
     if config.videos.sources:
-        stages.append(Stage("ingest_videos", (), ("preprocess",), lambda c: c.videos, run_ingest_videos,
-                            preflight=preflight_videos))
+        stages.append(Stage("ingest_videos", (), CODE["videos"], lambda c: c.videos, run_ingest_videos,
+                            preflight=preflight_videos, libraries=DECODERS["videos"]))
     if config.objects.sources:
-        stages.append(Stage("ingest_3d", (), ("preprocess",), lambda c: c.objects, run_ingest_3d,
-                            preflight=preflight_3d))
+        stages.append(Stage("ingest_3d", (), CODE["3d"], lambda c: c.objects, run_ingest_3d,
+                            preflight=preflight_3d, libraries=DECODERS["3d"]))
     previous = None
     for index, train_stage in enumerate(config.train.stages):
         name = f"train_{train_stage.name}"
@@ -65,10 +69,9 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
 
 def preflight_videos(config: PipelineConfig) -> None:
     from atoken.pipeline.storage import Storage
-    from atoken.preprocess.job import list_items
+    from atoken.preprocess.job import first_items
 
-    if not list_items(config.videos, Storage(config.storage)):
-        raise ValueError("videos.sources: the sources list no videos")
+    first_items(config.videos, Storage(config.storage))
 
 
 def run_ingest_videos(ctx: StageContext) -> dict[str, Any]:
@@ -82,17 +85,16 @@ def run_ingest_videos(ctx: StageContext) -> dict[str, Any]:
 
 
 def preflight_ingest(config: PipelineConfig) -> None:
+    """Every source lists at least one item (its first: a 10M-item source is not listed here), and the sources'
+    pinned splits leave room for both splits. Whether hashing puts an item in each split is known only once
+    everything is listed: run_ingest checks it."""
     from atoken.pipeline.storage import Storage
-    from atoken.preprocess.job import list_items, plan_shards
+    from atoken.preprocess.job import first_items
 
-    items = list_items(config.ingest, Storage(config.storage))
-    if not items:
-        raise ValueError("ingest.sources: the sources list no items")
-    # Sources may pin their split: a run whose items all land in one split would fail only after training
-    # (no validation images) or at its first step (no training images).
-    splits = {plan.split for plan in plan_shards(items, config.ingest.samples_per_shard, config.ingest.val_every)}
+    first_items(config.ingest, Storage(config.storage))
+    pinned = {source.split for source in config.ingest.sources}
     for split in ("train", "val"):
-        if split not in splits:
+        if "auto" not in pinned and split not in pinned:
             raise ValueError(f"ingest.sources: no item lands in the {split} split (check the sources' `split`)")
 
 
@@ -119,6 +121,10 @@ def run_ingest(ctx: StageContext) -> dict[str, Any]:
 
     stats = run_image_job(ctx.config.ingest, ctx.storage, ctx.output, progress=ctx.progress,
                           resources=ctx.config.ray.preprocess_resources)
+    for split in ("train", "val"):
+        if not stats[f"samples_{split}"]:
+            raise ValueError(f"ingest: no sample landed in the {split} split ({stats['items']} items, "
+                             f"{stats['failures']} failed; check the sources' `split` and ingest.val_every)")
     for name in ("manifest.parquet", "errors.parquet", "_stats.json"):
         ctx.tracker.log_bytes(ctx.run_id, ctx.storage.read_bytes(join(ctx.output, name)), f"ingest/{name}")
     first = sorted(_shards(ctx.storage, ctx.output, "train"), key=lambda s: s.uri)

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,31 @@ from atoken.pipeline.config import StorageSection
 
 
 class StorageError(RuntimeError):
-    """A storage failure with one line that says what and where (never which credentials)."""
+    """A storage failure with one line that says what and where (never which credentials). `permanent`: the
+    object is not there or not ours to read (no such key or bucket, access denied), so retrying cannot help."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+# Tries of an S3 GET whose body is cut mid-way, and the first backoff (doubled after each try).
+BODY_ATTEMPTS = 4
+BODY_BACKOFF_S = 0.2
+
+
+def _body_errors() -> tuple[type[BaseException], ...]:
+    """What reading a cut body raises: botocore's wrappers (ResponseStreamingError around urllib3's
+    ProtocolError, IncompleteReadError when fewer bytes than Content-Length arrived, ReadTimeoutError) and the
+    unwrapped ones, should a path not wrap them."""
+    import http.client
+
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from urllib3.exceptions import ProtocolError
+    from urllib3.exceptions import ReadTimeoutError as URLLib3ReadTimeoutError
+
+    return (IncompleteReadError, ResponseStreamingError, ReadTimeoutError, ProtocolError, URLLib3ReadTimeoutError,
+            http.client.IncompleteRead, ConnectionError)
 
 
 def is_s3(uri: str) -> bool:
@@ -93,11 +118,11 @@ class Storage:
 
     # -- reads -----------------------------------------------------------------------------------
 
-    def read_bytes(self, uri: str) -> bytes:
+    def read_bytes(self, uri: str, max_bytes: int | None = None) -> bytes:
+        """The whole object. `max_bytes`: refuse (permanently) an object larger than that, from its
+        Content-Length, before its body is read."""
         if is_s3(uri):
-            bucket, key = split_s3(uri)
-            with self._s3_errors(uri):
-                return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            return self._get_body(uri, max_bytes=max_bytes)
         try:
             return local_path(uri).read_bytes()
         except OSError as exc:
@@ -111,10 +136,7 @@ class Storage:
         if length == 0:
             return b""
         if is_s3(uri):
-            bucket, key = split_s3(uri)
-            with self._s3_errors(uri):
-                body = self.client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
-                data = body["Body"].read()
+            data = self._get_body(uri, Range=f"bytes={start}-{start + length - 1}")
         else:
             try:
                 with open(local_path(uri), "rb") as handle:
@@ -125,6 +147,34 @@ class Storage:
         if len(data) != length:
             raise StorageError(f"{uri}: asked for {length} bytes at {start}, got {len(data)} (truncated object)")
         return data
+
+    def _get_body(self, uri: str, max_bytes: int | None = None, **extra: Any) -> bytes:
+        """One GET's whole body. botocore retries a request that fails, not the reading of a body cut mid-way
+        (the connection closed after the headers): that is retried here, BODY_ATTEMPTS tries with backoff
+        (0.2 s, 0.4 s, 0.8 s), and a body shorter than its Content-Length is never returned."""
+        bucket, key = split_s3(uri)
+        cut_errors = _body_errors()
+        for attempt in range(1, BODY_ATTEMPTS + 1):
+            with self._s3_errors(uri):
+                answer = self.client.get_object(Bucket=bucket, Key=key, **extra)
+            expected = answer.get("ContentLength")
+            if max_bytes is not None and expected is not None and expected > max_bytes:
+                answer["Body"].close()
+                raise StorageError(f"{uri}: {expected:,} bytes, over the {max_bytes:,}-byte cap (max_item_mb)",
+                                   permanent=True)
+            try:
+                data = answer["Body"].read()
+                if expected is None or len(data) == expected:
+                    return data
+                problem = "a short body"
+            except cut_errors as exc:
+                problem = type(exc).__name__
+            finally:
+                answer["Body"].close()
+            if attempt < BODY_ATTEMPTS:
+                time.sleep(BODY_BACKOFF_S * 2 ** (attempt - 1))
+        # No byte counts in the line: callers classify failures by the codes a message names.
+        raise StorageError(f"cannot read {uri}: its body was cut off on {BODY_ATTEMPTS} tries (last: {problem})")
 
     def open_read(self, uri: str) -> BinaryIO:
         """A streaming reader: the whole object is never held in memory."""
@@ -167,6 +217,74 @@ class Storage:
             return []
         return sorted(str(p) for p in root.rglob("*") if p.is_file() and ".tmp-" not in p.name)
 
+    def iter_objects(self, prefix: str) -> Iterator[tuple[str, int, str]]:
+        """(URI, size, version) of every object under a folder URI, a listing page (1,000 keys) at a time, so a
+        10M-object prefix is never held whole. The version says when the bytes changed: the ETag on S3,
+        "size:mtime_ns" locally. Key order on S3; locally, name order within each folder."""
+        if is_s3(prefix):
+            bucket, key = split_s3(prefix.rstrip("/") + "/")
+            with self._s3_errors(prefix):
+                pages = iter(self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key))
+            while True:
+                # Only the page fetch is guarded: a consumer that stops early closes this generator at a
+                # yield, and that must not read as a storage error.
+                with self._s3_errors(prefix):
+                    page = next(pages, None)
+                if page is None:
+                    return
+                for item in page.get("Contents", []):
+                    yield f"s3://{bucket}/{item['Key']}", item["Size"], item["ETag"].strip('"')
+        root = local_path(prefix)
+        for folder, folders, files in os.walk(root):
+            folders.sort()
+            for name in sorted(files):
+                if ".tmp-" in name:
+                    continue
+                path = Path(folder) / name
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue  # deleted while listing
+                yield str(path), stat.st_size, f"{stat.st_size}:{stat.st_mtime_ns}"
+
+    def local_copy(self, uri: str) -> LocalCopy:
+        """A local path holding the object's bytes (the file itself when local, a download otherwise), for
+        readers that need a seekable file (parquet, CSV); use as a context manager to remove the download."""
+        if not is_s3(uri):
+            path = local_path(uri)
+            if not path.is_file():
+                raise StorageError(f"cannot read {uri}: no such file")
+            return LocalCopy(path, None)
+        staging = LocalStaging()
+        return LocalCopy(self.download(uri, staging.path / Path(split_s3(uri)[1]).name), staging)
+
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        """Write `data` only if nothing is at `uri` yet; False when something is (S3: a conditional PUT,
+        If-None-Match: *; locally: O_CREAT | O_EXCL). The primitive under a run lock."""
+        if is_s3(uri):
+            from botocore.exceptions import ClientError
+
+            bucket, key = split_s3(uri)
+            try:
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
+                                                                 "ConditionalRequestConflict"):
+                    return False
+                raise self._translate(uri, exc) from exc
+            except Exception as exc:  # noqa: BLE001 - connection errors become one clear line
+                raise self._translate(uri, exc) from exc
+        target = local_path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        return True
+
     # -- writes ----------------------------------------------------------------------------------
 
     def write_bytes(self, uri: str, data: bytes) -> None:
@@ -192,6 +310,21 @@ class Storage:
                 self.client.upload_file(str(source), bucket, key, Config=self.transfer_config)
             return
         self._commit_local(local_path(uri), lambda tmp: shutil.copyfile(source, tmp))
+
+    def move_into(self, source: str | Path, uri: str) -> None:
+        """Commit a finished local file to its URI and remove the local one: a rename when both are on one
+        local file system (no second copy of a shard), an upload otherwise."""
+        source = Path(source)
+        if not is_s3(uri):
+            target = local_path(uri)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(source, target)
+                return
+            except OSError:
+                pass  # another file system: copy, then remove
+        self.upload(source, uri)
+        source.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def staged_file(self, uri: str) -> Iterator[Path]:
@@ -353,11 +486,11 @@ class Storage:
         if isinstance(exc, ClientError):
             code = exc.response.get("Error", {}).get("Code", "?")
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                return StorageError(f"access denied ({code}) to {where}")
+                return StorageError(f"access denied ({code}) to {where}", permanent=True)
             if code in ("NoSuchBucket",):
-                return StorageError(f"no such bucket for {where}")
+                return StorageError(f"no such bucket for {where}", permanent=True)
             if code in ("404", "NoSuchKey", "NotFound"):
-                return StorageError(f"no such object {uri}")
+                return StorageError(f"no such object {uri}", permanent=True)
             return StorageError(f"S3 error {code} for {where}")
         return StorageError(f"storage error for {where}: {type(exc).__name__}: {exc}")
 
@@ -372,6 +505,21 @@ def register_webdataset_opener(storage: Storage) -> None:
         return storage.open_read(url)
 
     gopen_schemes["s3"] = open_s3
+
+
+class LocalCopy:
+    """A local file with an object's bytes; removes its download (if any) when the block ends."""
+
+    def __init__(self, path: Path, staging: LocalStaging | None):
+        self.path = path
+        self.staging = staging
+
+    def __enter__(self) -> LocalCopy:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.staging is not None:
+            self.staging.__exit__()
 
 
 class LocalStaging:

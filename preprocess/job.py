@@ -1,21 +1,36 @@
-"""Ingest jobs (images, videos): list sources, plan groups of items, write each as a part over Ray, repack
-the parts into shards of equal sample counts, gather manifest, errors and stats.
+"""Ingest jobs (images, videos, 3D assets): stream the sources' listing into a plan, write every part over Ray,
+gather manifest, errors and stats, with each item exactly once however the sources changed since the last run.
 
-Items are split and grouped by their position in a stable listing, and shards are cut from the parts in
-that order, so a rerun plans the very same parts and shards and skips the committed ones (see
-preprocess/writer.py). Layout under the output: shards/{split}-NNNNNN.tar, manifests/ (one parquet per
-shard), manifest.parquet, errors.parquet, _stats.json, and _parts/ (the staging parts' manifests and
-errors; their tars are deleted once no failed item can be retried).
+How an item finds its part is preprocess/plan.py; how a part commits, skips and reuses is preprocess/writer.py.
+Layout under the output:
+
+    _ingest.json                  what OUT was made with (kind, settings, code, decoders); a rerun that asks
+                                  for other settings refuses, naming the setting (`redo=True` rebuilds)
+    _lock                         the run lock: one driver per output (a conditional write)
+    parts/<part>.parquet          each part's record (its items and their outcomes): the commit marker
+    shards/<part>-<version>.tar   the WebDataset shards, one per part with samples
+    manifests/<shard>.parquet     each shard's samples
+    manifest.parquet, errors.parquet, _stats.json   the whole job's, rewritten by every run
+
+A part that fails as a whole (storage down after every retry) is retried by Ray, then recorded; the other
+parts go on, and the job raises IngestError at the end with the stats written. A rerun redoes only what is
+not committed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import io
+import itertools
+import json
+import os
+import socket
+import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -23,7 +38,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from atoken.pipeline.config import IngestSection, VideoIngestSection
-from atoken.pipeline.storage import Storage, join
+from atoken.pipeline.storage import Storage, StorageError, join
+from atoken.preprocess.plan import PartPlan, Planner, hash_range, parse_part_name
 from atoken.preprocess.sources import (
     BUILTIN_SOURCES,
     BUILTIN_VIDEO_SOURCES,
@@ -38,236 +54,466 @@ from atoken.preprocess.videos import ClipSettings
 from atoken.preprocess.writer import (
     ERRORS_SCHEMA,
     MANIFEST_SCHEMA,
-    MAX_ATTEMPTS,
     ImageSettings,
-    RepackPlan,
-    ShardPlan,
-    ShardResult,
+    PartRecord,
+    PartResult,
+    TransientError,
     VideoSettings,
-    repack_shard,
-    shard_uri,
-    write_shard,
+    delete_shard,
+    manifest_uri,
+    record_uri,
+    write_part,
 )
+
+FORMAT = 2  # of the output layout; 1 was positional parts repacked into shards (_parts/)
+# The code each ingest kind runs and the libraries that decode for it: what its fingerprint and OUT's
+# _ingest.json record (a comment in render.py no longer re-ingests every image).
+CODE = {
+    "images": ("preprocess/job.py", "preprocess/plan.py", "preprocess/writer.py", "preprocess/sources.py",
+               "preprocess/images.py"),
+    "videos": ("preprocess/job.py", "preprocess/plan.py", "preprocess/writer.py", "preprocess/sources.py",
+               "preprocess/images.py", "preprocess/videos.py"),
+    "3d": ("preprocess/job.py", "preprocess/plan.py", "preprocess/writer.py", "preprocess/sources.py",
+           "preprocess/images.py", "preprocess/objects.py", "preprocess/render.py", "preprocess/voxels.py"),
+}
+DECODERS = {"images": ("pillow",), "videos": ("pillow", "av"), "3d": ("pillow", "trimesh", "numpy")}
+
+
+class IngestError(RuntimeError):
+    """Some parts could not be written; the others are committed and the stats say which failed."""
+
+
+class OutputMismatch(ValueError):
+    """OUT was made with other settings than this run asks for."""
+
+
+def library_versions(names: Iterable[str]) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def made_with(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """What `_ingest.json` records: the settings that shape a sample, the code and the decoders."""
+    from atoken.pipeline.dag import code_version
+
+    record = {"format": FORMAT, "kind": kind, "settings": settings, "code": code_version(CODE[kind])[:16],
+              "decoders": library_versions(DECODERS[kind])}
+    return json.loads(json.dumps(record))  # as read back: tuples are lists
+
+
+def iter_source(source, storage: Storage, videos: bool) -> Iterator[ItemSpec]:
+    """One source's items, streamed, its pinned split applied."""
+    builtin = BUILTIN_VIDEO_SOURCES if videos else BUILTIN_SOURCES
+    suffixes = VIDEO_SUFFIXES if videos else IMAGE_SUFFIXES
+    if source.kind == "builtin":
+        listed = iter(builtin[source.name](source.limit))
+    elif source.kind == "folder":
+        listed = list_folder(source.path, source.limit, suffixes)
+    elif source.kind == "s3":
+        listed = list_s3_prefix(storage, source.path, source.limit, suffixes)
+    else:
+        listed = list_file(source.path, storage, source.limit)
+    if source.split != "auto":
+        listed = (dataclasses.replace(item, split=source.split) for item in listed)
+    return listed
+
+
+def iter_items(section: IngestSection | VideoIngestSection, storage: Storage | None = None) -> Iterator[ItemSpec]:
+    """The items of every source of an image or video section, streamed (nothing holds the whole listing)."""
+    storage = storage or Storage()
+    videos = isinstance(section, VideoIngestSection)
+    for source in section.sources:
+        yield from iter_source(source, storage, videos)
+
+
+def first_items(section: IngestSection | VideoIngestSection, storage: Storage) -> list[ItemSpec]:
+    """Each source's first item, or a one-line error naming the source that lists none (a preflight that
+    costs one listing page, not the whole listing)."""
+    from atoken.preprocess.sources import SourceError
+
+    videos = isinstance(section, VideoIngestSection)
+    firsts = []
+    for index, source in enumerate(section.sources):
+        first = next(iter_source(source, storage, videos), None)
+        if first is None:
+            what = source.name if source.kind == "builtin" else source.path
+            raise SourceError(f"{'videos' if videos else 'ingest'}.sources[{index}] ({source.kind} {what}) "
+                              f"lists no {'videos' if videos else 'images'}")
+        firsts.append(first)
+    return firsts
 
 
 def list_items(section: IngestSection | VideoIngestSection, storage: Storage | None = None) -> list[ItemSpec]:
-    """The items of every source of an image or video section, in a stable order."""
-    storage = storage or Storage()
-    videos = isinstance(section, VideoIngestSection)
-    builtin = BUILTIN_VIDEO_SOURCES if videos else BUILTIN_SOURCES
-    suffixes = VIDEO_SUFFIXES if videos else IMAGE_SUFFIXES
-    items: list[ItemSpec] = []
-    for source in section.sources:
-        if source.kind == "builtin":
-            listed = builtin[source.name](source.limit)
-        elif source.kind == "folder":
-            listed = list_folder(source.path, source.limit, suffixes)
-        elif source.kind == "s3":
-            listed = list_s3_prefix(storage, source.path, source.limit, suffixes)
-        else:
-            listed = list_file(source.path, storage, source.limit)
-        if source.split != "auto":
-            listed = [dataclasses.replace(item, split=source.split) for item in listed]
-        items.extend(listed)
-    keys = [item.key for item in items]
-    if len(set(keys)) != len(keys):
-        raise ValueError("ingest.sources: two sources list the same item keys (a source listed twice?)")
-    return items
-
-
-def plan_shards(items: list[ItemSpec], items_per_shard: int, val_every: int) -> list[ShardPlan]:
-    """Items whose source pins a split keep it; the others are split by their position among themselves (every
-    `val_every`-th is validation), so adding a held-out source leaves the other sources' split as it was."""
-    by_split: dict[str, list[ItemSpec]] = {"train": [], "val": []}
-    position = 0
-    for item in items:
-        if item.split:
-            by_split[item.split].append(item)
-            continue
-        by_split["val" if position % val_every == 0 else "train"].append(item)
-        position += 1
-    plans = []
-    for split, split_items in by_split.items():
-        for start in range(0, len(split_items), items_per_shard):
-            plans.append(ShardPlan(f"{split}-{start // items_per_shard:06d}", split,
-                                   split_items[start:start + items_per_shard]))
-    return plans
-
-
-def plan_image_shards(section: IngestSection, storage: Storage | None = None) -> list[ShardPlan]:
-    return plan_shards(list_items(section, storage), section.samples_per_shard, section.val_every)
+    """Every item as a list (tests and small tools; jobs stream `iter_items`)."""
+    return list(iter_items(section, storage))
 
 
 def run_image_job(section: IngestSection, storage: Storage, output: str, progress: bool = True,
-                  resources: dict[str, float] | None = None) -> dict[str, Any]:
-    settings = ImageSettings(section.resolution, section.max_pixels)
-    return run_shard_job(plan_image_shards(section, storage), settings, storage, output, section.parallelism,
-                         progress, "ingest images", "img", section.samples_per_shard, resources)
+                  resources: dict[str, float] | None = None, redo: bool = False) -> dict[str, Any]:
+    settings = ImageSettings(section.resolution, section.max_pixels, section.max_item_mb << 20)
+    return run_ingest_job(iter_items(section, storage), settings, storage, output, kind="images",
+                          items_per_part=section.samples_per_shard, val_every=section.val_every,
+                          parallelism=section.parallelism, progress=progress, description="ingest images",
+                          unit="img", resources=resources, redo=redo,
+                          settings_record={"resolution": section.resolution, "max_pixels": section.max_pixels,
+                                           "val_every": section.val_every})
 
 
 def run_video_job(section: VideoIngestSection, storage: Storage, output: str, progress: bool = True,
-                  resources: dict[str, float] | None = None) -> dict[str, Any]:
+                  resources: dict[str, float] | None = None, redo: bool = False) -> dict[str, Any]:
     clips = ClipSettings(section.clip_frames, section.stride_frames, section.fps, section.resolution,
                          section.max_clips, section.encoding)
-    plans = plan_shards(list_items(section, storage), section.videos_per_shard, section.val_every)
-    return run_shard_job(plans, VideoSettings(clips), storage, output, section.parallelism, progress,
-                         "ingest videos", "video", section.clips_per_shard, resources)
+    settings = VideoSettings(clips, section.max_item_mb << 20, section.spool_mb << 20, section.decode_timeout_s)
+    return run_ingest_job(iter_items(section, storage), settings, storage, output, kind="videos",
+                          items_per_part=section.videos_per_shard, val_every=section.val_every,
+                          parallelism=section.parallelism, progress=progress, description="ingest videos",
+                          unit="video", resources=resources, redo=redo,
+                          settings_record={**dataclasses.asdict(clips), "val_every": section.val_every})
 
 
-def parts_folder(output: str) -> str:
-    """Where a job stages its parts (one per planned group of items) before repacking them into shards."""
-    return join(output, "_parts")
-
-
-def run_shard_job(plans: list[ShardPlan], settings: ImageSettings | VideoSettings, storage: Storage, output: str,
-                  parallelism: int, progress: bool, description: str, unit: str,
-                  samples_per_shard: int | None = None,
-                  resources: dict[str, float] | None = None,
-                  job_stats: Callable[[pa.Table, list[ShardResult]], dict[str, Any]] | None = None
-                  ) -> dict[str, Any]:
-    """Write every planned group as a part, repack the parts into shards of exactly `samples_per_shard`
-    samples (default: the largest group's item count), then the job's manifest, errors and stats.
-
-    Both steps are parallel Ray tasks on the same workers; see preprocess/writer.py for how each commits.
-    `resources`: Ray custom resources every task asks for (config `ray.preprocess_resources`), which keeps the
-    work on a cluster's CPU render workers. A task whose node dies is rerun elsewhere (max_retries).
-    `job_stats`: figures of the job's whole manifest and of its parts' results (what making their samples
-    measured) added to its stats (the 3D job's render figures).
-    """
-    import ray
-
+def run_ingest_job(items: Iterable[ItemSpec], settings, storage: Storage, output: str, *, kind: str,
+                   items_per_part: int, val_every: int, parallelism: int, progress: bool, description: str,
+                   unit: str, settings_record: dict[str, Any], resources: dict[str, float] | None = None,
+                   redo: bool = False,
+                   job_stats: Callable[[pa.Table, list[PartResult]], dict[str, Any]] | None = None
+                   ) -> dict[str, Any]:
+    """Plan `items` into parts, write every part not already committed as planned, then the job's manifest,
+    errors and stats. `resources`: Ray custom resources every task asks for (config
+    `ray.preprocess_resources`). `job_stats`: figures of the job's manifest and of its parts' results added to
+    its stats (the 3D job's render figures). `redo`: rebuild OUT from nothing when it was made otherwise."""
     started = time.perf_counter()
-    samples_per_shard = samples_per_shard or max((len(p.items) for p in plans), default=1)
-    parts_output = parts_folder(output)
-    storage_ref = ray.put(storage)
-    part_results: list[ShardResult] = _map_on_ray(
-        _remote(write_shard).options(resources=resources or None),
-        [(p, storage_ref, parts_output, settings) for p in plans],
-        [len(p.items) for p in plans], parallelism, progress, description, unit)
-    part_tables = {r.name: r.manifest for r in part_results}
-
-    repacks = plan_repack(plans, part_tables, samples_per_shard)
-    _delete_stale_shards(storage, output, {r.name for r in repacks})
-    shard_results: list[ShardResult] = _map_on_ray(
-        _remote(repack_shard).options(resources=resources or None),
-        [(r, storage_ref, output, parts_output) for r in repacks],
-        [r.manifest.num_rows for r in repacks], parallelism, progress, f"{description}: shards", "sample")
-
-    manifest = pa.concat_tables([r.manifest for r in repacks]) if repacks else MANIFEST_SCHEMA.empty_table()
-    errors = [row for r in part_results for row in r.error_rows]
-    _write_parquet(storage, join(output, "manifest.parquet"), manifest)
-    _write_parquet(storage, join(output, "errors.parquet"), pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
-    if not any(row["attempts"] < MAX_ATTEMPTS for row in errors):
-        # No item can land on a rerun any more, so no shard will be rebuilt: the parts' samples are
-        # only a second copy now. Their manifests and errors stay, so a rerun still skips every part.
-        for result in part_results:
-            storage.delete(shard_uri(parts_output, result.name))
-    built = {r.name for r in part_results if not r.skipped}
-    built_items = sum(len(p.items) for p in plans if p.name in built)
-    seconds = time.perf_counter() - started
-    splits = manifest.column("split").to_pylist()
-    stats = {
-        "shards": len(shard_results),
-        "shards_skipped": sum(r.skipped for r in shard_results),
-        "samples_per_shard": samples_per_shard,
-        "parts": len(part_results),
-        "parts_skipped": len(part_results) - len(built),
-        "items": sum(len(p.items) for p in plans),
-        "samples": manifest.num_rows,
-        "samples_train": splits.count("train"),
-        "samples_val": splits.count("val"),
-        "failures": len(errors),
-        "bytes": sum(r.bytes for r in shard_results),
-        "seconds": round(seconds, 3),
-        "items_per_second": round(built_items / seconds, 2) if built else 0.0,
-    }
-    if job_stats is not None:
-        stats.update(job_stats(manifest, part_results))
-    storage.write_json(join(output, "_stats.json"), stats)
+    with RunLock(storage, output):
+        record = made_with(kind, settings_record)
+        _check_made_with(storage, output, record, redo)
+        previous = _committed_parts(storage, output)
+        planner = Planner(val_every, items_per_part)
+        try:
+            listing = _Counted(items)
+            planner.add(listing)
+            listed_seconds = time.perf_counter() - started
+            bits = planner.bits({split: max(found, key=lambda b: len(found[b]))
+                                 for split, found in previous.items()})
+            results, failed = _write_parts(planner.parts(bits), bits, previous, settings, storage, output,
+                                           parallelism, progress, description, unit, resources)
+        finally:
+            planner.close()
+        planned = {r.name for r in results} | set(failed)
+        _delete_superseded(storage, output, previous, planned, failed, bits)
+        manifest_rows = _gather_manifest(storage, output, results)
+        errors = [row for r in results for row in r.error_rows]
+        pq.write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), buffer := io.BytesIO())
+        storage.write_bytes(join(output, "errors.parquet"), buffer.getvalue())
+        items_done = sum(r.items for r in results)
+        failed_items = sum(failed.values())
+        # Exactly once, checked: every listed item is in exactly one committed part's record (or in a part that
+        # failed as a whole), and every sample a record counts is in the manifest.
+        if items_done + failed_items != planner.items or any(r.ok + r.permanent + r.transient != r.items
+                                                             for r in results):
+            raise AssertionError(f"ingest lost track of items: {planner.items} listed, {items_done} in committed "
+                                 f"parts, {failed_items} in failed parts")
+        samples = sum(r.samples for r in results)
+        if manifest_rows["all"] != samples:
+            raise AssertionError(f"ingest manifest holds {manifest_rows['all']} samples, the parts {samples}")
+        seconds = time.perf_counter() - started
+        made = sum(r.made for r in results)
+        stats = {
+            "shards": sum(1 for r in results if r.shard),
+            "parts": len(results) + len(failed),
+            "parts_skipped": sum(r.skipped for r in results),
+            "parts_failed": len(failed),
+            "items": planner.items,
+            "items_made": made,
+            "items_reused": sum(r.reused for r in results),
+            "samples": samples,
+            "samples_train": manifest_rows.get("train", 0),
+            "samples_val": manifest_rows.get("val", 0),
+            "failures": len(errors),
+            "failures_permanent": sum(r.permanent for r in results),
+            "failures_transient": sum(r.transient for r in results),
+            "retryable": sum(r.retryable for r in results) + failed_items,
+            "bytes": sum(r.bytes for r in results),
+            "listing_seconds": round(listed_seconds, 3),
+            "seconds": round(seconds, 3),
+            "items_per_second": round(made / seconds, 2) if made else 0.0,
+        }
+        if failed:
+            stats["failed_parts"] = {name: error for name, error in sorted(failed.items())[:20]}
+        if job_stats is not None:
+            manifest = pq.read_table(io.BytesIO(storage.read_bytes(join(output, "manifest.parquet"))))
+            stats.update(job_stats(manifest, results))
+        storage.write_json(join(output, "_stats.json"), stats)
+    if failed:
+        first = next(iter(sorted(failed.items())))
+        raise IngestError(f"{len(failed)} of {stats['parts']} parts failed ({failed_items} items not ingested; "
+                          f"first: {first[0]}): rerun to retry them; stats in {join(output, '_stats.json')}")
     return stats
 
 
-def plan_repack(plans: list[ShardPlan], part_tables: dict[str, pa.Table], samples_per_shard: int) -> list[RepackPlan]:
-    """Each split's samples, in part order, cut into shards of `samples_per_shard` (the last may hold fewer).
+class _Counted:
+    """The listing as it streams, with a live count (the planner consumes it)."""
 
-    A function of the parts' manifests alone, so a rerun over the same parts plans the same shards.
-    """
-    repacks: list[RepackPlan] = []
-    for split in dict.fromkeys(p.split for p in plans):
-        pieces: list[tuple[str, int, int]] = []
-        slices: list[pa.Table] = []
-        filled = 0
-        count = 0
-        for plan in (p for p in plans if p.split == split):
-            table = part_tables[plan.name]
-            offset = 0
-            while offset < table.num_rows:
-                take = min(samples_per_shard - filled, table.num_rows - offset)
-                pieces.append((plan.name, offset, offset + take))
-                slices.append(table.slice(offset, take))
-                offset += take
-                filled += take
-                if filled == samples_per_shard:
-                    repacks.append(_repack_plan(f"{split}-{count:06d}", split, pieces, slices, part_tables))
-                    pieces, slices, filled, count = [], [], 0, count + 1
-        if slices:
-            repacks.append(_repack_plan(f"{split}-{count:06d}", split, pieces, slices, part_tables))
-    return repacks
+    def __init__(self, items: Iterable[ItemSpec]):
+        self.items = iter(items)
+        self.count = 0
+
+    def __iter__(self) -> Iterator[ItemSpec]:
+        for item in self.items:
+            self.count += 1
+            yield item
 
 
-def _repack_plan(name: str, split: str, pieces: list[tuple[str, int, int]], slices: list[pa.Table],
-                 part_tables: dict[str, pa.Table]) -> RepackPlan:
-    table = pa.concat_tables(slices)
-    table = table.set_column(table.schema.get_field_index("shard"), "shard",
-                             pa.array([name] * table.num_rows, pa.string()))
-    whole_part = len(pieces) == 1 and pieces[0][1] == 0 and pieces[0][2] == part_tables[pieces[0][0]].num_rows
-    return RepackPlan(name, split, pieces, table, whole_part)
+def _check_made_with(storage: Storage, output: str, record: dict[str, Any], redo: bool) -> None:
+    uri = join(output, "_ingest.json")
+    if storage.exists(uri):
+        before = storage.read_json(uri)
+        differences = _differences(before, record)
+        if differences and not redo:
+            raise OutputMismatch(f"{output} was made with {differences[0][1]}, this run asks for "
+                                 f"{differences[0][2]}: use another output, or redo it (--redo)")
+        if differences:
+            for folder in ("parts", "shards", "manifests"):
+                storage.delete_folder(join(output, folder))
+    elif storage.exists(join(output, "_parts")) or storage.exists(join(output, "manifest.parquet")):
+        if not redo:
+            raise OutputMismatch(f"{output} holds an ingest of an older layout (no _ingest.json): use another "
+                                 "output, or redo it (--redo)")
+        for folder in ("_parts", "shards", "manifests", "parts"):
+            storage.delete_folder(join(output, folder))
+    storage.write_json(uri, record)
 
 
-def _delete_stale_shards(storage: Storage, output: str, planned: set[str]) -> None:
-    """Shards a previous run committed past today's last one (fewer samples landed this time): manifest first."""
-    for folder, suffix in (("manifests", ".parquet"), ("shards", ".tar")):
-        for uri in storage.list(join(output, folder)):
-            name = uri.rsplit("/", 1)[-1].removesuffix(suffix)
-            if uri.endswith(suffix) and name not in planned:
-                storage.delete(uri)
+def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(field, before, now) of every field that differs, settings first, as `name=value` strings."""
+    found = []
+    for name in sorted(set(before.get("settings", {})) | set(now["settings"])):
+        old, new = before.get("settings", {}).get(name), now["settings"].get(name)
+        if old != new:
+            found.append((name, f"{name}={old}", f"{name}={new}"))
+    for name in ("format", "kind", "code"):
+        if before.get(name) != now[name]:
+            found.append((name, f"{name} {before.get(name)}", f"{name} {now[name]}"))
+    for name in sorted(set(before.get("decoders", {})) | set(now["decoders"])):
+        old, new = before.get("decoders", {}).get(name), now["decoders"].get(name)
+        if old != new:
+            found.append((name, f"{name} {old}", f"{name} {new}"))
+    return found
+
+
+def _committed_parts(storage: Storage, output: str) -> dict[str, dict[int, list[str]]]:
+    """The committed parts' names by split and part-count bits (one listing of parts/)."""
+    found: dict[str, dict[int, list[str]]] = {}
+    for uri, _, _ in storage.iter_objects(join(output, "parts")):
+        if not uri.endswith(".parquet"):
+            continue
+        name = uri.rsplit("/", 1)[-1].removesuffix(".parquet")
+        split, bits, _ = parse_part_name(name)
+        found.setdefault(split, {}).setdefault(bits, []).append(name)
+    return found
+
+
+def _overlapping(previous: dict[str, dict[int, list[str]]], plan: PartPlan) -> list[str]:
+    """This part's own committed name first, then every committed part of its split whose range overlaps."""
+    split, _, _ = parse_part_name(plan.name)
+    low, high = plan.hash_range
+    names = [plan.name]
+    for old_bits, old_names in previous.get(split, {}).items():
+        for name in old_names:
+            old_low, old_high = hash_range(old_bits, parse_part_name(name)[2])
+            if old_low < high and low < old_high and name != plan.name:
+                names.append(name)
+    return names
+
+
+def _write_parts(plans: Iterator[PartPlan], bits: dict[str, int], previous, settings, storage: Storage,
+                 output: str, parallelism: int, progress: bool, description: str, unit: str,
+                 resources: dict[str, float] | None) -> tuple[list[PartResult], dict[str, int]]:
+    """Every planned part through `write_part` on Ray, at most 2 x parallelism in flight; the parts' results
+    and, for parts that failed after Ray's retries, name → item count."""
+    import ray
+
+    task = _remote(write_part).options(resources=resources or None)
+    storage_ref = ray.put(storage)
+    settings_ref = ray.put(settings)
+    total = sum(2 ** b for b in bits.values())
+    results: list[PartResult] = []
+    failed: dict[str, int] = {}
+    in_flight: dict = {}
+    window = max(1, parallelism * 2)  # a bounded window: a 10M-item job never materialises every task at once
+    bar = tqdm(total=total, desc=description, unit="part", disable=not progress)
+    counts = {"items": 0, "errors": 0, "made": 0}
+    started = time.perf_counter()
+    plans = iter(plans)
+    while True:
+        while len(in_flight) < window:
+            plan = next(plans, None)
+            if plan is None:
+                break
+            ref = task.remote(plan, storage_ref, output, settings_ref, _overlapping(previous, plan))
+            in_flight[ref] = (plan.name, len(plan.items))
+        if not in_flight:
+            break
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        name, item_count = in_flight.pop(done[0])
+        try:
+            result = ray.get(done[0])
+        except Exception as exc:  # noqa: BLE001 - a part's failure is recorded; the job goes on
+            cause = getattr(exc, "cause", None) or exc
+            failed[name] = item_count
+            print(f"atoken ingest: part {name} failed: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}",
+                  flush=True)
+            bar.update(1)
+            continue
+        results.append(result)
+        counts["items"] += result.items
+        counts["errors"] += result.permanent + result.transient
+        counts["made"] += result.made
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        bar.update(1)
+        bar.set_postfix(items=counts["items"], made=counts["made"], errors=counts["errors"],
+                        rate=f"{counts['made'] / elapsed:.1f} {unit}/s")
+    bar.close()
+    results.sort(key=lambda r: r.name)
+    return results, failed
+
+
+def _delete_superseded(storage: Storage, output: str, previous: dict[str, dict[int, list[str]]],
+                       planned: set[str], failed: dict[str, int], bits: dict[str, int]) -> None:
+    """Records of another part count, once every new part over their range is committed, then every shard and
+    manifest no record names (what a killed run left): the store holds each sample once."""
+    failed_ranges = [(parse_part_name(n)[0], *hash_range(*parse_part_name(n)[1:])) for n in failed]
+    for split, by_bits in previous.items():
+        for old_bits, names in by_bits.items():
+            if bits.get(split) == old_bits:
+                continue
+            for name in names:
+                low, high = hash_range(old_bits, parse_part_name(name)[2])
+                if any(s == split and a < high and low < b for s, a, b in failed_ranges):
+                    continue  # its samples may still be reused by the failed part's rerun
+                storage.delete(record_uri(output, name))
+    named = set()
+    for uri, _, _ in storage.iter_objects(join(output, "parts")):
+        if uri.endswith(".parquet"):
+            named.add(PartRecord.read(storage, uri).shard)
+    for uri, _, _ in itertools.chain(storage.iter_objects(join(output, "shards")),
+                                     storage.iter_objects(join(output, "manifests"))):
+        shard = uri.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        if shard not in named:
+            delete_shard(storage, output, shard)
+    storage.delete_folder(join(output, "_staging"))
+
+
+def _gather_manifest(storage: Storage, output: str, results: list[PartResult]) -> dict[str, int]:
+    """manifest.parquet from the shards' manifests, one at a time (bounded memory); sample counts by split."""
+    counts = {"all": 0}
+    with _LocalParquet(storage, join(output, "manifest.parquet")) as path:
+        with pq.ParquetWriter(path, MANIFEST_SCHEMA) as writer:
+            for result in results:
+                if not result.shard:
+                    continue
+                table = pq.read_table(io.BytesIO(storage.read_bytes(manifest_uri(output, result.shard))))
+                table = table.cast(MANIFEST_SCHEMA)
+                writer.write_table(table)
+                counts["all"] += table.num_rows
+                for entry in table.column("split").value_counts().to_pylist():
+                    counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
+    return counts
+
+
+class _LocalParquet:
+    """A local path to write a parquet file at, committed to `uri` when the block ends cleanly."""
+
+    def __init__(self, storage: Storage, uri: str):
+        import tempfile
+
+        self.storage, self.uri = storage, uri
+        self.folder = tempfile.TemporaryDirectory(prefix="atoken-manifest-")
+        self.path = Path(self.folder.name) / "table.parquet"
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, kind, *_) -> None:
+        try:
+            if kind is None:
+                self.storage.upload(self.path, self.uri)
+        finally:
+            self.folder.cleanup()
+
+
+class RunLock:
+    """One driver per output: `_lock` is created with a conditional write (S3 If-None-Match, O_EXCL locally)
+    and refreshed every 30 s. A lock left by a driver that died is taken over: at once on the same host
+    when its process is gone, from anywhere once its heartbeat is older than `stale_seconds`."""
+
+    def __init__(self, storage: Storage, output: str, stale_seconds: float = 300.0, heartbeat_seconds: float = 30.0):
+        self.storage = storage
+        self.uri = join(output, "_lock")
+        self.stale_seconds = stale_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({**self.owner, "heartbeat": time.time()}).encode()
+
+    def __enter__(self) -> RunLock:
+        for _ in range(3):
+            if self.storage.create_exclusive(self.uri, self._body()):
+                break
+            try:
+                holder = self.storage.read_json(self.uri)
+            except StorageError:
+                continue  # released between the two calls
+            if not self._stale(holder):
+                raise StorageError(f"{self.uri.rsplit('/_lock', 1)[0]} is being written by another ingest "
+                                   f"(host {holder.get('host')}, pid {holder.get('pid')}, heartbeat "
+                                   f"{time.time() - holder.get('heartbeat', 0):.0f} s ago); wait for it, or "
+                                   f"delete {self.uri} if it is gone")
+            self.storage.delete(self.uri)
+        else:
+            raise StorageError(f"cannot take {self.uri}: another driver keeps taking it")
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="atoken-ingest-lock")
+        self._thread.start()
+        return self
+
+    def _stale(self, holder: dict) -> bool:
+        if all(holder.get(k) == v for k, v in self.owner.items()):
+            # Our own lock: a conditional PUT whose answer was lost and was retried (412 on the retry).
+            return True
+        if holder.get("host") == self.owner["host"] and holder.get("pid") != self.owner["pid"]:
+            try:
+                os.kill(int(holder.get("pid", 0)), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError):
+                pass
+        return time.time() - float(holder.get("heartbeat", 0)) > self.stale_seconds
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_seconds):
+            try:
+                self.storage.write_bytes(self.uri, self._body())
+            except StorageError:
+                pass  # the next beat tries again; a lock this stale is taken over only after stale_seconds
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.storage.delete(self.uri)
 
 
 @functools.cache
 def _remote(function):
-    """One Ray remote function per function for the process: Ray exports (and disassembles) each new one."""
+    """One Ray remote function per function for the process: Ray exports (and disassembles) each new one.
+    A task whose node dies, or that raises a storage or transient error, is retried twice (Ray)."""
     import ray
 
-    return ray.remote(num_cpus=1, max_retries=2)(function)
-
-
-def _map_on_ray(remote_function, calls: list[tuple], weights: list[int], parallelism: int, progress: bool,
-                description: str, unit: str) -> list:
-    """Run `remote_function(*call)` for every call, at most 2 x parallelism in flight; results in call order."""
-    import ray
-
-    results: list = [None] * len(calls)
-    pending = deque(range(len(calls)))
-    in_flight: dict = {}
-    done_count = errors = 0
-    bar = tqdm(total=sum(weights), desc=description, unit=unit, disable=not progress)
-    # A bounded window keeps a million-item job from materialising every task at once.
-    window = max(1, parallelism * 2)
-    while pending or in_flight:
-        while pending and len(in_flight) < window:
-            index = pending.popleft()
-            in_flight[remote_function.remote(*calls[index])] = index
-        done, _ = ray.wait(list(in_flight), num_returns=1)
-        index = in_flight.pop(done[0])
-        results[index] = ray.get(done[0])
-        done_count, errors = done_count + 1, errors + results[index].errors
-        bar.update(weights[index])
-        bar.set_postfix(done=f"{done_count}/{len(calls)}", errors=errors)
-    bar.close()
-    return results
-
-
-def _write_parquet(storage: Storage, uri: str, table: pa.Table) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes(uri, buffer.getvalue())
+    return ray.remote(num_cpus=1, max_retries=2,
+                      retry_exceptions=[StorageError, OSError, TransientError, ConnectionError])(function)

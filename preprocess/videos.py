@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import av
@@ -38,10 +40,14 @@ class ClipSample:
     meta: dict[str, Any]
 
 
-def decode_frames(data: bytes, fps: float, max_frames: int, max_pixels: int) -> tuple[list[np.ndarray], dict]:
-    """The frames nearest to each tick of `fps`, as (H, W, 3) uint8, and the source's properties."""
+def decode_frames(data: bytes | Path, fps: float, max_frames: int, max_pixels: int,
+                  timeout_s: float | None = None) -> tuple[list[np.ndarray], dict]:
+    """The frames nearest to each tick of `fps`, as (H, W, 3) uint8, and the source's properties. `data`: the
+    video's bytes, or a local file (a large video, spooled: FFmpeg reads it from disk). Decoding that takes
+    longer than `timeout_s` stops with an ItemError of stage "timeout" (checked between frames)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        container = av.open(io.BytesIO(data))
+        container = av.open(str(data) if isinstance(data, Path) else io.BytesIO(data))
     except Exception as exc:  # noqa: BLE001 - PyAV raises many kinds for bad bytes; all mean "not a video"
         raise ItemError(f"cannot open video: {type(exc).__name__}: {exc}") from exc
     with container:
@@ -56,6 +62,8 @@ def decode_frames(data: bytes, fps: float, max_frames: int, max_pixels: int) -> 
         next_tick = 0.0
         try:
             for frame in container.decode(stream):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise DecodeTimeout(f"decoding took longer than {timeout_s:.0f} s (videos.decode_timeout_s)")
                 if frame.time is None:
                     continue
                 if frame.time + 1e-6 >= next_tick:
@@ -72,10 +80,17 @@ def decode_frames(data: bytes, fps: float, max_frames: int, max_pixels: int) -> 
     return frames, source
 
 
-def clip_video(data: bytes, key: str, settings: ClipSettings) -> list[ClipSample]:
-    """Cut a video's bytes into clips of `clip_frames` frames at `fps`, resized and centre-cropped."""
+class DecodeTimeout(ItemError):
+    """Decoding ran past its time limit: perhaps a slow worker, so it is tried again on the next run."""
+
+    stage = "timeout"
+
+
+def clip_video(data: bytes | Path, key: str, settings: ClipSettings, timeout_s: float | None = None
+               ) -> list[ClipSample]:
+    """Cut a video (bytes or a local file) into clips of `clip_frames` frames at `fps`, resized and centre-cropped."""
     wanted = (settings.max_clips - 1) * settings.stride_frames + settings.clip_frames
-    frames, source = decode_frames(data, settings.fps, wanted, settings.max_pixels)
+    frames, source = decode_frames(data, settings.fps, wanted, settings.max_pixels, timeout_s)
     if len(frames) < settings.clip_frames:
         raise ItemError(f"only {len(frames)} frames at {settings.fps} fps, a clip needs {settings.clip_frames}")
     clips = []

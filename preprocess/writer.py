@@ -1,37 +1,53 @@
-"""Shards in two steps, each committed the same way: write the tar, re-read it, then write its manifest.
+"""One part of an ingest: its planned items → one committed shard, reusing every sample that is still current.
 
-1. `write_shard`: a planned group of items (images, videos, 3D assets) → one tar of their samples. A
-   job writes these as *parts* (a staging area), because a group's sample count is only known after
-   the work: items fail, a video gives a variable number of clips.
-2. `repack_shard`: consecutive samples of the committed parts → one final shard of exactly
-   `samples_per_shard` samples (only a split's last shard may hold fewer), so shards split evenly
-   over loader workers. The tar members are copied, never decoded again.
+A part (preprocess/plan.py) is the items whose key hashes into one range; its shard holds their samples in
+(hash, key) order. `write_part` commits in three writes, the last being the commit marker:
 
-The manifest is written last and is the commit marker: a tar with a manifest is done and a rerun skips
-it; one without is rebuilt from scratch, so a kill at any point loses nothing and duplicates nothing.
-A done part with failed items is rebuilt on a rerun (up to MAX_ATTEMPTS), so an item that failed for a
-passing reason (a timeout, a file still being copied) lands the next time; a final shard is skipped only
-if its manifest equals the one planned from the parts, so the shards after a newly landed item are
-rebuilt. Tars are written with fixed headers (mtime 0), and neither a sample nor its manifest row holds a
-fact of the run that made it (seconds, absolute paths: `ShardSample.measured` carries those to the stats), so
-the same inputs give the same shard bytes on every run, wherever the output lives.
+1. `shards/<part>-<version>.tar`, written locally, re-read, then uploaded; `<version>` hashes the identities of
+   the items it holds, so a shard's name changes whenever its content does and a reader never sees a shard
+   change under a name it already read;
+2. `manifests/<part>-<version>.parquet`: one row per sample;
+3. `parts/<part>.parquet`: one row per planned item (its identity, outcome, attempts and the byte range of its
+   samples in the shard), the part's *record*. It names the shard.
+
+A kill at any point leaves either the old record (and its shard, still whole) or the new one: nothing is lost,
+nothing is used twice, and what the kill left unreferenced is deleted by the next run (preprocess/job.py).
+
+A rerun compares the items planned for a part with its record, by identity (key, locator, caption, split and
+the source's fingerprint: size and mtime, or ETag):
+- the same items, nothing retryable → skipped, nothing read;
+- otherwise a new shard: the samples of unchanged items are copied from the old shards as byte ranges (one
+  coalesced ranged read per run of neighbours: each old shard read at most once, nothing decoded again),
+  changed and new items are made, removed ones are left out, and items that failed for a passing reason
+  (`transient`: storage, network, timeout) are tried again, up to MAX_ATTEMPTS runs. Items that can never
+  succeed (`permanent`: undecodable, a bomb, unsupported, a quality drop) are recorded once and not retried
+  until their source changes.
+The data set is stored once: a part's shard is a final shard (no staging copy, no repack); sample counts per
+shard vary around `samples_per_shard` (hash ranges), which the loader reads from the manifest.
+Tars are written with fixed headers (mtime 0), and neither a sample nor its manifest row holds a fact of the
+run that made it (seconds, absolute paths: `ShardSample.measured` carries those to the stats), so the same
+inputs give the same shard bytes on every run, wherever the output lives.
 Plain functions: preprocess/job.py maps them over Ray.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
+import urllib.error
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from atoken.pipeline.storage import LocalStaging, Storage, StorageError, is_s3, join, local_path
+from atoken.pipeline.storage import Storage, StorageError, is_s3, join, local_path
 from atoken.preprocess.images import ItemError, process_image
-from atoken.preprocess.sources import ItemSpec, read_item_bytes
+from atoken.preprocess.plan import PartPlan
+from atoken.preprocess.sources import ItemSpec, read_item
 from atoken.preprocess.videos import ClipSettings, clip_video
 
 MANIFEST_SCHEMA = pa.schema([
@@ -47,70 +63,73 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 ERRORS_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("locator", pa.string()), ("stage", pa.string()),
-    ("error", pa.string()), ("attempts", pa.int32()),
+    ("error", pa.string()), ("kind", pa.string()), ("attempts", pa.int32()),
 ])
-MAX_ATTEMPTS = 3
+# A part's record: one row per planned item. `first_sample`/`samples` index its rows in the shard's manifest,
+# `begin`/`end` its samples' bytes in the shard's tar.
+RECORD_SCHEMA = pa.schema([
+    ("key", pa.string()), ("source", pa.string()), ("locator", pa.string()), ("identity", pa.string()),
+    ("status", pa.string()),  # ok | permanent | transient
+    ("stage", pa.string()), ("error", pa.string()), ("attempts", pa.int32()),
+    ("first_sample", pa.int32()), ("samples", pa.int32()), ("begin", pa.int64()), ("end", pa.int64()),
+])
+MAX_ATTEMPTS = 3  # runs that try a transiently failing item
+ITEM_TRIES = 3  # tries of a transient failure within one run, with backoff (0.5 s, 1 s)
+
+
+class TransientError(RuntimeError):
+    """A failure that may pass (storage, network, a timeout): retried with backoff, then on the next run."""
+
+
+def failure_kind(exc: BaseException) -> str:
+    """`permanent` (the item itself is bad or not there: retrying cannot help) or `transient` (the world was:
+    storage, network, a timeout; retry). Decided by the exception and its causes, never by message text."""
+    if isinstance(exc, ItemError):
+        # Blender timing out or crashing may pass on another worker; bad bytes never do.
+        return "transient" if getattr(exc, "stage", None) in ("timeout", "crash") else "permanent"
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, FileNotFoundError | IsADirectoryError | PermissionError | NotADirectoryError):
+            return "permanent"
+        if isinstance(cause, StorageError) and cause.permanent:
+            return "permanent"
+        if isinstance(cause, urllib.error.HTTPError):
+            return "transient" if cause.code in (408, 425, 429) or cause.code >= 500 else "permanent"
+        cause = cause.__cause__ or cause.__context__
+    return "transient"
+
+
+def item_identity(item: ItemSpec, split: str) -> str:
+    """What a sample was made from: a changed caption, split or source fingerprint makes a new sample."""
+    text = "\0".join((item.key, item.locator, item.caption, split, item.fingerprint))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def planned_digest(identities: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(identities)).encode()).hexdigest()[:32]
 
 
 @dataclass
-class ShardPlan:
-    name: str  # e.g. "train-000003"
-    split: str
-    items: list[ItemSpec]
-
-    def __reduce__(self):
-        # Items travel to Ray workers as plain tuples: Ray's cloudpickle runs a Python hook for every object
-        # that is not a plain str/tuple/list, which made pickling the plans most of the driver's CPU time.
-        items = [(i.key, i.source, i.locator, i.caption) for i in self.items]
-        return _shard_plan, (self.name, self.split, items)
-
-
-def _shard_plan(name: str, split: str, items: list[tuple[str, str, str, str]]) -> ShardPlan:
-    return ShardPlan(name, split, [ItemSpec(*item) for item in items])
-
-
-@dataclass
-class RepackPlan:
-    name: str  # the final shard, e.g. "train-000003"
-    split: str
-    pieces: list[tuple[str, int, int]]  # (part name, first sample, end sample), in stream order
-    manifest: pa.Table  # the rows the shard will hold, `shard` already set to `name`
-    whole_part: bool = False  # the shard is exactly one part's samples: a copy of its tar
-
-    def __reduce__(self):
-        return _with_manifest, (RepackPlan, {**self.__dict__, "manifest": _ipc_bytes(self.manifest)})
-
-
-@dataclass
-class ShardResult:
+class PartResult:
     name: str
+    shard: str  # "" when no item of the part has a sample
+    items: int
+    ok: int
+    permanent: int
+    transient: int
+    retryable: int  # transient failures a rerun will try again
     samples: int
-    errors: int
     bytes: int
     seconds: float
     skipped: bool = False
-    error_rows: list[dict] = field(default_factory=list)
-    manifest: pa.Table | None = None  # a part's committed rows, so the job plans shards without reading them back
+    made: int = 0  # items made this run (the others were skipped, reused or settled)
+    reused: int = 0  # items whose samples were copied from an older shard
     measured: dict[str, float] = field(default_factory=dict)  # its samples' `ShardSample.measured`, summed
+    error_rows: list[dict] = field(default_factory=list)  # its failed items, as ERRORS_SCHEMA rows
 
-    def __reduce__(self):
-        return _with_manifest, (ShardResult, {**self.__dict__, "manifest": _ipc_bytes(self.manifest)})
-
-
-# Manifests cross between the driver and Ray workers as one Arrow IPC buffer: Ray's own Arrow serialisation
-# copies every column's buffers in Python, a few ms a table, which a job pays twice per shard.
-def _ipc_bytes(table: pa.Table | None) -> bytes | None:
-    if table is None:
-        return None
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _with_manifest(kind: type, fields: dict):
-    data = fields["manifest"]
-    return kind(**{**fields, "manifest": None if data is None else pa.ipc.open_stream(data).read_all()})
+    @property
+    def errors(self) -> int:
+        return self.permanent + self.transient
 
 
 @dataclass(frozen=True)
@@ -120,7 +139,7 @@ class ShardSample:
     meta: dict
     # What making it measured (seconds, views rendered, renders reused): facts of this run, not of the sample,
     # so they stay out of its bytes and its manifest row (the same inputs give the same shards on every run and
-    # wherever the output lives) and reach the job's stats through ShardResult.measured.
+    # wherever the output lives) and reach the job's stats through PartResult.measured.
     measured: dict[str, float] = field(default_factory=dict)
 
 
@@ -128,8 +147,10 @@ class ShardSample:
 class ImageSettings:
     resolution: int
     max_pixels: int
+    max_item_bytes: int | None = 256 << 20  # ingest.max_item_mb
 
-    def process(self, data: bytes, item: ItemSpec) -> list[ShardSample]:
+    def process(self, data: bytes | Path, item: ItemSpec) -> list[ShardSample]:
+        data = data if isinstance(data, bytes) else data.read_bytes()
         sample = process_image(data, item.key, self.resolution, self.max_pixels)
         return [ShardSample(sample.key, {"png": sample.png}, sample.meta)]
 
@@ -137,9 +158,13 @@ class ImageSettings:
 @dataclass(frozen=True)
 class VideoSettings:
     clips: ClipSettings
+    max_item_bytes: int | None = 4096 << 20  # videos.max_item_mb
+    spool_bytes: int | None = 64 << 20  # videos.spool_mb: larger videos are decoded from a local file
+    decode_timeout_s: float | None = 600.0  # videos.decode_timeout_s
 
-    def process(self, data: bytes, item: ItemSpec) -> list[ShardSample]:
-        return [ShardSample(c.key, {c.extension: c.data}, c.meta) for c in clip_video(data, item.key, self.clips)]
+    def process(self, data: bytes | Path, item: ItemSpec) -> list[ShardSample]:
+        clips = clip_video(data, item.key, self.clips, timeout_s=self.decode_timeout_s)
+        return [ShardSample(c.key, {c.extension: c.data}, c.meta) for c in clips]
 
 
 def shard_uri(output: str, name: str) -> str:
@@ -150,59 +175,231 @@ def manifest_uri(output: str, name: str) -> str:
     return join(output, "manifests", f"{name}.parquet")
 
 
-def errors_uri(output: str, name: str) -> str:
-    return join(output, "errors", f"{name}.parquet")
+def record_uri(output: str, part: str) -> str:
+    return join(output, "parts", f"{part}.parquet")
 
 
-def write_shard(plan: ShardPlan, storage: Storage, output: str, settings: ImageSettings | VideoSettings) -> ShardResult:
+@dataclass
+class PartRecord:
+    """A committed part, read back: its rows and the shard it names."""
+    table: pa.Table
+    shard: str
+    planned: str
+
+    @staticmethod
+    def read(storage: Storage, uri: str) -> PartRecord:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        meta = table.schema.metadata or {}
+        return PartRecord(table.cast(RECORD_SCHEMA), meta.get(b"shard", b"").decode(),
+                          meta.get(b"planned", b"").decode())
+
+    def retryable(self) -> int:
+        rows = self.table.select(["status", "attempts"]).to_pylist()
+        return sum(r["status"] == "transient" and r["attempts"] < MAX_ATTEMPTS for r in rows)
+
+
+@dataclass
+class _Reusable:
+    shard: str
+    begin: int
+    end: int
+    first_sample: int
+    samples: int
+
+
+def write_part(plan: PartPlan, storage: Storage, output: str, settings, previous: list[str]) -> PartResult:
+    """Commit `plan`'s shard and record (see the module docstring). `previous`: the parts whose records may hold
+    samples of these items (this part's own name, and the parts of another part count whose hash ranges
+    overlap this one's)."""
     started = time.perf_counter()
-    attempt = 1
-    if storage.exists(manifest_uri(output, plan.name)):
-        table = _read_manifest(storage, manifest_uri(output, plan.name))
-        errors = pq.read_table(io.BytesIO(storage.read_bytes(errors_uri(output, plan.name))))
-        attempt = max(errors.column("attempts").to_pylist(), default=0) + 1
-        if errors.num_rows == 0 or attempt > MAX_ATTEMPTS:
-            return ShardResult(plan.name, table.num_rows, errors.num_rows,
-                               int(sum(table.column("bytes").to_pylist())), 0.0, skipped=True,
-                               error_rows=errors.to_pylist(), manifest=table)
-        # Uncommit first: a kill during the rebuild then leaves a shard without manifest, rebuilt next time.
-        storage.delete(manifest_uri(output, plan.name))
+    identities = [item_identity(item, plan.split) for item in plan.items]
+    digest = planned_digest(identities)
+    records = {name: PartRecord.read(storage, record_uri(output, name)) for name in dict.fromkeys(previous)
+               if storage.exists(record_uri(output, name))}
+    own = records.get(plan.name)
+    if own is not None and own.planned == digest and own.retryable() == 0 \
+            and (not own.shard or storage.exists(shard_uri(output, own.shard))):
+        return _result_of(plan.name, own, time.perf_counter() - started, skipped=True)
 
-    rows: list[dict] = []
-    error_rows: list[dict] = []
-    measured: dict[str, float] = {}
-    with storage.staged_file(shard_uri(output, plan.name)) as tar_path:
+    reusable: dict[str, _Reusable] = {}
+    failed_before: dict[str, dict] = {}  # identity → its last failure
+    for record in records.values():
+        for row in record.table.to_pylist():
+            if row["status"] == "ok":
+                reusable[row["identity"]] = _Reusable(record.shard, row["begin"], row["end"], row["first_sample"],
+                                                      row["samples"])
+            else:
+                failed_before[row["identity"]] = row
+    staging = _staging_folder(storage, output)
+    try:
+        tar_path = staging / f"{plan.name}.tar"
+        builder = _ShardBuilder(tar_path, storage, output, plan.split)
         with TarSink(tar_path) as sink:
-            for item in plan.items:
-                stage = "read"
-                try:
-                    data = read_item_bytes(item.locator, storage)
-                    stage = "decode"
-                    samples = settings.process(data, item)
-                except (ItemError, OSError) as exc:
-                    error_rows.append({"key": item.key, "source": item.source, "locator": item.locator,
-                                       "stage": getattr(exc, "stage", stage), "error": str(exc)[:500],
-                                       "attempts": attempt})
+            builder.sink = sink
+            for item, identity in zip(plan.items, identities, strict=True):
+                if identity in reusable:
+                    builder.reuse(item, identity, reusable[identity])
                     continue
-                for sample in samples:
-                    meta = {**sample.meta, "caption": item.caption, "source": item.source, "split": plan.split}
-                    _add_sample(sink, sample.key, {**sample.files, "json": json.dumps(meta).encode()})
-                    rows.append(_manifest_row(sample, meta, plan))
-                    for name, value in sample.measured.items():
-                        measured[name] = measured.get(name, 0) + value
-        _verify_tar(tar_path, [row["key"] for row in rows], sum(row["bytes"] for row in rows))
-    # The manifest's measure (bytes of the samples' media), so a skipped shard reports the same number.
-    size = sum(row["bytes"] for row in rows)
-    manifest = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    storage.write_bytes(errors_uri(output, plan.name), _parquet(error_rows, ERRORS_SCHEMA))
-    storage.write_bytes(manifest_uri(output, plan.name), _parquet_table(manifest))
-    return ShardResult(plan.name, len(rows), len(error_rows), size, time.perf_counter() - started,
-                       error_rows=error_rows, manifest=manifest, measured=measured)
+                before = failed_before.get(identity)
+                if before is not None and (before["status"] == "permanent" or before["attempts"] >= MAX_ATTEMPTS):
+                    builder.rows.append({**before, "key": item.key})  # settled: recorded once, not tried again
+                    continue
+                builder.make(item, identity, settings, attempt=before["attempts"] + 1 if before else 1)
+            builder.flush()
+        rows = builder.rows
+        held = [r["identity"] for r in rows if r["status"] == "ok" and r["samples"]]
+        shard = f"{plan.name}-{hashlib.sha256(chr(10).join(held).encode()).hexdigest()[:8]}" if held else ""
+        if shard:
+            _verify_tar(tar_path, [m["key"] for m in builder.manifest], sum(m["bytes"] for m in builder.manifest))
+            if own is None or own.shard != shard or not storage.exists(shard_uri(output, shard)):
+                storage.move_into(tar_path, shard_uri(output, shard))
+            manifest = pa.Table.from_pylist([{**m, "shard": shard} for m in builder.manifest],
+                                            schema=MANIFEST_SCHEMA)
+            storage.write_bytes(manifest_uri(output, shard), _parquet_table(manifest))
+    finally:
+        _remove_folder(staging)
+    record_table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA).replace_schema_metadata(
+        {"shard": shard, "planned": digest})
+    storage.write_bytes(record_uri(output, plan.name), _parquet_table(record_table))  # the commit
+    if own is not None and own.shard and own.shard != shard:
+        delete_shard(storage, output, own.shard)
+    result = _result_of(plan.name, PartRecord(record_table, shard, digest), time.perf_counter() - started)
+    result.reused = builder.reused
+    result.made = builder.made
+    result.measured = builder.measured
+    return result
 
 
-def _manifest_row(sample: ShardSample, meta: dict, plan: ShardPlan) -> dict:
+def delete_shard(storage: Storage, output: str, shard: str) -> None:
+    """A shard no record names any more: its manifest first, so nothing lists a shard that is gone."""
+    storage.delete(manifest_uri(output, shard))
+    storage.delete(shard_uri(output, shard))
+
+
+def _result_of(name: str, record: PartRecord, seconds: float, skipped: bool = False) -> PartResult:
+    rows = record.table.to_pylist()
+    statuses = [r["status"] for r in rows]
+    errors = [{"key": r["key"], "source": r["source"], "locator": r["locator"], "stage": r["stage"],
+               "error": r["error"], "kind": r["status"], "attempts": r["attempts"]}
+              for r in rows if r["status"] != "ok"]
+    return PartResult(
+        name, record.shard, items=len(rows), ok=statuses.count("ok"), permanent=statuses.count("permanent"),
+        transient=statuses.count("transient"), retryable=record.retryable(),
+        samples=sum(r["samples"] or 0 for r in rows),
+        bytes=sum((r["end"] or 0) - (r["begin"] or 0) for r in rows), seconds=seconds, skipped=skipped,
+        error_rows=errors)
+
+
+class _ShardBuilder:
+    """Writes one part's tar in plan order: reused samples as coalesced byte-range copies, the others made."""
+
+    def __init__(self, tar_path, storage: Storage, output: str, split: str):
+        self.tar_path = tar_path
+        self.storage = storage
+        self.output = output
+        self.split = split
+        self.sink: TarSink | None = None
+        self.rows: list[dict] = []  # record rows
+        self.manifest: list[dict] = []  # manifest rows (shard set at commit)
+        self.measured: dict[str, float] = {}
+        self.made = self.reused = 0
+        self._run: tuple[str, int, int] | None = None  # (old shard, begin, end) of the copy run being gathered
+        self._old_manifests: dict[str, list[dict]] = {}
+
+    def reuse(self, item: ItemSpec, identity: str, old: _Reusable) -> None:
+        if self._run is not None and (self._run[0] != old.shard or self._run[2] != old.begin):
+            self.flush()
+        run_begin = old.begin if self._run is None else self._run[1]
+        self._run = (old.shard, run_begin, old.end)
+        # Its new offsets: where the run lands plus its offset within the run.
+        offset = self.sink.tell() + (old.begin - run_begin)
+        if old.shard not in self._old_manifests:
+            table = pq.read_table(io.BytesIO(self.storage.read_bytes(manifest_uri(self.output, old.shard))))
+            self._old_manifests[old.shard] = table.cast(MANIFEST_SCHEMA).to_pylist()
+        samples = self._old_manifests[old.shard][old.first_sample:old.first_sample + old.samples]
+        self.rows.append(_record_row(item, identity, "ok", None, None, 1, len(self.manifest), old.samples,
+                                     offset, offset + old.end - old.begin))
+        self.manifest.extend(samples)
+        self.reused += 1
+
+    def flush(self) -> None:
+        if self._run is None:
+            return
+        shard, begin, end = self._run
+        self._run = None
+        self.sink.copy_from(self.storage, shard_uri(self.output, shard), begin, end)
+
+    def make(self, item: ItemSpec, identity: str, settings, attempt: int) -> None:
+        self.flush()
+        self.made += 1
+        stage = "read"
+        data: bytes | Path = b""
+        try:
+            data = _read_with_retries(item, self.storage, settings, self.tar_path.parent)
+            stage = "decode"
+            samples = settings.process(data, item)
+        except Exception as exc:  # noqa: BLE001 - any failure of one item is recorded, never the job's
+            self.rows.append(_record_row(item, identity, failure_kind(exc), getattr(exc, "stage", stage),
+                                         f"{type(exc).__name__}: {exc}"[:500], attempt, None, 0, None, None))
+            return
+        finally:
+            if isinstance(data, Path) and data.parent == self.tar_path.parent:
+                data.unlink(missing_ok=True)  # a spooled download
+        begin = self.sink.tell()
+        first = len(self.manifest)
+        for sample in samples:
+            meta = {**sample.meta, "caption": item.caption, "source": item.source, "split": self.split}
+            _add_sample(self.sink, sample.key, {**sample.files, "json": json.dumps(meta).encode()})
+            self.manifest.append(_manifest_row(sample, meta, self.split))
+            for name, value in sample.measured.items():
+                self.measured[name] = self.measured.get(name, 0) + value
+        self.rows.append(_record_row(item, identity, "ok", None, None, attempt, first, len(samples), begin,
+                                     self.sink.tell()))
+
+
+def _read_with_retries(item: ItemSpec, storage: Storage, settings, spool_folder: Path) -> bytes | Path:
+    """The item's bytes (or a local file past the settings' spool size), within the settings' size cap; a
+    transient read failure is tried ITEM_TRIES times with backoff (0.5 s, 1 s). Only reads: a decode or render
+    that timed out is tried again on the next run, not three times in this one."""
+    for tries in range(1, ITEM_TRIES + 1):
+        try:
+            return read_item(item.locator, storage, max_bytes=getattr(settings, "max_item_bytes", None),
+                             spool_bytes=getattr(settings, "spool_bytes", None), spool_folder=spool_folder)
+        except Exception as exc:
+            if failure_kind(exc) == "permanent" or tries == ITEM_TRIES:
+                raise
+            time.sleep(0.5 * tries)
+    raise AssertionError("unreachable")
+
+
+def _record_row(item: ItemSpec, identity: str, status: str, stage: str | None, error: str | None, attempts: int,
+                first_sample: int | None, samples: int, begin: int | None, end: int | None) -> dict:
+    return {"key": item.key, "source": item.source, "locator": item.locator, "identity": identity,
+            "status": status, "stage": stage, "error": error, "attempts": attempts, "first_sample": first_sample,
+            "samples": samples, "begin": begin, "end": end}
+
+
+def _staging_folder(storage: Storage, output: str):
+    """Where a part's tar is written before its commit: beside the output when it is local (the commit is then
+    a rename, not a second copy), a temp folder otherwise."""
+    import tempfile
+
+    parent = None
+    if not is_s3(output):
+        parent = local_path(join(output, "_staging"))
+        parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="part-", dir=parent))
+
+
+def _remove_folder(folder) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _manifest_row(sample: ShardSample, meta: dict, split: str) -> dict:
     return {
-        "key": sample.key, "split": plan.split, "shard": plan.name, "source": meta["source"],
+        "key": sample.key, "split": split, "shard": None, "source": meta["source"],
         "caption": meta["caption"],
         "original_width": meta.get("original_width", meta.get("source_width")),
         "original_height": meta.get("original_height", meta.get("source_height")),
@@ -213,71 +410,6 @@ def _manifest_row(sample: ShardSample, meta: dict, plan: ShardPlan) -> dict:
         "views": meta.get("views"), "voxels": meta.get("voxels"), "flags": meta.get("flags"),
         "license": meta.get("license"),
     }
-
-
-def repack_shard(plan: RepackPlan, storage: Storage, output: str, parts_output: str) -> ShardResult:
-    """Copy the planned slices of committed parts into one final shard; skip it if already committed as planned."""
-    started = time.perf_counter()
-    size = int(sum(plan.manifest.column("bytes").to_pylist()))
-    if storage.exists(manifest_uri(output, plan.name)):
-        committed = _read_manifest(storage, manifest_uri(output, plan.name))
-        if committed.equals(plan.manifest):
-            return ShardResult(plan.name, plan.manifest.num_rows, 0, size, 0.0, skipped=True)
-        # Planned differently (a retried item landed before it): uncommit first, as write_shard does.
-        storage.delete(manifest_uri(output, plan.name))
-    if plan.whole_part:
-        _copy_whole_part(plan, storage, output, parts_output)
-    else:
-        _copy_ranges(plan, storage, output, parts_output, size)
-    storage.write_bytes(manifest_uri(output, plan.name), _parquet_table(plan.manifest))
-    return ShardResult(plan.name, plan.manifest.num_rows, 0, size, time.perf_counter() - started)
-
-
-def _copy_whole_part(plan: RepackPlan, storage: Storage, output: str, parts_output: str) -> None:
-    """The common case (no item failed, one sample per item): the shard is its part's tar, byte for byte,
-    so the store copies it (a hard link locally, server-side on S3) instead of this process. Those bytes
-    were verified when the part was committed; the copy is checked to be whole."""
-    part_uri = shard_uri(parts_output, plan.pieces[0][0])
-    target = shard_uri(output, plan.name)
-    try:
-        expected = storage.size(part_uri)
-    except StorageError as exc:
-        raise _part_gone(part_uri, plan.name) from exc
-    storage.copy(part_uri, target)
-    if storage.size(target) != expected:
-        storage.delete(target)
-        raise RuntimeError(f"shard {plan.name} failed verification: its copy is not {expected} bytes")
-
-
-def _copy_ranges(plan: RepackPlan, storage: Storage, output: str, parts_output: str, size: int) -> None:
-    with LocalStaging() as staging, storage.staged_file(shard_uri(output, plan.name)) as tar_path:
-        with TarSink(tar_path) as sink:
-            for part, start, end in plan.pieces:
-                with _open_part(storage, shard_uri(parts_output, part), staging, plan.name) as source:
-                    # A sample's members are contiguous, and so are consecutive samples: one byte range per piece.
-                    spans = sample_spans(source)
-                    if len(spans) < end:
-                        raise RuntimeError(f"part {part} holds {len(spans)} samples, its manifest more than {end}")
-                    sink.copy_range(source, spans[start][1], spans[end - 1][2])
-        _verify_tar(tar_path, plan.manifest.column("key").to_pylist(), size)
-
-
-def _open_part(storage: Storage, uri: str, staging, shard: str) -> BinaryIO:
-    if not is_s3(uri):
-        try:
-            return open(local_path(uri), "rb")
-        except OSError as exc:
-            raise _part_gone(uri, shard) from exc
-    try:
-        return open(storage.download(uri, staging / "part.tar"), "rb")
-    except StorageError as exc:
-        raise _part_gone(uri, shard) from exc
-
-
-def _part_gone(uri: str, shard: str) -> StorageError:
-    parts = uri.rsplit("/shards/", 1)[0]
-    return StorageError(f"part {uri} is gone, so shard {shard} cannot be rebuilt; delete {parts} and rerun to "
-                        "rebuild every part")
 
 
 # -- tar files --------------------------------------------------------------------------------------------------
@@ -322,7 +454,7 @@ def tar_header(name: str, size: int) -> bytes:
 
 
 class TarSink:
-    """A tar file written member by member, or by copying byte ranges of other such tars."""
+    """A tar file written member by member, or by copying byte ranges of other such tars (whole samples)."""
 
     def __init__(self, path):
         # A large buffer: samples of a few KB would otherwise cost a write(2) each.
@@ -333,14 +465,29 @@ class TarSink:
         self.file.write(data)
         self.file.write(_ZERO_BLOCK[:-len(data) % _BLOCK])
 
-    def copy_range(self, source: BinaryIO, begin: int, end: int, chunk: int = 1 << 22) -> None:
-        source.seek(begin)
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def copy_from(self, storage: Storage, uri: str, begin: int, end: int, chunk: int = 1 << 26) -> None:
+        """Bytes [begin, end) of another such tar in storage: ranged reads of at most `chunk` bytes (64 MiB), so
+        a large run is never held whole; a short read raises (Storage.read_range), it is never written."""
+        if not is_s3(uri):
+            try:
+                with open(local_path(uri), "rb") as source:
+                    source.seek(begin)
+                    while begin < end:
+                        data = source.read(min(chunk, end - begin))
+                        if not data:
+                            raise StorageError(f"{uri}: ends before byte {end}")
+                        self.file.write(data)
+                        begin += len(data)
+            except OSError as exc:
+                raise StorageError(f"cannot read {uri}: {exc.strerror or exc}") from exc
+            return
         while begin < end:
-            data = source.read(min(chunk, end - begin))
-            if not data:
-                raise RuntimeError(f"{source.name}: ends before byte {end}")
-            self.file.write(data)
-            begin += len(data)
+            length = min(chunk, end - begin)
+            self.file.write(storage.read_range(uri, begin, length))
+            begin += length
 
     def __enter__(self) -> TarSink:
         return self
@@ -374,19 +521,6 @@ def scan_tar(source: BinaryIO) -> list[tuple[str, int, int]]:
             source.read(padded)
         else:
             source.seek(offset)
-
-
-def sample_spans(source: BinaryIO) -> list[tuple[str, int, int]]:
-    """(key, first byte, end byte) of every sample: consecutive members sharing a key, as WebDataset groups."""
-    spans: list[tuple[str, int, int]] = []
-    for name, offset, size in scan_tar(source):
-        key = name.split(".", 1)[0]
-        end = offset + _BLOCK + size + (-size % _BLOCK)
-        if spans and spans[-1][0] == key:
-            spans[-1] = (key, spans[-1][1], end)
-        else:
-            spans.append((key, offset, end))
-    return spans
 
 
 def _add_sample(sink: TarSink, key: str, files: dict[str, bytes]) -> None:

@@ -166,3 +166,11 @@ class LiveBytes(TorchDispatchMode):
     def _free(self, key: int, size: int) -> None:
         self.current -= size
         self.refs.pop(key, None)
+
+
+def commit_part(plan, storage, output: str, settings):
+    """One part written as the ingest job writes it (preprocess/writer.py write_part), with no other part's
+    record to reuse samples from: what the per-kind tests (images, videos, 3D, sources) exercise."""
+    from atoken.preprocess.writer import write_part
+
+    return write_part(plan, storage, output, settings, [plan.name])

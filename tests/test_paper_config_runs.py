@@ -92,7 +92,7 @@ def sizes_and_paths(tmp_path: Path) -> list[str]:
         "ingest.samples_per_shard": "6", "ingest.val_every": "6", "ingest.parallelism": "2",
         "videos.sources.0.path": str(write_videos(tmp_path / "videos")), "videos.resolution": "32",
         "videos.clip_frames": "8", "videos.stride_frames": "8", "videos.max_clips": "2",
-        "videos.videos_per_shard": "2", "videos.clips_per_shard": "2", "videos.val_every": "6",
+        "videos.videos_per_shard": "2", "videos.val_every": "6",
         "videos.parallelism": "2",
         "objects.sources": f"[objaverse:{write_objaverse_mirror(tmp_path / 'objaverse')}]",
         "objects.views": "4", "objects.resolution": "32", "objects.samples": "4", "objects.voxel_grid": "16",

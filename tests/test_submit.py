@@ -30,7 +30,7 @@ from helpers import QUICKSTART, REPO, run_cli
 
 VENV_BIN = Path(sys.executable).parent
 HEAD_GCS_PORT, HEAD_DASHBOARD_PORT = 46379, 48265
-SHARD_TASKS = ("write_shard", "repack_shard")  # the Ray tasks of every preprocessing job (preprocess/job.py)
+SHARD_TASKS = ("write_part",)  # the Ray task of every preprocessing job (preprocess/job.py)
 
 
 def tiny(config_path: Path) -> list[str]:
@@ -275,9 +275,10 @@ def test_losing_the_render_node_mid_preprocessing_loses_and_duplicates_nothing(c
     assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-6000:]
     job_id = re.search(r"atoken: submitted job (\S+) to ", submitted.stdout)[1]
 
-    # Kill the render node once it has committed a few files, long before the job writes its manifest.
+    # Kill the render node once it has committed a few parts (their records), long before the job writes its
+    # manifest, while the next parts are in flight.
     deadline = time.monotonic() + 300
-    while sum(1 for path in out.rglob("*") if path.is_file()) < 6:
+    while len(list((out / "parts").glob("*.parquet"))) < 2:
         assert time.monotonic() < deadline, cluster.run(["atoken", "submit", "--logs", job_id, "--address",
                                                          cluster.dashboard]).stdout[-4000:]  # fmt: skip
         time.sleep(0.05)

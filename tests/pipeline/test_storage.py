@@ -11,7 +11,10 @@ from pathlib import Path
 import boto3
 import pytest
 import webdataset as wds
+from botocore.exceptions import ResponseStreamingError
+from faults import Fault, FaultProxy
 
+from atoken.pipeline import storage as storage_module
 from atoken.pipeline.config import StorageSection
 from atoken.pipeline.storage import (
     LocalStaging,
@@ -335,6 +338,42 @@ def test_s3_webdataset_shard_reads_through_the_registered_opener(s3_storage, buc
     assert [s["__key__"] for s in samples] == [f"sample_{i}" for i in range(4)]
     assert [s["png"] for s in samples] == [bytes([i]) * 10 for i in range(4)]
     assert [json.loads(s["json"])["i"] for s in samples] == [0, 1, 2, 3]
+
+
+def test_s3_a_get_cut_mid_body_is_retried_and_a_truncated_body_never_returned(s3_endpoint, s3_credentials, bucket,
+                                                                               monkeypatch):
+    """A GET whose connection closes after half its body (a fault proxy between the client and moto): botocore
+    retries failed requests, not the reading of a cut body; read_bytes and read_range retry it themselves."""
+    uri = f"s3://{bucket}/cut/object.bin"
+    body = bytes(range(256)) * 400
+    Storage(StorageSection(endpoint_url=s3_endpoint)).write_bytes(uri, body)
+    with FaultProxy(s3_endpoint, [Fault("cut_get", method="GET", path="/cut/", at=(1, 2))]) as proxy:
+        storage = Storage(StorageSection(endpoint_url=proxy.url))
+
+        assert storage.read_bytes(uri) == body
+        assert proxy.injected["cut_get"] == 2 and proxy.requests["GET"] == 3, "cut twice, whole on the third GET"
+        proxy.faults = [Fault("cut_get", method="GET", path="/cut/", at=(1,))]
+        assert storage.read_range(uri, 1000, 50_000) == body[1000:51_000]
+        assert proxy.injected["cut_get"] == 3
+
+        # Cut on every try: an error naming the object, never the bytes that did arrive.
+        proxy.faults = [Fault("cut_get", method="GET", path="/cut/", every=1)]
+        before = proxy.requests["GET"]
+        with pytest.raises(StorageError, match=f"cannot read {uri}: its body was cut off on 4 tries"):
+            storage.read_bytes(uri)
+        assert proxy.requests["GET"] - before == storage_module.BODY_ATTEMPTS == 4
+
+        # Negative controls: the same cut, botocore alone and read_bytes without its retries, fails.
+        proxy.faults = [Fault("cut_get", method="GET", path="/cut/", at=(1,))]
+        answer = storage.client.get_object(Bucket=bucket, Key="cut/object.bin")
+        with pytest.raises(ResponseStreamingError, match="IncompleteRead"):
+            answer["Body"].read()
+        monkeypatch.setattr(storage_module, "BODY_ATTEMPTS", 1)
+        for read in (lambda: storage.read_bytes(uri), lambda: storage.read_range(uri, 10, 20_000)):
+            proxy.faults = [Fault("cut_get", method="GET", path="/cut/", at=(1,))]
+            with pytest.raises(StorageError, match="cut off"):
+                read()
+        assert proxy.injected["cut_get"] == 3 + 4 + 3
 
 
 def test_s3_check_writable_leaves_nothing(s3_storage, bucket):

@@ -1,22 +1,33 @@
-"""preprocess/job.py end to end on a local Ray: parts repacked into shards of equal sample counts, once each,
-the same bytes after a kill and a rerun, failed items landing on a rerun, shards split evenly over workers."""
+"""preprocess/job.py end to end on a local Ray: every current item exactly once while the sources gain, lose and
+edit files between runs; the same bytes after a real SIGKILL and a rerun; failures retried only when they can
+pass; other settings refused; a part that fails is recorded while the others commit."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
 import tarfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from atoken.pipeline.config import IngestSection, SourceSection
-from atoken.pipeline.storage import Storage
-from atoken.preprocess.job import list_items, plan_repack, run_image_job
+from atoken.pipeline.storage import Storage, StorageError
+from atoken.preprocess.job import IngestError, OutputMismatch, RunLock, list_items, run_image_job
 from atoken.preprocess.sources import list_fashion_mnist, read_item_bytes
-from atoken.preprocess.writer import MAX_ATTEMPTS, ShardPlan, shard_uri
-from atoken.train.data import ShardInfo, ShardStream
+from atoken.preprocess.writer import MAX_ATTEMPTS
 
-PER_SHARD = 4
+PER_PART = 4
 
 
 @pytest.fixture(scope="module")
@@ -28,23 +39,22 @@ def local_ray():
     ray.shutdown()
 
 
-def image_folder(root: Path, count: int, bad: dict[int, bytes]) -> Path:
+def image_folder(root: Path, count: int, bad: dict[int, bytes] | None = None) -> Path:
     """`count` real Fashion-MNIST photos as PNG files; the indices in `bad` hold those bytes instead."""
-    root.mkdir()
+    bad = bad or {}
+    root.mkdir(parents=True)
     for index, item in enumerate(list_fashion_mnist(count)):
         (root / f"img{index:03d}.png").write_bytes(bad.get(index, read_item_bytes(item.locator)))
     return root
 
 
-def section_for(folder: Path) -> IngestSection:
-    # Groups of PER_SHARD items, so every group that holds a failure makes an uneven part.
-    return IngestSection(sources=[SourceSection(kind="folder", path=str(folder))], resolution=16,
-                         samples_per_shard=PER_SHARD, val_every=6, parallelism=2)
+def section_for(*folders: Path, resolution: int = 16) -> IngestSection:
+    return IngestSection(sources=[SourceSection(kind="folder", path=str(f)) for f in folders],
+                         resolution=resolution, samples_per_shard=PER_PART, val_every=5, parallelism=2)
 
 
-def tar_keys(path: Path) -> list[str]:
-    with tarfile.open(path) as tar:
-        return [name.rsplit(".", 1)[0] for name in tar.getnames() if name.endswith(".json")]
+def manifest(output: Path) -> list[dict]:
+    return pq.read_table(output / "manifest.parquet").to_pylist()
 
 
 def shard_files(output: Path) -> dict[str, bytes]:
@@ -52,175 +62,305 @@ def shard_files(output: Path) -> dict[str, bytes]:
             for folder in ("shards", "manifests") for p in sorted((output / folder).iterdir())}
 
 
-def manifest(output: Path) -> list[dict]:
-    return pq.read_table(output / "manifest.parquet").to_pylist()
+def samples_on_disk(output: Path) -> dict[str, bytes]:
+    """key → PNG bytes of every sample in every tar under shards/ (a key twice fails the test)."""
+    found: dict[str, bytes] = {}
+    for path in sorted((output / "shards").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                key, extension = member.name.split(".", 1)
+                if extension == "png":
+                    assert key not in found, f"{key} is in two shards"
+                    found[key] = tar.extractfile(member).read()
+    return found
 
 
-def test_every_shard_holds_the_same_number_of_samples_and_every_good_item_lands_once(local_ray, tmp_path):
-    bad = {1: b"", 5: b"not an image", 6: b"\x89PNG\r\n\x1a\n" + bytes(300), 13: b""}
-    folder = image_folder(tmp_path / "in", 40, bad)
-    section, output = section_for(folder), tmp_path / "out"
+def key_of(folder: Path, name: str, section: IngestSection) -> str:
+    return next(item.key for item in list_items(section) if item.locator == str(folder / name))
+
+
+def assert_exactly_once(output: Path, section: IngestSection, bad_names: set[str]) -> None:
+    """Every current good file once in the manifest and in the shards, nothing else; every bad one an error."""
     items = list_items(section)
-
-    stats = run_image_job(section, Storage(), str(output), progress=False)
-
+    good = {i.key for i in items if Path(i.locator).name not in bad_names}
     rows = manifest(output)
-    good = {item.key for i, item in enumerate(items) if i not in bad}
-    assert sorted(row["key"] for row in rows) == sorted(good), "each good item once, no bad one"
-    assert stats["samples"] == len(good) == 36 and stats["failures"] == 4
+    assert sorted(r["key"] for r in rows) == sorted(good)
+    on_disk = samples_on_disk(output)
+    assert set(on_disk) == good
+    assert {r["key"]: r["sha256"] for r in rows} == {k: hashlib.sha256(v).hexdigest() for k, v in on_disk.items()}
     errors = pq.read_table(output / "errors.parquet").to_pylist()
-    assert sorted(row["key"] for row in errors) == sorted(items[i].key for i in bad)
-    for split in ("train", "val"):
-        shards = sorted(p for p in (output / "shards").glob(f"{split}-*.tar"))
-        counts = [len(tar_keys(p)) for p in shards]
-        assert counts[:-1] == [PER_SHARD] * (len(counts) - 1) and 0 < counts[-1] <= PER_SHARD, (split, counts)
-        split_rows = [row for row in rows if row["split"] == split]
-        assert sum(counts) == len(split_rows)
-        # Shard order is the listing's order: the split's samples, read shard after shard, are in item order.
-        assert [k for p in shards for k in tar_keys(p)] == [row["key"] for row in split_rows]
-        for path in shards:
-            per_shard = pq.read_table(output / "manifests" / f"{path.stem}.parquet").to_pylist()
-            assert [row["key"] for row in per_shard] == tar_keys(path)
-            assert {row["shard"] for row in per_shard} == {path.stem}
-    parts = [len(pq.read_table(p)) for p in sorted((output / "_parts" / "manifests").glob("train-*.parquet"))]
-    assert len(set(parts)) > 1, "the parts were uneven, so the repack did the evening out"
-    assert stats["shards"] == len(list((output / "shards").glob("*.tar")))
-    assert list((output / "_parts" / "shards").glob("*.tar")), "retryable failures keep the parts for a rerun"
+    assert sorted(r["key"] for r in errors) == sorted(i.key for i in items if Path(i.locator).name in bad_names)
+    # Nothing the records do not name: no orphan shard, manifest or staging file.
+    named = {r["shard"] for r in rows}
+    assert {p.stem for p in (output / "shards").glob("*.tar")} == named
+    assert {p.stem for p in (output / "manifests").glob("*.parquet")} == named
+    assert not (output / "_staging").exists() or not any((output / "_staging").iterdir())
 
 
-def test_with_no_failure_every_shard_is_its_part_linked_not_copied(local_ray, tmp_path):
-    folder = image_folder(tmp_path / "in", 18, {})
+def test_sources_that_gain_lose_and_edit_files_land_every_current_file_exactly_once(local_ray, tmp_path):
+    folder = image_folder(tmp_path / "in", 40, {5: b"not an image"})
     section, output = section_for(folder), tmp_path / "out"
-
-    stats = run_image_job(section, Storage(), str(output), progress=False)
-
-    shards = sorted((output / "shards").glob("*.tar"))
-    assert stats["failures"] == 0 and len(shards) == stats["shards"] == stats["parts"]
-    # No item can be retried, so the parts' tars are gone; the shards (links to them) stay whole and readable.
-    assert not list((output / "_parts" / "shards").glob("*.tar"))
-    assert [k for p in shards for k in tar_keys(p)] == [row["key"] for row in manifest(output)]
-    assert all(p.stat().st_nlink == 1 for p in shards)
-
-    # A shard to rebuild whose part is gone says what to do, in one line.
-    (output / "manifests" / "train-000000.parquet").unlink()
-    with pytest.raises(Exception, match="is gone, so shard train-000000 cannot be rebuilt"):
-        run_image_job(section, Storage(), str(output), progress=False)
-
-
-def test_a_kill_at_any_point_then_a_rerun_gives_the_same_shards(local_ray, tmp_path):
-    folder = image_folder(tmp_path / "in", 30, {2: b"", 9: b"broken"})
-    section, output = section_for(folder), tmp_path / "out"
-    run_image_job(section, Storage(), str(output), progress=False)
-    first = shard_files(output)
-    first_manifest = manifest(output)
-
-    # What a SIGKILL in the middle of the repack leaves: some shards committed, one tar without its
-    # manifest (cut mid-copy), later ones never written; and one part rebuilt half-way.
-    (output / "manifests" / "train-000001.parquet").unlink()
-    tar = output / "shards" / "train-000001.tar"
-    tar.write_bytes(tar.read_bytes()[:700])
-    for name in ("train-000002", "train-000003"):
-        (output / "manifests" / f"{name}.parquet").unlink()
-        (output / "shards" / f"{name}.tar").unlink()
-    (output / "_parts" / "manifests" / "train-000003.parquet").unlink()
-    (output / "manifest.parquet").unlink()
-    # And a shard from an older, longer run of this output, which must not survive.
-    (output / "shards" / "train-000099.tar").write_bytes(b"stale")
-    (output / "manifests" / "train-000099.parquet").write_bytes(b"stale")
-
-    stats = run_image_job(section, Storage(), str(output), progress=False)
-
-    assert shard_files(output) == first, "the same shards, byte for byte"
-    assert manifest(output) == first_manifest
-    # Rebuilt: the part cut half-way, and the two parts whose failed item was tried once more.
-    assert stats["parts_skipped"] == stats["parts"] - 3
-    assert stats["shards_skipped"] == stats["shards"] - 3
-
-
-def test_a_failed_item_that_works_on_a_rerun_lands_once_and_shards_stay_full(local_ray, tmp_path):
-    photo = read_item_bytes(list_fashion_mnist(1)[0].locator)
-    folder = image_folder(tmp_path / "in", 30, {7: b"", 20: b"never an image"})
-    section, output = section_for(folder), tmp_path / "out"
-    items = list_items(section)
-    run_image_job(section, Storage(), str(output), progress=False)
+    first = run_image_job(section, Storage(), str(output), progress=False)
+    assert first["items"] == 40 and first["samples"] == 39 and first["failures_permanent"] == 1
+    assert_exactly_once(output, section, {"img005.png"})
     before = shard_files(output)
-    assert items[7].key not in {row["key"] for row in manifest(output)}
+    edited_key = key_of(folder, "img010.png", section)
 
-    (folder / "img007.png").write_bytes(photo)  # the copy finished after the first run
-    stats = run_image_job(section, Storage(), str(output), progress=False)
+    # Two files whose names sort first (the positional plan lost two images here), two removed, one edited.
+    photos = list_fashion_mnist(60)
+    (folder / "aaa0.png").write_bytes(read_item_bytes(photos[50].locator))
+    (folder / "aaa1.png").write_bytes(read_item_bytes(photos[51].locator))
+    (folder / "img003.png").unlink()
+    (folder / "img020.png").unlink()
+    (folder / "img010.png").write_bytes(read_item_bytes(photos[52].locator))
+    second = run_image_job(section, Storage(), str(output), progress=False)
 
-    keys = [row["key"] for row in manifest(output)]
-    assert keys.count(items[7].key) == 1 and items[20].key not in keys and len(keys) == 29
-    assert stats["failures"] == 1
-    train_counts = [len(tar_keys(p)) for p in sorted((output / "shards").glob("train-*.tar"))]
-    assert train_counts[:-1] == [PER_SHARD] * (len(train_counts) - 1)
+    assert_exactly_once(output, section, {"img005.png"})
+    assert second["items"] == 40 - 2 + 2 and second["samples"] == second["items"] - 1
+    # Only what changed was made; the bad file was not tried again; unchanged neighbours were copied.
+    assert second["items_made"] == 3 and second["failures_permanent"] == 1
+    touched = second["parts"] - second["parts_skipped"]
+    assert 1 <= touched <= 5 and second["items_reused"] > 0
     after = shard_files(output)
-    # Item 7 is the 6th training item: shard 0 stays as it was, every shard after the new sample is rebuilt.
-    assert after["shards/train-000000.tar"] == before["shards/train-000000.tar"]
-    assert after["shards/train-000001.tar"] != before["shards/train-000001.tar"]
-    assert {k: v for k, v in after.items() if "val-" in k} == {k: v for k, v in before.items() if "val-" in k}
+    assert len(set(before) & set(after)) >= len(before) - 2 * touched, "untouched parts' shards stay as they were"
+    edited = next(r for r in manifest(output) if r["key"] == edited_key)
+    new_png = samples_on_disk(output)[edited_key]
+    assert edited["sha256"] == hashlib.sha256(new_png).hexdigest()
+    assert new_png != dict(samples_on_disk_from(before))[edited_key], "the edit reached the sample"
 
-    for _ in range(MAX_ATTEMPTS):  # the broken file is retried, then given up on: the parts' tars go
-        run_image_job(section, Storage(), str(output), progress=False)
-    assert not list((output / "_parts" / "shards").glob("*.tar"))
-    assert shard_files(output) == after
-    again = run_image_job(section, Storage(), str(output), progress=False)
-    assert again["shards_skipped"] == again["shards"] and again["parts_skipped"] == again["parts"]
+    third = run_image_job(section, Storage(), str(output), progress=False)
+    assert third["parts_skipped"] == third["parts"] and third["items_made"] == 0
     assert shard_files(output) == after
 
 
-@pytest.mark.parametrize("workers", [2, 3])
-def test_shards_split_evenly_over_loader_workers(local_ray, tmp_path, workers):
-    folder = image_folder(tmp_path / "in", 47, {3: b"", 4: b"", 17: b""})  # 39 train items, 36 good: 9 full shards
+def samples_on_disk_from(files: dict[str, bytes]):
+    for name, data in files.items():
+        if name.endswith(".tar"):
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                for member in tar.getmembers():
+                    if member.name.endswith(".png"):
+                        yield member.name.split(".", 1)[0], tar.extractfile(member).read()
+
+
+def test_growing_past_the_part_count_re_cuts_the_parts_without_decoding_anything_again(local_ray, tmp_path):
+    folder = image_folder(tmp_path / "in", 12)
+    section, output = section_for(folder), tmp_path / "out"
+    first = run_image_job(section, Storage(), str(output), progress=False)
+    photos = list_fashion_mnist(60)
+    for index in range(12, 60):
+        (folder / f"img{index:03d}.png").write_bytes(read_item_bytes(photos[index].locator))
+
+    second = run_image_job(section, Storage(), str(output), progress=False)
+
+    parts = sorted(p.stem for p in (output / "parts").glob("*.parquet"))
+    assert second["parts"] > first["parts"] and len(parts) == second["parts"], "old records are gone"
+    assert len({name.rsplit("-of-", 1)[1] for name in parts if name.startswith("train")}) == 1
+    assert second["items_made"] == 48 and second["items_reused"] == 12
+    assert_exactly_once(output, section, set())
+
+
+def test_two_folders_with_one_layout_do_not_collide(local_ray, tmp_path):
+    a, b = image_folder(tmp_path / "a", 6), image_folder(tmp_path / "b", 6)
+    stats = run_image_job(section_for(a, b), Storage(), str(tmp_path / "out"), progress=False)
+    assert stats["samples"] == 12 and len({r["key"] for r in manifest(tmp_path / "out")}) == 12
+
+
+INGEST_SCRIPT = """
+import sys, ray
+from atoken.pipeline.config import IngestSection, SourceSection
+from atoken.pipeline.storage import Storage
+from atoken.preprocess.job import run_image_job
+ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+section = IngestSection(sources=[SourceSection(kind="folder", path=sys.argv[1])], resolution=16,
+                        samples_per_shard=4, val_every=5, parallelism=1)
+run_image_job(section, Storage(), sys.argv[2], progress=False)
+"""
+
+
+def test_a_sigkill_mid_ingest_then_a_rerun_gives_the_bytes_of_an_uninterrupted_run(local_ray, tmp_path):
+    folder = image_folder(tmp_path / "in", 60, {7: b""})
+    section = section_for(folder)
+    clean = tmp_path / "clean"
+    run_image_job(section, Storage(), str(clean), progress=False)
+
+    killed = tmp_path / "killed"
+    # A real driver with its own Ray, killed (its whole process group) once a few parts are committed.
+    process = subprocess.Popen([sys.executable, "-c", INGEST_SCRIPT, str(folder), str(killed)],
+                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((killed / "parts").glob("*.parquet"))) < 3:
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    committed = len(list((killed / "parts").glob("*.parquet")))
+    assert 3 <= committed < 16, "killed mid-job"
+    assert (killed / "_lock").exists(), "the killed driver held the lock"
+
+    stats = run_image_job(section, Storage(), str(killed), progress=False)  # takes over the dead driver's lock
+
+    assert stats["parts_skipped"] >= 3
+    assert shard_files(killed) == shard_files(clean), "the same shards, byte for byte, in another output"
+    assert manifest(killed) == manifest(clean)
+    assert_exactly_once(killed, section, {"img007.png"})
+    assert not (killed / "_lock").exists()
+
+
+class FlakyServer:
+    """Images over HTTP on loopback: some paths fail with 503 for their first `flaky` requests, some are 404."""
+
+    def __init__(self, photos: dict[str, bytes], flaky: dict[str, int], missing: set[str]):
+        self.photos, self.flaky, self.missing = photos, dict(flaky), missing
+        self.requests: dict[str, int] = {}
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                name = self.path.lstrip("/")
+                server.requests[name] = server.requests.get(name, 0) + 1
+                if name in server.missing:
+                    self.send_error(404)
+                elif server.flaky.get(name, 0) > 0:
+                    server.flaky[name] -= 1
+                    self.send_error(503)
+                else:
+                    body = server.photos[name]
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_port}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+
+def test_transient_failures_are_retried_permanent_ones_never_and_good_items_are_not_made_again(local_ray, tmp_path):
+    photos = {f"p{i}.png": read_item_bytes(item.locator) for i, item in enumerate(list_fashion_mnist(12))}
+    photos["corrupt.png"] = b"\x89PNG\r\n\x1a\n" + bytes(100)
+    # p1 fails twice then works (within one run's retries); p2 fails for the whole first run (3 tries) and the
+    # first try of the second; p3 is a 404 and corrupt.png is not an image (permanent: never asked for again).
+    server = FlakyServer(photos, {"p1.png": 2, "p2.png": 4}, {"p3.png"})
+    listing = tmp_path / "list.parquet"
+    pq.write_table(pa.Table.from_pylist([{"url": f"{server.url}/{name}", "caption": name} for name in photos]),
+                   listing)
+    section = IngestSection(sources=[SourceSection(kind="list", path=str(listing))], resolution=16,
+                            samples_per_shard=PER_PART, val_every=5)
+    output = tmp_path / "out"
+
+    first = run_image_job(section, Storage(), str(output), progress=False)
+
+    keys = {r["caption"] for r in manifest(output)}
+    assert "p1.png" in keys and "p2.png" not in keys and first["retryable"] == 1
+    errors = {r["locator"].rsplit("/", 1)[1]: r for r in pq.read_table(output / "errors.parquet").to_pylist()}
+    assert {name: (r["kind"], r["attempts"]) for name, r in errors.items()} == {
+        "p2.png": ("transient", 1), "p3.png": ("permanent", 1), "corrupt.png": ("permanent", 1)}
+    assert server.requests["p1.png"] == 3 and server.requests["p2.png"] == 3 and server.requests["p3.png"] == 1
+    requests_before = dict(server.requests)
+
+    second = run_image_job(section, Storage(), str(output), progress=False)
+
+    assert second["items_made"] == 1 and second["retryable"] == 0 and "p2.png" in {r["caption"] for r in
+                                                                                     manifest(output)}
+    changed = {n for n in server.requests if server.requests[n] != requests_before.get(n)}
+    assert changed == {"p2.png"}, "only the transient failure was asked for again"
+    assert second["samples"] == 11 and second["failures"] == 2
+
+    third = run_image_job(section, Storage(), str(output), progress=False)
+    assert third["parts_skipped"] == third["parts"] and server.requests == {**requests_before, "p2.png": 5}
+
+
+def test_a_transient_failure_is_given_up_after_max_attempts_runs(local_ray, tmp_path):
+    server = FlakyServer({"p0.png": read_item_bytes(list_fashion_mnist(1)[0].locator)}, {"p0.png": 10 ** 6}, set())
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"url\n{server.url}/p0.png\n")
+    section = IngestSection(sources=[SourceSection(kind="list", path=str(listing))], resolution=16)
+    output = tmp_path / "out"
+    for run in range(1, MAX_ATTEMPTS + 1):
+        stats = run_image_job(section, Storage(), str(output), progress=False)
+        assert stats["retryable"] == (0 if run == MAX_ATTEMPTS else 1)
+    asked = server.requests["p0.png"]
+    stats = run_image_job(section, Storage(), str(output), progress=False)
+    assert stats["parts_skipped"] == stats["parts"] and server.requests["p0.png"] == asked
+
+
+def test_other_settings_are_refused_naming_the_setting_and_redo_rebuilds(local_ray, tmp_path):
+    folder = image_folder(tmp_path / "in", 8)
     output = tmp_path / "out"
     run_image_job(section_for(folder), Storage(), str(output), progress=False)
-    rows = [row for row in manifest(output) if row["split"] == "train"]
-    counts = {row["shard"]: 0 for row in rows}
-    for row in rows:
-        counts[row["shard"]] += 1
-    assert set(counts.values()) == {PER_SHARD} and len(counts) == 9
-    shards = [ShardInfo(shard_uri(str(output), name), n) for name, n in sorted(counts.items())]
 
-    per_rank = [_first_epoch(shards, rank, workers) for rank in range(workers)]
+    with pytest.raises(OutputMismatch, match="made with resolution=16, this run asks for resolution=32"):
+        run_image_job(section_for(folder, resolution=32), Storage(), str(output), progress=False)
+    assert {r["width"] for r in manifest(output)} == {16}, "the refusal changed nothing"
 
-    assert len({len(keys) for keys in per_rank}) == 1, "every worker reads the same number of samples"
-    assert len(per_rank[0]) == (9 // workers) * PER_SHARD
-    seen = [k for keys in per_rank for k in keys]
-    assert len(seen) == len(set(seen)), "workers read disjoint samples"
+    stats = run_image_job(section_for(folder, resolution=32), Storage(), str(output), progress=False, redo=True)
+    assert stats["items_made"] == 8 and {r["width"] for r in manifest(output)} == {32}
+    assert {p.stem for p in (output / "shards").glob("*.tar")} == {r["shard"] for r in manifest(output)}
 
 
-def _first_epoch(shards: list[ShardInfo], rank: int, workers: int) -> list[str]:
-    stream = ShardStream(shards, Storage(), seed=3, rank=rank, world_size=workers)
-    size = sum(s.samples for s in stream._epoch_shards(0))
-    samples = stream.samples()
-    return [next(samples)["__key__"] for _ in range(size)]
+def test_a_part_that_fails_is_recorded_the_others_commit_and_a_rerun_completes_it(local_ray, tmp_path):
+    folder = image_folder(tmp_path / "in", 24)
+    section, output = section_for(folder), tmp_path / "out"
+    run_image_job(section, Storage(), str(output), progress=False)
+    parts = sorted((output / "parts").glob("*.parquet"))
+    # Break one part's commit: its record cannot be written (a directory stands where the file goes).
+    victim = parts[1]
+    victim.unlink()
+    victim.mkdir()
+    (folder / "img000.png").write_bytes(read_item_bytes(list_fashion_mnist(30)[29].locator))  # another part redone
+
+    with pytest.raises(IngestError, match=rf"1 of {len(parts)} parts failed .*first: {victim.stem}"):
+        run_image_job(section, Storage(), str(output), progress=False)
+
+    stats = Storage().read_json(str(output / "_stats.json"))
+    assert stats["parts_failed"] == 1 and victim.stem in stats["failed_parts"] and stats["retryable"] > 0
+    victim.rmdir()
+    again = run_image_job(section, Storage(), str(output), progress=False)
+    assert again["parts_failed"] == 0
+    assert_exactly_once(output, section, set())
 
 
-def test_plan_repack_cuts_parts_into_equal_shards_in_order():
-    import pyarrow as pa
+def test_list_keys_never_name_a_member_outside_the_sample(local_ray, tmp_path):
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(read_item_bytes(list_fashion_mnist(1)[0].locator))
+    keys = ["/etc/cron_d/evil", "../../escape", "tab\there", "x" * 120, "dotted.name", "plain_key-1"]
+    listing = tmp_path / "list.jsonl"
+    listing.write_text("".join(f'{{"path": "{photo}", "key": {key!r}}}\n'.replace("'", '"') for key in keys))
+    output = tmp_path / "out"
 
-    from atoken.preprocess.writer import MANIFEST_SCHEMA
+    stats = run_image_job(IngestSection(sources=[SourceSection(kind="list", path=str(listing))], resolution=16),
+                          Storage(), str(output), progress=False)
 
-    def part(keys: list[str]) -> pa.Table:
-        return pa.Table.from_pylist([{"key": k, "split": "train", "shard": "p", "bytes": 1} for k in keys],
-                                    schema=MANIFEST_SCHEMA)
+    assert stats["samples"] == len(keys) and stats["failures"] == 0
+    names = [m.name for p in (output / "shards").glob("*.tar") for m in tarfile.open(p).getmembers()]
+    assert len(names) == 2 * len(keys)
+    for name in names:
+        assert not name.startswith("/") and ".." not in name and "/" not in name
+        assert name.isprintable() and len(name) <= 100 and name.count(".") == 1
+    assert "plain_key-1" in {r["key"] for r in manifest(output)}, "a safe key is kept as it is"
 
-    items = list_fashion_mnist(9)
-    plans = [ShardPlan(f"train-{i:06d}", "train", items[3 * i:3 * i + 3]) for i in range(3)]
-    tables = {"train-000000": part(["a", "b"]), "train-000001": part([]), "train-000002": part(["c", "d", "e", "f"])}
 
-    repacks = plan_repack(plans, tables, 4)
+def test_the_run_lock_refuses_a_second_driver_and_takes_over_a_dead_ones(tmp_path):
+    storage, output = Storage(), str(tmp_path / "out")
+    with RunLock(storage, output):
+        with pytest.raises(StorageError, match="is being written by another ingest"):
+            with RunLock(storage, output):
+                pass
+    assert not (tmp_path / "out" / "_lock").exists()
 
-    assert [(r.name, r.pieces) for r in repacks] == [
-        ("train-000000", [("train-000000", 0, 2), ("train-000002", 0, 2)]),  # the empty part adds nothing
-        ("train-000001", [("train-000002", 2, 4)]),
-    ]
-    assert [r.manifest.column("key").to_pylist() for r in repacks] == [["a", "b", "c", "d"], ["e", "f"]]
-    assert [set(r.manifest.column("shard").to_pylist()) for r in repacks] == [{"train-000000"}, {"train-000001"}]
-    assert [r.whole_part for r in repacks] == [False, False], "a tail of a part is not the whole part"
-
-    # Parts of exactly one shard each (no item failed): every shard is a whole part, copied as it is.
-    tables = {"train-000000": part(["a", "b"]), "train-000001": part(["c", "d"]), "train-000002": part(["e"])}
-    repacks = plan_repack(plans, tables, 2)
-    assert [(r.pieces, r.whole_part) for r in repacks] == [
-        ([("train-000000", 0, 2)], True), ([("train-000001", 0, 2)], True), ([("train-000002", 0, 1)], True)]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = {"host": socket.gethostname(), "pid": dead.pid, "heartbeat": time.time()}
+    storage.write_json(str(tmp_path / "out" / "_lock"), lock)
+    with RunLock(storage, output):  # the same host, its process gone: taken over at once
+        assert storage.read_json(str(tmp_path / "out" / "_lock"))["pid"] == os.getpid()
+    storage.write_json(str(tmp_path / "out" / "_lock"), {**lock, "host": "elsewhere", "heartbeat": time.time() - 900})
+    with RunLock(storage, output, stale_seconds=300):  # another host, silent for 15 minutes: stale
+        pass
+    storage.write_json(str(tmp_path / "out" / "_lock"), {**lock, "host": "elsewhere"})
+    with pytest.raises(StorageError, match="another ingest"):  # another host, alive: refused
+        with RunLock(storage, output):
+            pass

@@ -29,12 +29,13 @@ from atoken.preprocess.objects import (
     load_object_sample,
     pybullet_data_dir,
 )
+from atoken.preprocess.plan import PartPlan
 from atoken.preprocess.render import RenderSettings
 from atoken.preprocess.sources import ItemSpec, SourceError
 from atoken.preprocess.voxels import VoxelSettings
-from atoken.preprocess.writer import ShardPlan, errors_uri, manifest_uri, shard_uri, write_shard
+from atoken.preprocess.writer import manifest_uri, record_uri, shard_uri
 
-from helpers import REPO
+from helpers import REPO, commit_part
 
 PYBULLET = pybullet_data_dir()
 SMALL = RenderSettings(views=6, resolution=64, samples=4)
@@ -122,15 +123,15 @@ def test_objaverse_mirror_lists_uids_with_captions(objaverse_mirror):
 
 def test_objaverse_assets_keep_their_licence_and_a_missing_glb_is_recorded(objaverse_mirror, tmp_path):
     items = list_objaverse(objaverse_mirror)
-    result = write_shard(ShardPlan("train-000000", "train", items), Storage(), str(tmp_path),
+    result = commit_part(PartPlan("train-000000-of-000004", "train", items), Storage(), str(tmp_path),
                          settings_for(tmp_path))
     assert (result.samples, result.errors) == (2, 1)
     assert result.error_rows[0]["key"] == f"objaverse_{UIDS[2]}" and result.error_rows[0]["stage"] == "read"
-    rows = {r["key"]: r for r in read_parquet(tmp_path / "manifests" / "train-000000.parquet")}
+    rows = {r["key"]: r for r in read_parquet(tmp_path / "manifests" / f"{result.shard}.parquet")}
     duck = rows[f"objaverse_{UIDS[0]}"]
     assert duck["license"] == "by" and duck["caption"] == "Rubber Duck" and duck["flags"] == []
     assert rows[f"objaverse_{UIDS[1]}"]["license"] == "cc0"
-    meta = json.loads(shard_samples(tmp_path / "shards" / "train-000000.tar")[duck["key"]]["json"])
+    meta = json.loads(shard_samples(tmp_path / "shards" / f"{result.shard}.tar")[duck["key"]]["json"])
     assert meta["uid"] == UIDS[0] and meta["author"] == "artist0" and meta["objaverse"]["tags"] == ["toy"]
     assert meta["source_url"].endswith(UIDS[0])
 
@@ -151,9 +152,10 @@ def test_a_mesh_that_makes_the_importer_fail_is_recorded_and_the_others_land(tmp
     good = list_pybullet_objects(named_only=True)[:3]  # bunny, duck, teddy
     items = [good[0], broken_meshes[0], good[1], broken_meshes[1], good[2], broken_meshes[2]]
     output = tmp_path / "out"
-    result = write_shard(ShardPlan("train-000000", "train", items), Storage(), str(output), settings_for(output))
+    result = commit_part(PartPlan("train-000000-of-000004", "train", items), Storage(), str(output),
+                         settings_for(output))
     assert (result.samples, result.errors) == (3, 3)
-    errors = {Path(r["locator"]).name: r for r in read_parquet(output / "errors" / "train-000000.parquet")}
+    errors = {Path(r["locator"]).name: r for r in result.error_rows}
     assert set(errors) == {"corrupt.glb", "no_faces.obj", "points.ply"}
     assert all(r["stage"] == "import" for r in errors.values())
     assert "no faces" in errors["no_faces.obj"]["error"]
@@ -161,7 +163,7 @@ def test_a_mesh_that_makes_the_importer_fail_is_recorded_and_the_others_land(tmp
         log = Path(row["error"].rsplit("(Blender log: ", 1)[1].rstrip(")"))
         assert log.is_file() and "[atoken] import failed" in log.read_text()
 
-    samples = shard_samples(output / "shards" / "train-000000.tar")
+    samples = shard_samples(output / "shards" / f"{result.shard}.tar")
     assert sorted(samples) == sorted(i.key for i in good)
     duck = load_object_sample(samples["pybullet_duck"]["npz"])
     voxels, features = duck["voxels"], duck["features"]
@@ -170,7 +172,7 @@ def test_a_mesh_that_makes_the_importer_fail_is_recorded_and_the_others_land(tmp
     assert len(np.unique(voxels, axis=0)) == len(voxels)
     assert duck["views"].shape == (6, 64, 64, 4) and duck["c2w"].shape == (6, 4, 4)
     assert duck["view_index"].max() < 6
-    manifest = {r["key"]: r for r in read_parquet(output / "manifests" / "train-000000.parquet")}
+    manifest = {r["key"]: r for r in read_parquet(output / "manifests" / f"{result.shard}.parquet")}
     assert manifest["pybullet_duck"]["voxels"] == len(voxels) and manifest["pybullet_duck"]["views"] == 6
     assert manifest["pybullet_bunny"]["flags"] == ["untextured"] and manifest["pybullet_duck"]["flags"] == []
     # What rendering took is measured for the stats, never written into a sample (the same asset, the same bytes).
@@ -187,41 +189,41 @@ def test_a_mesh_that_makes_the_importer_fail_is_recorded_and_the_others_land(tmp
 def test_a_rebuilt_shard_renders_only_what_never_finished(tmp_path):
     items = list_pybullet_objects(named_only=True)[3:5]  # mug, lego
     storage, output = Storage(), tmp_path / "out"
-    plan = ShardPlan("train-000000", "train", items)
-    first = write_shard(plan, storage, str(output), settings_for(output))
+    plan = PartPlan("train-000000-of-000004", "train", items)
+    first = commit_part(plan, storage, str(output), settings_for(output))
     assert (first.samples, first.errors) == (2, 0)
-    before = shard_samples(output / "shards" / "train-000000.tar")
+    before = shard_samples(output / "shards" / f"{first.shard}.tar")
     # A kill after the assets rendered but before the manifest: the shard is rebuilt, its renders reused.
-    storage.delete(manifest_uri(str(output), "train-000000"))
+    storage.delete(record_uri(str(output), "train-000000-of-000004"))
     shutil.rmtree(output / "renders" / "pybullet_lego")  # ...except one asset's, as if never rendered
-    second = write_shard(plan, storage, str(output), settings_for(output))
-    after = shard_samples(output / "shards" / "train-000000.tar")
+    second = commit_part(plan, storage, str(output), settings_for(output))
+    after = shard_samples(output / "shards" / f"{second.shard}.tar")
     assert second.samples == 2 and second.measured["reused_renders"] == 1  # the mug's
     assert second.measured["rendered_views"] == SMALL.views  # the lego's, rendered again
     assert after == before  # same cameras, same renders: the same samples, byte for byte
     # Renders made with other settings are not reused.
-    storage.delete(manifest_uri(str(output), "train-000000"))
-    third = write_shard(plan, storage, str(output), settings_for(output, RenderSettings(views=4, resolution=64,
+    storage.delete(record_uri(str(output), "train-000000-of-000004"))
+    third = commit_part(plan, storage, str(output), settings_for(output, RenderSettings(views=4, resolution=64,
                                                                                         samples=4)))
-    metas = [json.loads(f["json"]) for f in shard_samples(output / "shards" / "train-000000.tar").values()]
+    metas = [json.loads(f["json"]) for f in shard_samples(output / "shards" / f"{third.shard}.tar").values()]
     assert third.samples == 2 and third.measured["reused_renders"] == 0 and all(m["views"] == 4 for m in metas)
 
 
 def test_an_asset_gives_the_same_shard_bytes_wherever_its_output_lives(tmp_path):
     """Issue 15: a sample held its render seconds and the absolute path of its renders, so two runs (or one
     run into another folder) wrote different shards from the same asset."""
-    plan = ShardPlan("train-000000", "train", list_pybullet_objects(named_only=True)[1:2])  # duck
+    plan = PartPlan("train-000000-of-000004", "train", list_pybullet_objects(named_only=True)[1:2])  # duck
     outputs = [tmp_path / "a" / "out", tmp_path / "somewhere" / "else" / "out"]
-    for output in outputs:
-        assert write_shard(plan, Storage(), str(output), settings_for(output)).samples == 1
-    for relative in ("shards/train-000000.tar", "manifests/train-000000.parquet"):
+    shards = {commit_part(plan, Storage(), str(output), settings_for(output)).shard for output in outputs}
+    assert len(shards) == 1
+    for relative in (f"shards/{min(shards)}.tar", f"manifests/{min(shards)}.parquet"):
         assert (outputs[0] / relative).read_bytes() == (outputs[1] / relative).read_bytes(), relative
 
 
 def test_assets_with_a_dropped_flag_become_quality_errors(tmp_path):
     items = list_pybullet_objects(named_only=True)[:2]  # bunny (untextured), duck
     output = tmp_path / "out"
-    result = write_shard(ShardPlan("train-000000", "train", items), Storage(), str(output),
+    result = commit_part(PartPlan("train-000000-of-000004", "train", items), Storage(), str(output),
                          settings_for(output, drop_flags=("untextured",)))
     assert result.samples == 1 and result.error_rows[0]["key"] == "pybullet_bunny"
     assert result.error_rows[0]["stage"] == "quality" and "untextured" in result.error_rows[0]["error"]
@@ -243,13 +245,14 @@ def test_a_hanging_blender_is_killed_at_the_timeout_and_the_next_asset_renders(t
     bunny, duck = list_pybullet_objects(named_only=True)[:2]
     output = tmp_path / "out"
     slow = RenderSettings(views=400, resolution=128, samples=16, timeout_s=2.0)  # minutes of work in 2 s
-    first = write_shard(ShardPlan("train-000000", "train", [bunny]), Storage(), str(output),
+    first = commit_part(PartPlan("train-000000-of-000004", "train", [bunny]), Storage(), str(output),
                         settings_for(output, slow))
     row = first.error_rows[0]
     assert first.samples == 0 and row["stage"] == "timeout" and "timed out after 2 s" in row["error"]
     log = (output / "renders" / "pybullet_bunny" / "blender.log").read_text()
     assert "[atoken] view 1/400" in log and "[atoken] killed" in log  # the log up to the kill, then why
-    second = write_shard(ShardPlan("train-000001", "train", [duck]), Storage(), str(output), settings_for(output))
+    second = commit_part(PartPlan("train-000001-of-000004", "train", [duck]), Storage(), str(output),
+                         settings_for(output))
     assert (second.samples, second.errors) == (1, 0)
 
 
@@ -259,13 +262,14 @@ def test_a_crashing_blender_is_recorded_and_the_next_asset_renders(tmp_path):
     crashing = RenderSettings(views=4, resolution=64, samples=4, python=fake_python(
         tmp_path / "python", "print(\"Writing: /tmp/blender.crash.txt\", flush=True)\n"
                              "os.kill(os.getpid(), signal.SIGSEGV)"))
-    first = write_shard(ShardPlan("train-000000", "train", [bunny]), Storage(), str(output),
+    first = commit_part(PartPlan("train-000000-of-000004", "train", [bunny]), Storage(), str(output),
                         settings_for(output, crashing))
     row = first.error_rows[0]
     assert row["stage"] == "crash" and "SIGSEGV" in row["error"]
     log = (output / "renders" / "pybullet_bunny" / "blender.log").read_text()
     assert "Blender died with signal SIGSEGV" in log
-    second = write_shard(ShardPlan("train-000001", "train", [duck]), Storage(), str(output), settings_for(output))
+    second = commit_part(PartPlan("train-000001-of-000004", "train", [duck]), Storage(), str(output),
+                         settings_for(output))
     assert (second.samples, second.errors) == (1, 0)
 
 
@@ -275,12 +279,12 @@ def test_an_interpreter_without_blender_fails_each_asset_with_one_line(tmp_path)
     no_bpy.chmod(0o755)
     output = tmp_path / "out"
     settings = settings_for(output, RenderSettings(views=4, resolution=64, samples=4, python=str(no_bpy)))
-    result = write_shard(ShardPlan("train-000000", "train", list_pybullet_objects(2)), Storage(), str(output),
+    result = commit_part(PartPlan("train-000000-of-000004", "train", list_pybullet_objects(2)), Storage(), str(output),
                          settings)
     assert result.errors == 2 and all("No module named bpy" in r["error"] for r in result.error_rows)
     assert all(r["stage"] == "crash" for r in result.error_rows)
     missing = settings_for(output, RenderSettings(views=4, resolution=64, samples=4, python=str(tmp_path / "none")))
-    result = write_shard(ShardPlan("train-000001", "train", list_pybullet_objects(1)), Storage(), str(output),
+    result = commit_part(PartPlan("train-000001-of-000004", "train", list_pybullet_objects(1)), Storage(), str(output),
                          missing)
     assert result.errors == 1 and "cannot start" in result.error_rows[0]["error"]
 
@@ -319,12 +323,16 @@ def test_preprocess_3d_end_to_end_over_ray_with_resume(tmp_path):
     manifest = read_parquet(out / "manifest.parquet")
     assert sorted(r["voxels"] > 0 for r in manifest) == [True] * 3
     assert "atoken 3d:" in first.stdout + first.stderr  # the per-asset progress lines
-    # A rerun skips the committed shard and retries the shard with the failed asset, reusing its renders.
+    # A kill before any part's record was committed: the rerun makes every asset again, from its kept renders.
+    for record in (out / "parts").glob("*.parquet"):
+        record.unlink()
     second = run_3d(args)
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads((out / "_stats.json").read_text())
-    assert again["samples"] == 3 and again["parts_skipped"] == 1 and again["shards_skipped"] == again["shards"]
+    assert again["samples"] == 3 and again["parts_skipped"] == 0 and again["views_rendered"] == 0
     assert "reused renders" in second.stdout + second.stderr
+    shards = {p.stem for p in (out / "shards").glob("*.tar")}
+    assert shards == {r["shard"] for r in read_parquet(out / "manifest.parquet")}
 
 
 def test_preprocess_3d_refuses_bad_arguments_before_any_work(tmp_path):
@@ -337,12 +345,12 @@ def test_preprocess_3d_refuses_bad_arguments_before_any_work(tmp_path):
 
 def test_shard_layout_matches_the_image_and_video_jobs(tmp_path):
     output = tmp_path / "out"
-    write_shard(ShardPlan("val-000000", "val", list_pybullet_objects(1)), Storage(), str(output),
-                settings_for(output))
-    for uri in (shard_uri(str(output), "val-000000"), manifest_uri(str(output), "val-000000"),
-                errors_uri(str(output), "val-000000")):
+    result = commit_part(PartPlan("val-000000-of-000004", "val", list_pybullet_objects(1)), Storage(), str(output),
+                         settings_for(output))
+    for uri in (shard_uri(str(output), result.shard), manifest_uri(str(output), result.shard),
+                record_uri(str(output), "val-000000-of-000004")):
         assert Path(uri).is_file()
-    with tarfile.open(output / "shards" / "val-000000.tar") as tar:
+    with tarfile.open(output / "shards" / f"{result.shard}.tar") as tar:
         assert sorted(tar.getnames()) == ["pybullet_bunny.json", "pybullet_bunny.npz"]
-    table = pq.read_table(io.BytesIO((output / "manifests" / "val-000000.parquet").read_bytes()))
+    table = pq.read_table(io.BytesIO((output / "manifests" / f"{result.shard}.parquet").read_bytes()))
     assert {"views", "voxels", "flags", "license"} <= set(table.column_names)

