@@ -185,7 +185,10 @@ class Pipeline:
         started_work = False
         for stage, fp, state in self.plan():
             started = time.perf_counter()
+            # A done stage whose summary counts retryable work (an ingest's transient failures) runs again, in
+            # its folder: it redoes only that work (preprocess/job.py), then reads as done.
             if state and state.fingerprint == fp and state.status == "done" \
+                    and not state.summary.get("retryable") \
                     and self.storage.exists(join(state.output, "_SUCCESS.json")):
                 finished[stage.name] = state
                 outcomes.append(StageOutcome(stage.name, "skipped", time.perf_counter() - started, state))

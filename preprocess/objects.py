@@ -9,11 +9,12 @@ through the `objaverse` package, read from a local mirror in the package's own l
 in a Blender child (preprocess/render.py), voxelise the views (preprocess/voxels.py), flag it, and return
 one sample: `<key>.npz` (voxels, fp16 features, the views and their cameras) + `<key>.json`.
 
-Every asset keeps a folder beside the shards, OUT/renders/<key>/: its blender.log always (also when it
-failed), and with `keep_renders` the RGBA PNGs, float depth EXRs, transforms.json and the child's info.json.
-transforms.json is uploaded last and marks the renders complete: when a shard is rebuilt (a kill before its
-manifest, or a rerun retrying its failed assets) the assets that rendered before are voxelised from their
-kept renders instead of being rendered again, so a rerun renders only what never finished.
+With `keep_renders` every asset keeps one object beside the shards, OUT/renders/<key>[-<source hash>].tar: the
+RGBA PNGs, float depth EXRs, transforms.json, the child's info.json and its blender.log (an asset that failed
+keeps OUT/renders/<key>/blender.log). When a part is rebuilt (a kill before its record, or a rerun retrying its
+failed assets) the assets that rendered before are voxelised from their kept renders instead of being rendered
+again, so a rerun renders only what never finished; a source whose content changed (size and mtime, or ETag)
+has another name and is rendered again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import gzip
 import hashlib
 import io
 import json
+import tarfile
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -257,8 +259,9 @@ def process_object(data: bytes, item: ItemSpec, settings: ObjectSettings) -> tup
         "render": {**settings.render.fingerprint(), "camera_offset": list(offset), "device": info.get("device"),
                    "blender": info.get("blender")},
         # Relative to the job's output (see renders_uri), so that the sample is the same wherever the output lives.
-        "renders": f"renders/{renders_key(item)}" if settings.keep_renders else None,
-        "blender_log": f"renders/{renders_key(item)}/blender.log",
+        "renders": f"renders/{renders_key(item)}.tar" if settings.keep_renders else None,
+        "blender_log": f"renders/{renders_key(item)}.tar:blender.log" if settings.keep_renders
+        else f"renders/{renders_key(item)}/blender.log",
         "source_sha256": hashlib.sha256(data).hexdigest(),
         "sha256": hashlib.sha256(npz).hexdigest(),
         "license": None,
@@ -312,32 +315,38 @@ def _local_mesh(data: bytes, item: ItemSpec, staging: Path) -> Path:
 
 
 def _keep(folder: Path, folder_uri: str, settings: ObjectSettings) -> None:
-    """Upload the Blender log, and with keep_renders the views, depth and cameras; transforms.json last."""
+    """With keep_renders, the views, depth, cameras and Blender log as one object, `<folder_uri>.tar` (one
+    object per asset, not 2N+4: ~800k instead of ~29M objects for Objaverse at the release preset); without,
+    the Blender log alone. The tar is written whole, then committed, so a partial one is never found."""
     storage = settings.storage
-    storage.upload(folder / "blender.log", join(folder_uri, "blender.log"))
     if not settings.keep_renders:
+        storage.upload(folder / "blender.log", join(folder_uri, "blender.log"))
         return
-    names = sorted(p.name for p in folder.iterdir() if p.name not in ("blender.log", "transforms.json"))
-    for name in names:
-        storage.upload(folder / name, join(folder_uri, name))
-    storage.upload(folder / "transforms.json", join(folder_uri, "transforms.json"))
+    archive = folder.parent / f"{folder.name}-kept.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(folder.iterdir()):
+            info = tar.gettarinfo(path, arcname=path.name)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            with open(path, "rb") as handle:
+                tar.addfile(info, handle)
+    storage.move_into(archive, f"{folder_uri}.tar")
 
 
 def _kept_renders(settings: ObjectSettings, folder_uri: str, offset: tuple[float, float],
                   local: Path) -> RenderedViews | None:
     """The renders a previous attempt kept for this asset, if complete and made with the same settings."""
     storage = settings.storage
-    marker = join(folder_uri, "transforms.json")
-    if not storage.exists(marker):
+    uri = f"{folder_uri}.tar"
+    if not storage.exists(uri):
         return None
-    transforms = storage.read_json(marker)
+    local.mkdir(parents=True)
+    with tarfile.open(storage.download(uri, local.parent / "kept.tar")) as tar:
+        tar.extractall(local, filter="data")  # our own archive; "data" refuses links and paths outside `local`
+    transforms = json.loads((local / "transforms.json").read_text())
     wanted = {**settings.render.fingerprint(), "camera_offset": list(offset)}
     if {k: transforms.get("render", {}).get(k) for k in wanted} != wanted:
         return None
-    local.mkdir(parents=True)
     frames = transforms["frames"]
-    for name in [f["file_path"] for f in frames] + ["depth.npy", "info.json"]:
-        storage.download(join(folder_uri, name), local / name)
     c2w = np.array([f["transform_matrix"] for f in frames])
     K = np.array([[transforms["fl_x"], 0, transforms["cx"]], [0, transforms["fl_y"], transforms["cy"]], [0, 0, 1]])
     return load_views(local, c2w, K, json.loads((local / "info.json").read_text()))

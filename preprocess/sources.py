@@ -343,7 +343,7 @@ def read_item(locator: str, storage=None, timeout_s: float = 30.0, max_bytes: in
         with urllib.request.urlopen(locator, timeout=timeout_s) as response:  # noqa: S310 - user-listed URLs
             length = response.headers.get("Content-Length")
             _check_size(locator, int(length) if length and length.isdigit() else None, max_bytes)
-            return _read_stream(locator, response, max_bytes, spool, spool_folder)
+            return _read_stream(locator, response, max_bytes, spool, spool_folder, timeout_s)
     path = Path(locator)
     size = path.stat().st_size
     _check_size(locator, size, max_bytes)
@@ -357,18 +357,30 @@ def _check_size(locator: str, size: int | None, max_bytes: int | None) -> None:
         raise ItemTooLarge(f"{locator}: {size:,} bytes or more, over the {max_bytes:,}-byte cap (max_item_mb)")
 
 
+MIN_BYTES_PER_SECOND = 16 << 10  # a server slower than this (after timeout_s) is treated as stalled
+
+
 def _read_stream(locator: str, stream, max_bytes: int | None, spool: int | None, folder: Path | None,
-                 chunk: int = 1 << 20) -> bytes | Path:
-    """Read a stream in chunks: into memory up to `spool` bytes, then into a file; never past `max_bytes`."""
+                 timeout_s: float = 30.0, chunk: int = 1 << 16) -> bytes | Path:
+    """Read a stream in chunks: into memory up to `spool` bytes, then into a file; never past `max_bytes`. The
+    socket timeout catches a server that stops; one that trickles (a byte every few seconds) is stopped once,
+    after `timeout_s`, it has averaged under MIN_BYTES_PER_SECOND (a TimeoutError: transient)."""
+    import time
+
     buffer = io.BytesIO()
     file = None
     total = 0
+    started = time.monotonic()
     try:
         while True:
-            data = stream.read(chunk)
+            data = stream.read1(chunk) if hasattr(stream, "read1") else stream.read(chunk)
             if not data:
                 break
             total += len(data)
+            elapsed = time.monotonic() - started
+            if elapsed > timeout_s and total / elapsed < MIN_BYTES_PER_SECOND:
+                raise TimeoutError(f"{locator}: {total:,} bytes in {elapsed:.0f} s, slower than "
+                                   f"{MIN_BYTES_PER_SECOND:,} bytes/s")
             _check_size(locator, total, max_bytes)
             if file is None and spool is not None and total > spool:
                 file = open(folder / f"item-{hashlib.sha1(locator.encode()).hexdigest()[:12]}", "wb")

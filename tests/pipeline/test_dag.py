@@ -20,6 +20,7 @@ class Recorder:
         self.calls: list[str] = []
         self.contexts: dict[str, StageContext] = {}
         self.fail: dict[str, BaseException] = {}
+        self.retryable: dict[str, int] = {}
 
     def stage_fn(self, name: str):
         def run(ctx: StageContext) -> dict:
@@ -31,7 +32,10 @@ class Recorder:
             ctx.storage.write_bytes(join(ctx.output, "out.txt"), text.encode())
             if name in self.fail:
                 raise self.fail.pop(name)
-            return {"items": len(name) + len(upstream), "label": name}
+            summary = {"items": len(name) + len(upstream), "label": name}
+            if name in self.retryable:
+                summary["retryable"] = self.retryable[name]
+            return summary
         return run
 
     def stages(self) -> list[Stage]:
@@ -260,3 +264,19 @@ def test_each_ingest_stage_fingerprints_the_code_it_runs_and_its_decoders_not_co
     monkeypatch.setattr(job, "library_versions", lambda names: {n: "0.0-other" for n in names})
     assert prints()["ingest"] != after_images["ingest"], "a decoder's version is in the fingerprint"
     assert versions["pillow"] != "absent"
+
+
+def test_a_done_stage_with_retryable_work_runs_again_in_its_folder_until_none_is_left(setup):
+    config, recorder, tracker, parent_id = setup
+    recorder.retryable["a"] = 2  # e.g. an ingest whose two items failed for a passing reason
+    first = run(config, recorder, tracker, parent_id)
+    recorder.calls.clear()
+    recorder.retryable["a"] = 0
+
+    second = run(config, recorder, tracker, parent_id)
+
+    assert recorder.calls == ["a"] and second["a"].action == "resumed"
+    assert second["a"].state.output == first["a"].state.output and second["a"].state.run_id == first["a"].state.run_id
+    assert second["b"].action == second["c"].action == "skipped"
+    recorder.calls.clear()
+    assert run(config, recorder, tracker, parent_id)["a"].action == "skipped" and recorder.calls == []

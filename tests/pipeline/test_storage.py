@@ -421,3 +421,32 @@ def test_s3_storage_survives_a_pickle_round_trip(s3_storage, bucket):
     copy.write_bytes(f"s3://{bucket}/p.bin", b"after")
     assert s3_storage.read_bytes(f"s3://{bucket}/p.bin") == b"after"
 
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_create_exclusive_writes_once_and_iter_objects_pages_with_versions(where, request, tmp_path):
+    if where == "s3":
+        storage, bucket = request.getfixturevalue("s3_storage"), request.getfixturevalue("bucket")
+        root = f"s3://{bucket}/out"
+    else:
+        storage, root = Storage(), str(tmp_path / "out")
+    assert storage.create_exclusive(f"{root}/_lock", b"first")
+    assert not storage.create_exclusive(f"{root}/_lock", b"second"), "a second writer is refused"
+    assert storage.read_bytes(f"{root}/_lock") == b"first"
+    storage.delete(f"{root}/_lock")
+    assert storage.create_exclusive(f"{root}/_lock", b"third")
+
+    for index in range(3):
+        storage.write_bytes(f"{root}/items/{index}.bin", bytes(index + 1))
+    listed = list(storage.iter_objects(f"{root}/items"))
+    assert [(uri.rsplit("/", 1)[1], size) for uri, size, _ in listed] == [("0.bin", 1), ("1.bin", 2), ("2.bin", 3)]
+    versions = {uri: version for uri, _, version in listed}
+    storage.write_bytes(f"{root}/items/1.bin", b"edited")
+    if where == "local":
+        time.sleep(0.01)
+    again = {uri: version for uri, _, version in storage.iter_objects(f"{root}/items")}
+    assert again[listed[1][0]] != versions[listed[1][0]] and again[listed[0][0]] == versions[listed[0][0]]
+    # A consumer that stops early is not a storage error (the generator is closed at a yield).
+    objects = storage.iter_objects(f"{root}/items")
+    next(objects)
+    objects.close()

@@ -180,10 +180,11 @@ def test_a_mesh_that_makes_the_importer_fail_is_recorded_and_the_others_land(tmp
     assert result.measured["reused_renders"] == 0
     meta = json.loads(samples["pybullet_duck"]["json"])
     assert meta["caption"] == "rubber duck" and meta["render"]["views"] == 6
-    assert meta["renders"] == "renders/pybullet_duck" and "seconds" not in meta and "seconds" not in meta["render"]
-    kept = output / "renders" / "pybullet_duck"
-    assert {"transforms.json", "blender.log", "000.png", "005_depth.exr", "depth.npy"} <= {
-        p.name for p in kept.iterdir()}
+    assert meta["renders"] == "renders/pybullet_duck.tar" and "seconds" not in meta and "seconds" not in meta["render"]
+    with tarfile.open(output / "renders" / "pybullet_duck.tar") as kept:  # one object per asset
+        assert {"transforms.json", "blender.log", "000.png", "005_depth.exr", "depth.npy"} <= set(kept.getnames())
+    kept_objects = sorted(p.name for p in (output / "renders").iterdir() if p.is_file())
+    assert kept_objects == ["pybullet_bunny.tar", "pybullet_duck.tar", "pybullet_teddy.tar"]
 
 
 def test_a_rebuilt_shard_renders_only_what_never_finished(tmp_path):
@@ -195,7 +196,7 @@ def test_a_rebuilt_shard_renders_only_what_never_finished(tmp_path):
     before = shard_samples(output / "shards" / f"{first.shard}.tar")
     # A kill after the assets rendered but before the manifest: the shard is rebuilt, its renders reused.
     storage.delete(record_uri(str(output), "train-000000-of-000004"))
-    shutil.rmtree(output / "renders" / "pybullet_lego")  # ...except one asset's, as if never rendered
+    (output / "renders" / "pybullet_lego.tar").unlink()  # ...except one asset's, as if never rendered
     second = commit_part(plan, storage, str(output), settings_for(output))
     after = shard_samples(output / "shards" / f"{second.shard}.tar")
     assert second.samples == 2 and second.measured["reused_renders"] == 1  # the mug's

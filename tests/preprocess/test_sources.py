@@ -190,3 +190,36 @@ def test_an_item_over_the_size_cap_is_refused_before_it_is_read_whole(tmp_path, 
         assert isinstance(spooled, Path) and spooled.read_bytes() == photo
     finally:
         server.shutdown()
+
+
+def test_a_server_that_trickles_is_stopped_as_a_transient_failure():
+    import time
+
+    from atoken.preprocess.sources import read_item
+    from atoken.preprocess.writer import failure_kind
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"x" * 10)
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass  # the client gave up: the point
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="slower than") as raised:
+            read_item(f"http://127.0.0.1:{server.server_port}/slow.png", timeout_s=0.5)
+        assert time.monotonic() - started < 5 and failure_kind(raised.value) == "transient"
+    finally:
+        server.shutdown()
