@@ -235,7 +235,13 @@ class Storage:
                 for item in page.get("Contents", []):
                     yield f"s3://{bucket}/{item['Key']}", item["Size"], item["ETag"].strip('"')
         root = local_path(prefix)
-        for folder, folders, files in os.walk(root):
+
+        def unreadable(error: OSError) -> None:
+            if isinstance(error, FileNotFoundError) and Path(error.filename) == root:
+                return  # no folder: nothing under it
+            raise StorageError(f"cannot list {error.filename}: {error.strerror or error}")
+
+        for folder, folders, files in os.walk(root, onerror=unreadable):
             folders.sort()
             for name in sorted(files):
                 if ".tmp-" in name:
@@ -243,7 +249,7 @@ class Storage:
                 path = Path(folder) / name
                 try:
                     stat = path.stat()
-                except OSError:
+                except FileNotFoundError:
                     continue  # deleted while listing
                 yield str(path), stat.st_size, f"{stat.st_size}:{stat.st_mtime_ns}"
 
@@ -277,13 +283,17 @@ class Storage:
                 raise self._translate(uri, exc) from exc
         target = local_path(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole beside it, then hard-linked into place (link fails if the name exists): a reader never
+        # finds it empty, whatever instant the writer is killed at.
+        tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+        tmp.write_bytes(data)
         try:
-            handle = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(tmp, target)
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     # -- writes ----------------------------------------------------------------------------------
 

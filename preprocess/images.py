@@ -38,8 +38,8 @@ def process_image(data: bytes, key: str, resolution: int, max_pixels: int) -> Im
             if width * height > max_pixels:
                 raise ItemError(f"{width}x{height} exceeds the {max_pixels}-pixel cap (decompression bomb?)")
             image.load()
-    except ItemError:
-        raise
+    except (ItemError, MemoryError):
+        raise  # a worker out of memory is not a bad image: transient (preprocess/writer.py failure_kind)
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for bad bytes; all mean "not an image"
         raise ItemError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     image = ImageOps.exif_transpose(image)

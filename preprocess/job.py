@@ -29,7 +29,9 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from tqdm import tqdm
 
 from atoken.pipeline.config import IngestSection, VideoIngestSection
 from atoken.pipeline.storage import Storage, StorageError, join
-from atoken.preprocess.plan import PartPlan, Planner, hash_range, parse_part_name
+from atoken.preprocess.plan import PartPlan, Planner, hash_range, parse_part_name, part_name
 from atoken.preprocess.sources import (
     BUILTIN_SOURCES,
     BUILTIN_VIDEO_SOURCES,
@@ -57,7 +59,6 @@ from atoken.preprocess.writer import (
     ImageSettings,
     PartRecord,
     PartResult,
-    TransientError,
     VideoSettings,
     delete_shard,
     manifest_uri,
@@ -187,38 +188,37 @@ def run_ingest_job(items: Iterable[ItemSpec], settings, storage: Storage, output
     `ray.preprocess_resources`). `job_stats`: figures of the job's manifest and of its parts' results added to
     its stats (the 3D job's render figures). `redo`: rebuild OUT from nothing when it was made otherwise."""
     started = time.perf_counter()
-    with RunLock(storage, output):
+    with RunLock(storage, output) as lock:
         record = made_with(kind, settings_record)
         _check_made_with(storage, output, record, redo)
         previous = _committed_parts(storage, output)
         planner = Planner(val_every, items_per_part)
         try:
-            listing = _Counted(items)
-            planner.add(listing)
+            planner.add(_listing_progress(items, progress, description))
+            planner.check_unique()  # before any part is written: a key listed twice stops the job here
             listed_seconds = time.perf_counter() - started
             bits = planner.bits({split: max(found, key=lambda b: len(found[b]))
                                  for split, found in previous.items()})
-            results, failed = _write_parts(planner.parts(bits), bits, previous, settings, storage, output,
-                                           parallelism, progress, description, unit, resources)
+            with _ErrorsWriter(storage, join(output, "errors.parquet")) as errors:
+                results, failed = _write_parts(planner.parts(bits), bits, previous, settings, storage, output,
+                                               parallelism, progress, description, unit, resources, errors, lock)
         finally:
             planner.close()
-        planned = {r.name for r in results} | set(failed)
-        _delete_superseded(storage, output, previous, planned, failed, bits)
+        # The job's manifest first, then what it no longer names: readers of OUT always find every shard the
+        # manifest they read lists, during a rerun and after a kill at any point.
         manifest_rows = _gather_manifest(storage, output, results)
-        errors = [row for r in results for row in r.error_rows]
-        pq.write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), buffer := io.BytesIO())
-        storage.write_bytes(join(output, "errors.parquet"), buffer.getvalue())
+        _delete_superseded(storage, output, previous, results, failed, bits)
         items_done = sum(r.items for r in results)
-        failed_items = sum(failed.values())
+        failed_items = sum(count for count, _ in failed.values())
         # Exactly once, checked: every listed item is in exactly one committed part's record (or in a part that
-        # failed as a whole), and every sample a record counts is in the manifest.
-        if items_done + failed_items != planner.items or any(r.ok + r.permanent + r.transient != r.items
-                                                             for r in results):
+        # failed as a whole), every sample a record counts is in the manifest, and no key is in it twice.
+        if items_done + failed_items != planner.items:
             raise AssertionError(f"ingest lost track of items: {planner.items} listed, {items_done} in committed "
                                  f"parts, {failed_items} in failed parts")
         samples = sum(r.samples for r in results)
-        if manifest_rows["all"] != samples:
-            raise AssertionError(f"ingest manifest holds {manifest_rows['all']} samples, the parts {samples}")
+        if manifest_rows["all"] != samples or manifest_rows["keys"] != samples:
+            raise AssertionError(f"ingest manifest holds {manifest_rows['all']} samples with {manifest_rows['keys']} "
+                                 f"distinct keys, the parts {samples}")
         seconds = time.perf_counter() - started
         made = sum(r.made for r in results)
         stats = {
@@ -232,7 +232,7 @@ def run_ingest_job(items: Iterable[ItemSpec], settings, storage: Storage, output
             "samples": samples,
             "samples_train": manifest_rows.get("train", 0),
             "samples_val": manifest_rows.get("val", 0),
-            "failures": len(errors),
+            "failures": errors.rows,
             "failures_permanent": sum(r.permanent for r in results),
             "failures_transient": sum(r.transient for r in results),
             "retryable": sum(r.retryable for r in results) + failed_items,
@@ -242,7 +242,7 @@ def run_ingest_job(items: Iterable[ItemSpec], settings, storage: Storage, output
             "items_per_second": round(made / seconds, 2) if made else 0.0,
         }
         if failed:
-            stats["failed_parts"] = {name: error for name, error in sorted(failed.items())[:20]}
+            stats["failed_parts"] = {name: error for name, (_, error) in sorted(failed.items())[:20]}
         if job_stats is not None:
             manifest = pq.read_table(io.BytesIO(storage.read_bytes(join(output, "manifest.parquet"))))
             stats.update(job_stats(manifest, results))
@@ -250,41 +250,76 @@ def run_ingest_job(items: Iterable[ItemSpec], settings, storage: Storage, output
     if failed:
         first = next(iter(sorted(failed.items())))
         raise IngestError(f"{len(failed)} of {stats['parts']} parts failed ({failed_items} items not ingested; "
-                          f"first: {first[0]}): rerun to retry them; stats in {join(output, '_stats.json')}")
+                          f"first: {first[0]}: {first[1][1]}): rerun to retry them; stats in "
+                          f"{join(output, '_stats.json')}")
     return stats
 
 
-class _Counted:
-    """The listing as it streams, with a live count (the planner consumes it)."""
+def _listing_progress(items: Iterable[ItemSpec], progress: bool, description: str) -> Iterator[ItemSpec]:
+    """The listing as it streams, with a count and rate on the console (minutes at 10M items)."""
+    bar = tqdm(desc=f"{description}: listing", unit="item", disable=not progress, mininterval=1.0)
+    for item in items:
+        bar.update(1)
+        yield item
+    bar.close()
 
-    def __init__(self, items: Iterable[ItemSpec]):
-        self.items = iter(items)
-        self.count = 0
 
-    def __iter__(self) -> Iterator[ItemSpec]:
-        for item in self.items:
-            self.count += 1
-            yield item
+class _ErrorsWriter:
+    """errors.parquet written as parts finish (a part's failed items at a time): never all rows in memory."""
+
+    def __init__(self, storage: Storage, uri: str):
+        self.target = _LocalParquet(storage, uri)
+        self.rows = 0
+
+    def __enter__(self) -> _ErrorsWriter:
+        self.writer = pq.ParquetWriter(self.target.__enter__(), ERRORS_SCHEMA)
+        return self
+
+    def add(self, rows: list[dict]) -> None:
+        if rows:
+            self.writer.write_table(pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA))
+            self.rows += len(rows)
+
+    def __exit__(self, kind, *rest) -> None:
+        self.writer.close()
+        self.target.__exit__(kind, *rest)
 
 
 def _check_made_with(storage: Storage, output: str, record: dict[str, Any], redo: bool) -> None:
+    """Refuse (one line naming the setting) a run whose settings, layout or kind differ from OUT's; with
+    `redo`, empty OUT first (its manifest before its shards, so no reader sees a manifest of missing shards).
+    Another code or decoder version is allowed and recorded (`history`): refusing every statement change in the
+    ingest code would force a full rebuild for any fix, and the versions that made OUT stay on record."""
     uri = join(output, "_ingest.json")
     if storage.exists(uri):
         before = storage.read_json(uri)
-        differences = _differences(before, record)
+        differences = [d for d in _differences(before, record) if d[0] not in ("code", "decoders")]
         if differences and not redo:
             raise OutputMismatch(f"{output} was made with {differences[0][1]}, this run asks for "
                                  f"{differences[0][2]}: use another output, or redo it (--redo)")
         if differences:
-            for folder in ("parts", "shards", "manifests"):
-                storage.delete_folder(join(output, folder))
+            _empty(storage, output)
+        else:
+            made = {"code": record["code"], "decoders": record["decoders"]}
+            history = [h for h in before.get("history", []) if h != made]
+            if {"code": before.get("code"), "decoders": before.get("decoders")} != made:
+                history.append({"code": before.get("code"), "decoders": before.get("decoders")})
+                print(f"atoken ingest: {output} was made by other code or decoders ({history[-1]}); parts made "
+                      "from now on use these, the others stay as they are (--redo rebuilds all)", flush=True)
+            if history:
+                record = {**record, "history": history}
     elif storage.exists(join(output, "_parts")) or storage.exists(join(output, "manifest.parquet")):
         if not redo:
             raise OutputMismatch(f"{output} holds an ingest of an older layout (no _ingest.json): use another "
                                  "output, or redo it (--redo)")
-        for folder in ("_parts", "shards", "manifests", "parts"):
-            storage.delete_folder(join(output, folder))
+        _empty(storage, output)
     storage.write_json(uri, record)
+
+
+def _empty(storage: Storage, output: str) -> None:
+    storage.delete(join(output, "manifest.parquet"))
+    for folder in ("parts", "_parts", "manifests", "shards"):
+        storage.delete_folder(join(output, folder))
 
 
 def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -297,10 +332,8 @@ def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[tuple[str,
     for name in ("format", "kind", "code"):
         if before.get(name) != now[name]:
             found.append((name, f"{name} {before.get(name)}", f"{name} {now[name]}"))
-    for name in sorted(set(before.get("decoders", {})) | set(now["decoders"])):
-        old, new = before.get("decoders", {}).get(name), now["decoders"].get(name)
-        if old != new:
-            found.append((name, f"{name} {old}", f"{name} {new}"))
+    if before.get("decoders") != now["decoders"]:
+        found.append(("decoders", f"decoders {before.get('decoders')}", f"decoders {now['decoders']}"))
     return found
 
 
@@ -316,24 +349,30 @@ def _committed_parts(storage: Storage, output: str) -> dict[str, dict[int, list[
     return found
 
 
-def _overlapping(previous: dict[str, dict[int, list[str]]], plan: PartPlan) -> list[str]:
-    """This part's own committed name first, then every committed part of its split whose range overlaps."""
-    split, _, _ = parse_part_name(plan.name)
-    low, high = plan.hash_range
+def _overlapping(previous: dict[str, dict[int, set[str]]], plan: PartPlan) -> list[str]:
+    """This part's own committed name first, then every committed part of its split whose hash range overlaps
+    (by index arithmetic: ranges are aligned powers of two, so no scan of all parts)."""
+    split, bits, index = parse_part_name(plan.name)
     names = [plan.name]
     for old_bits, old_names in previous.get(split, {}).items():
-        for name in old_names:
-            old_low, old_high = hash_range(old_bits, parse_part_name(name)[2])
-            if old_low < high and low < old_high and name != plan.name:
-                names.append(name)
+        if old_bits == bits:
+            continue
+        if old_bits > bits:
+            candidates = range(index << (old_bits - bits), (index + 1) << (old_bits - bits))
+        else:
+            candidates = [index >> (bits - old_bits)]
+        names.extend(n for n in (part_name(split, old_bits, i) for i in candidates) if n in old_names)
     return names
 
 
 def _write_parts(plans: Iterator[PartPlan], bits: dict[str, int], previous, settings, storage: Storage,
                  output: str, parallelism: int, progress: bool, description: str, unit: str,
-                 resources: dict[str, float] | None) -> tuple[list[PartResult], dict[str, int]]:
+                 resources: dict[str, float] | None, errors: _ErrorsWriter, lock: RunLock
+                 ) -> tuple[list[PartResult], dict[str, tuple[int, str]]]:
     """Every planned part through `write_part` on Ray, at most 2 x parallelism in flight; the parts' results
-    and, for parts that failed after Ray's retries, name → item count."""
+    (their failed items go to `errors` as they come) and, for parts that failed after Ray's retries,
+    name → (item count, error). If the driver stops (an error, the lock lost), the tasks in flight are cancelled
+    and waited for before the lock is released, so nothing writes into OUT after this driver let go of it."""
     import ray
 
     task = _remote(write_part).options(resources=resources or None)
@@ -341,51 +380,63 @@ def _write_parts(plans: Iterator[PartPlan], bits: dict[str, int], previous, sett
     settings_ref = ray.put(settings)
     total = sum(2 ** b for b in bits.values())
     results: list[PartResult] = []
-    failed: dict[str, int] = {}
+    failed: dict[str, tuple[int, str]] = {}
     in_flight: dict = {}
     window = max(1, parallelism * 2)  # a bounded window: a 10M-item job never materialises every task at once
     bar = tqdm(total=total, desc=description, unit="part", disable=not progress)
     counts = {"items": 0, "errors": 0, "made": 0}
     started = time.perf_counter()
     plans = iter(plans)
-    while True:
-        while len(in_flight) < window:
-            plan = next(plans, None)
-            if plan is None:
+    previous_sets = {split: {b: set(names) for b, names in by_bits.items()} for split, by_bits in previous.items()}
+    try:
+        while True:
+            lock.check()
+            while len(in_flight) < window:
+                plan = next(plans, None)
+                if plan is None:
+                    break
+                ref = task.remote(plan, storage_ref, output, settings_ref, _overlapping(previous_sets, plan))
+                in_flight[ref] = (plan.name, len(plan.items))
+            if not in_flight:
                 break
-            ref = task.remote(plan, storage_ref, output, settings_ref, _overlapping(previous, plan))
-            in_flight[ref] = (plan.name, len(plan.items))
-        if not in_flight:
-            break
-        done, _ = ray.wait(list(in_flight), num_returns=1)
-        name, item_count = in_flight.pop(done[0])
-        try:
-            result = ray.get(done[0])
-        except Exception as exc:  # noqa: BLE001 - a part's failure is recorded; the job goes on
-            cause = getattr(exc, "cause", None) or exc
-            failed[name] = item_count
-            print(f"atoken ingest: part {name} failed: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}",
-                  flush=True)
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            name, item_count = in_flight.pop(done[0])
+            try:
+                result = ray.get(done[0])
+            except Exception as exc:  # noqa: BLE001 - a part's failure is recorded; the job goes on
+                cause = getattr(exc, "cause", None) or exc
+                line = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:300]}"
+                failed[name] = (item_count, line)
+                print(f"atoken ingest: part {name} failed: {line}", flush=True)
+                bar.update(1)
+                continue
+            errors.add(result.error_rows)
+            result.error_rows = []  # written: the driver keeps counts, not rows
+            results.append(result)
+            counts["items"] += result.items
+            counts["errors"] += result.permanent + result.transient
+            counts["made"] += result.made
+            elapsed = max(time.perf_counter() - started, 1e-9)
             bar.update(1)
-            continue
-        results.append(result)
-        counts["items"] += result.items
-        counts["errors"] += result.permanent + result.transient
-        counts["made"] += result.made
-        elapsed = max(time.perf_counter() - started, 1e-9)
-        bar.update(1)
-        bar.set_postfix(items=counts["items"], made=counts["made"], errors=counts["errors"],
-                        rate=f"{counts['made'] / elapsed:.1f} {unit}/s")
-    bar.close()
+            bar.set_postfix(items=counts["items"], made=counts["made"], errors=counts["errors"],
+                            rate=f"{counts['made'] / elapsed:.1f} {unit}/s")
+    finally:
+        if in_flight:
+            for ref in in_flight:
+                ray.cancel(ref, force=True)
+            ray.wait(list(in_flight), num_returns=len(in_flight), timeout=60)
+        bar.close()
     results.sort(key=lambda r: r.name)
     return results, failed
 
 
 def _delete_superseded(storage: Storage, output: str, previous: dict[str, dict[int, list[str]]],
-                       planned: set[str], failed: dict[str, int], bits: dict[str, int]) -> None:
+                       results: list[PartResult], failed: dict[str, tuple[int, str]], bits: dict[str, int]) -> None:
     """Records of another part count, once every new part over their range is committed, then every shard and
-    manifest no record names (what a killed run left): the store holds each sample once."""
+    manifest no record names (those the new ones replaced, and what a killed run left): the store holds each
+    sample once. Runs after manifest.parquet is committed, so no manifest a reader can see names a deleted shard."""
     failed_ranges = [(parse_part_name(n)[0], *hash_range(*parse_part_name(n)[1:])) for n in failed]
+    kept = [name for name in failed if storage.exists(record_uri(output, name))]  # not rewritten this run
     for split, by_bits in previous.items():
         for old_bits, names in by_bits.items():
             if bits.get(split) == old_bits:
@@ -393,12 +444,17 @@ def _delete_superseded(storage: Storage, output: str, previous: dict[str, dict[i
             for name in names:
                 low, high = hash_range(old_bits, parse_part_name(name)[2])
                 if any(s == split and a < high and low < b for s, a, b in failed_ranges):
-                    continue  # its samples may still be reused by the failed part's rerun
+                    kept.append(name)  # its samples may still be reused by the failed part's rerun
+                    continue
                 storage.delete(record_uri(output, name))
-    named = set()
-    for uri, _, _ in storage.iter_objects(join(output, "parts")):
-        if uri.endswith(".parquet"):
-            named.add(PartRecord.read(storage, uri).shard)
+    named = {r.shard for r in results if r.shard}
+    for name in kept:
+        try:
+            named.add(PartRecord.read(storage, record_uri(output, name)).shard)
+        except StorageError as exc:  # unreadable now: which shard it names is unknown, so delete none this run
+            print(f"atoken ingest: kept part {name} unreadable ({exc}); stale shards are left for the next run",
+                  flush=True)
+            return
     for uri, _, _ in itertools.chain(storage.iter_objects(join(output, "shards")),
                                      storage.iter_objects(join(output, "manifests"))):
         shard = uri.rsplit("/", 1)[-1].rsplit(".", 1)[0]
@@ -408,20 +464,39 @@ def _delete_superseded(storage: Storage, output: str, previous: dict[str, dict[i
 
 
 def _gather_manifest(storage: Storage, output: str, results: list[PartResult]) -> dict[str, int]:
-    """manifest.parquet from the shards' manifests, one at a time (bounded memory); sample counts by split."""
+    """manifest.parquet from the shards' manifests, fetched 8 at a time and written one at a time, in part
+    order (bounded memory); sample counts by split, and the number of distinct sample keys (from 64-bit hashes:
+    8 bytes a sample, not the keys themselves)."""
+    import numpy as np
+
     counts = {"all": 0}
-    with _LocalParquet(storage, join(output, "manifest.parquet")) as path:
-        with pq.ParquetWriter(path, MANIFEST_SCHEMA) as writer:
-            for result in results:
-                if not result.shard:
-                    continue
-                table = pq.read_table(io.BytesIO(storage.read_bytes(manifest_uri(output, result.shard))))
-                table = table.cast(MANIFEST_SCHEMA)
-                writer.write_table(table)
-                counts["all"] += table.num_rows
-                for entry in table.column("split").value_counts().to_pylist():
-                    counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
+    key_hashes: list[np.ndarray] = []
+    shards = [r.shard for r in results if r.shard]
+    with _LocalParquet(storage, join(output, "manifest.parquet")) as path, \
+            pq.ParquetWriter(path, MANIFEST_SCHEMA) as writer, ThreadPoolExecutor(8) as pool:
+        for data in _ordered(pool, lambda shard: storage.read_bytes(manifest_uri(output, shard)), shards, 16):
+            table = pq.read_table(io.BytesIO(data)).cast(MANIFEST_SCHEMA)
+            writer.write_table(table)
+            counts["all"] += table.num_rows
+            for entry in table.column("split").value_counts().to_pylist():
+                counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
+            key_hashes.append(np.fromiter((hash(k) for k in table.column("key").to_pylist()), np.int64,
+                                          table.num_rows))
+    every = np.concatenate(key_hashes) if key_hashes else np.zeros(0, np.int64)
+    counts["keys"] = int(len(np.unique(every)))
     return counts
+
+
+def _ordered(pool: ThreadPoolExecutor, function, values: list, ahead: int) -> Iterator:
+    """function(value) for each value, in order, at most `ahead` running or waiting to be consumed (unlike
+    Executor.map, which runs them all and holds every result)."""
+    pending: deque = deque()
+    for value in values:
+        pending.append(pool.submit(function, value))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 class _LocalParquet:
@@ -446,9 +521,12 @@ class _LocalParquet:
 
 
 class RunLock:
-    """One driver per output: `_lock` is created with a conditional write (S3 If-None-Match, O_EXCL locally)
-    and refreshed every 30 s. A lock left by a driver that died is taken over: at once on the same host
-    when its process is gone, from anywhere once its heartbeat is older than `stale_seconds`."""
+    """One driver per output: `_lock` is created with a conditional write (S3 If-None-Match, an atomic link
+    locally) and refreshed every 30 s while it is still this driver's. A lock left by a driver that died is taken
+    over: at once on the same host when its process is gone, from anywhere once its heartbeat is older than
+    `stale_seconds` (or when it cannot be read at all). A driver that finds its lock taken stops (`check`), and
+    deletes only a lock that is still its own. Two drivers taking over one stale lock in the same instant can
+    still race (no compare-and-delete on S3): the heartbeat's ownership check then stops one of them."""
 
     def __init__(self, storage: Storage, output: str, stale_seconds: float = 300.0, heartbeat_seconds: float = 30.0):
         self.storage = storage
@@ -456,19 +534,31 @@ class RunLock:
         self.stale_seconds = stale_seconds
         self.heartbeat_seconds = heartbeat_seconds
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self.lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _body(self) -> bytes:
         return json.dumps({**self.owner, "heartbeat": time.time()}).encode()
 
+    def _holder(self) -> dict | None:
+        """The lock's content; {} when it is there but unreadable; None when it is gone."""
+        try:
+            return json.loads(self.storage.read_bytes(self.uri))
+        except StorageError:
+            return None if not self.storage.exists(self.uri) else {}
+        except ValueError:
+            return {}  # empty or cut: a driver killed between creating and writing it
+
+    def _ours(self, holder: dict | None) -> bool:
+        return bool(holder) and all(holder.get(k) == v for k, v in self.owner.items())
+
     def __enter__(self) -> RunLock:
         for _ in range(3):
             if self.storage.create_exclusive(self.uri, self._body()):
                 break
-            try:
-                holder = self.storage.read_json(self.uri)
-            except StorageError:
+            holder = self._holder()
+            if holder is None:
                 continue  # released between the two calls
             if not self._stale(holder):
                 raise StorageError(f"{self.uri.rsplit('/_lock', 1)[0]} is being written by another ingest "
@@ -483,30 +573,41 @@ class RunLock:
         return self
 
     def _stale(self, holder: dict) -> bool:
-        if all(holder.get(k) == v for k, v in self.owner.items()):
-            # Our own lock: a conditional PUT whose answer was lost and was retried (412 on the retry).
+        if self._ours(holder):
+            return True  # our own: a conditional PUT whose answer was lost and was retried (412 on the retry)
+        if not holder:
             return True
         if holder.get("host") == self.owner["host"] and holder.get("pid") != self.owner["pid"]:
             try:
                 os.kill(int(holder.get("pid", 0)), 0)
             except ProcessLookupError:
                 return True
-            except (PermissionError, ValueError):
+            except (PermissionError, ValueError, TypeError):
                 pass
         return time.time() - float(holder.get("heartbeat", 0)) > self.stale_seconds
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):
             try:
+                holder = self._holder()
+                if holder and not self._ours(holder):
+                    self.lost = f"host {holder.get('host')}, pid {holder.get('pid')}"
+                    return
                 self.storage.write_bytes(self.uri, self._body())
             except StorageError:
                 pass  # the next beat tries again; a lock this stale is taken over only after stale_seconds
+
+    def check(self) -> None:
+        """Raise if another driver has taken this output over (this one was silent past stale_seconds)."""
+        if self.lost:
+            raise StorageError(f"{self.uri}: taken over by another ingest ({self.lost}); this driver stops")
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.storage.delete(self.uri)
+        if self._ours(self._holder()):
+            self.storage.delete(self.uri)
 
 
 @functools.cache
@@ -516,4 +617,4 @@ def _remote(function):
     import ray
 
     return ray.remote(num_cpus=1, max_retries=2,
-                      retry_exceptions=[StorageError, OSError, TransientError, ConnectionError])(function)
+                      retry_exceptions=[StorageError, OSError, ConnectionError])(function)

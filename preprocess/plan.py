@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from atoken.preprocess.sources import ItemSpec
 
 SPLITS = ("train", "val")
+CURSOR_ROWS = 8192  # rows of a spill chunk the merge holds at a time
 HASH_BITS = 63  # hashes are non-negative int64 (parquet statistics and numpy both compare them natively)
 SPILL_SCHEMA = pa.schema([
     ("split", pa.int8()), ("hash", pa.int64()), ("key", pa.string()), ("source", pa.string()),
@@ -105,7 +106,7 @@ class Planner:
     val_every: int
     items_per_part: int
     spill_folder: Path | None = None
-    chunk_items: int = 262_144  # ~80 MB of Python objects at the peak, then written out sorted
+    chunk_items: int = 131_072  # ~50 MB of Python objects at the peak, then written out sorted
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
     _rows: list[tuple] = field(default_factory=list)
     _chunks: list[Path] = field(default_factory=list)
@@ -150,6 +151,31 @@ class Planner:
                                          f"{second.source}): a source listed twice, or two list rows with one key")
                 yield PartPlan(part_name(split, bits[split], index), split, items)
 
+    def check_unique(self) -> None:
+        """Refuse a key listed twice, in any split, before any part is written (two list files with one key,
+        one of them pinned to val, would otherwise land both). One pass over the hashes: 8 bytes an item."""
+        self._spill()
+        if not self._chunks:
+            return
+        import pyarrow.compute as pc
+
+        hashes = np.concatenate([pq.read_table(path, columns=["hash"]).column("hash").to_numpy()
+                                 for path in self._chunks])
+        hashes.sort()
+        repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+        if not len(repeated):
+            return
+        seen: dict[str, str] = {}
+        wanted = pa.array(repeated, pa.int64())
+        for path in self._chunks:
+            table = pq.read_table(path, columns=["hash", "key", "source"])
+            rows = table.filter(pc.is_in(table.column("hash"), value_set=wanted))
+            for key, source in zip(rows.column("key").to_pylist(), rows.column("source").to_pylist(), strict=True):
+                if key in seen:
+                    raise ValueError(f"ingest.sources: item key {key!r} is listed twice ({seen[key]}, {source}): a "
+                                     "source listed twice, or two list rows (files) with one key")
+                seen[key] = source
+
     def _spill(self) -> None:
         if not self._rows:
             return
@@ -162,7 +188,8 @@ class Planner:
         table = pa.Table.from_arrays(arrays, schema=SPILL_SCHEMA)
         table = table.sort_by([("split", "ascending"), ("hash", "ascending"), ("key", "ascending")])
         path = self.spill_folder / f"chunk-{len(self._chunks):06d}.parquet"
-        pq.write_table(table, path, row_group_size=65_536)
+        # Small row groups: the merge holds one row group of every chunk at a time (77 chunks at 10M items).
+        pq.write_table(table, path, row_group_size=CURSOR_ROWS)
         self._chunks.append(path)
 
     def close(self) -> None:
@@ -177,7 +204,7 @@ class _ChunkCursor:
     COLUMNS = ("hash", "key", "source", "locator", "caption", "fingerprint")
 
     def __init__(self, path: Path):
-        self.batches = pq.ParquetFile(path).iter_batches(batch_size=65_536)
+        self.batches = pq.ParquetFile(path).iter_batches(batch_size=CURSOR_ROWS)
         self.batch: pa.RecordBatch | None = None
         self.ranks = self.hashes = np.zeros(0, np.int64)
         self.offset = 0

@@ -40,7 +40,7 @@ class ItemSpec:
     source: str  # which source listed it
     locator: str  # how a worker gets the bytes: a file path, "fashion-mnist:<split>:<index>" or "photo-crop:..."
     caption: str = ""
-    # "train" or "val" when its source's config pins the split (`split:`); "" splits by position (val_every).
+    # "train" or "val" when its source's config pins the split (`split:`); "" splits by key hash (val_every).
     # Only the driver's planning reads it: plans travel to workers without it (plan.PartPlan.__reduce__).
     split: str = ""
     # What says the source's bytes changed: "size:mtime_ns" of a file, an object's ETag, a list row's own
@@ -207,7 +207,13 @@ def list_folder(path: str, limit: int | None = None, suffixes: tuple[str, ...] =
 
 def _walk_folder(root: Path, source_path: str, suffixes: tuple[str, ...]) -> Iterator[ItemSpec]:
     source = f"folder:{source_path}"
-    for folder, folders, files in os.walk(root):
+
+    def unreadable(error: OSError) -> None:
+        # A folder that cannot be listed (an NFS hiccup, EIO) must stop the job: skipping it would read as its
+        # files having been deleted, and their samples would be removed from OUT.
+        raise SourceError(f"folder source {source_path}: cannot list {error.filename}: {error.strerror or error}")
+
+    for folder, folders, files in os.walk(root, onerror=unreadable):
         folders.sort()
         for name in sorted(files):
             if not name.lower().endswith(suffixes):
@@ -215,7 +221,7 @@ def _walk_folder(root: Path, source_path: str, suffixes: tuple[str, ...]) -> Ite
             file = Path(folder) / name
             try:
                 stat = file.stat()
-            except OSError:
+            except FileNotFoundError:
                 continue  # gone between the listing and now: it is not in this listing
             relative = file.relative_to(root).as_posix()
             yield ItemSpec(key=_file_key(source_path, relative, file.stem), source=source, locator=str(file),
@@ -289,6 +295,7 @@ def list_file(path: str, storage, limit: int | None = None) -> Iterator[ItemSpec
     except Exception as exc:  # noqa: BLE001 - a missing list file is a missing data set: one line
         raise SourceError(f"list source {path}: {exc}") from exc
     if suffix == ".parquet":
+        # A batch at a time; a writer's row group (up to 1M rows by pyarrow's default) is decoded whole.
         batches = pq.ParquetFile(local.path).iter_batches(batch_size=65_536)
     elif suffix == ".csv":
         batches = pa_csv.open_csv(local.path)

@@ -72,13 +72,10 @@ RECORD_SCHEMA = pa.schema([
     ("status", pa.string()),  # ok | permanent | transient
     ("stage", pa.string()), ("error", pa.string()), ("attempts", pa.int32()),
     ("first_sample", pa.int32()), ("samples", pa.int32()), ("begin", pa.int64()), ("end", pa.int64()),
+    ("limits", pa.string()),  # the per-item limits a failure happened under: raised limits retry it
 ])
 MAX_ATTEMPTS = 3  # runs that try a transiently failing item
 ITEM_TRIES = 3  # tries of a transient failure within one run, with backoff (0.5 s, 1 s)
-
-
-class TransientError(RuntimeError):
-    """A failure that may pass (storage, network, a timeout): retried with backoff, then on the next run."""
 
 
 def failure_kind(exc: BaseException) -> str:
@@ -97,6 +94,11 @@ def failure_kind(exc: BaseException) -> str:
             return "transient" if cause.code in (408, 425, 429) or cause.code >= 500 else "permanent"
         cause = cause.__cause__ or cause.__context__
     return "transient"
+
+
+def item_limits(settings) -> str:
+    """The per-item limits of a job's settings, as recorded with a failure."""
+    return json.dumps({"max_item_bytes": getattr(settings, "max_item_bytes", None)})
 
 
 def item_identity(item: ItemSpec, split: str) -> str:
@@ -193,6 +195,11 @@ class PartRecord:
         return PartRecord(table.cast(RECORD_SCHEMA), meta.get(b"shard", b"").decode(),
                           meta.get(b"planned", b"").decode())
 
+    def failed_under_other(self, limits: str) -> bool:
+        """Whether an item failed under other per-item limits than `limits` (then it is tried again)."""
+        rows = self.table.select(["status", "limits"]).to_pylist()
+        return any(r["status"] != "ok" and r["limits"] != limits for r in rows)
+
     def retryable(self) -> int:
         rows = self.table.select(["status", "attempts"]).to_pylist()
         return sum(r["status"] == "transient" and r["attempts"] < MAX_ATTEMPTS for r in rows)
@@ -217,14 +224,21 @@ def write_part(plan: PartPlan, storage: Storage, output: str, settings, previous
     records = {name: PartRecord.read(storage, record_uri(output, name)) for name in dict.fromkeys(previous)
                if storage.exists(record_uri(output, name))}
     own = records.get(plan.name)
-    if own is not None and own.planned == digest and own.retryable() == 0 \
+    limits = item_limits(settings)
+    if own is not None and own.planned == digest and own.retryable() == 0 and not own.failed_under_other(limits) \
             and (not own.shard or storage.exists(shard_uri(output, own.shard))):
         return _result_of(plan.name, own, time.perf_counter() - started, skipped=True)
 
     reusable: dict[str, _Reusable] = {}
     failed_before: dict[str, dict] = {}  # identity → its last failure
     for record in records.values():
+        # A record whose shard is gone (a lifecycle rule, an operator, a partial restore) has nothing to reuse:
+        # its items are made again rather than failing the part on every run.
+        has_shard = bool(record.shard) and storage.exists(shard_uri(output, record.shard)) \
+            and storage.exists(manifest_uri(output, record.shard))
         for row in record.table.to_pylist():
+            if row["status"] == "ok" and not has_shard:
+                continue
             if row["status"] == "ok":
                 reusable[row["identity"]] = _Reusable(record.shard, row["begin"], row["end"], row["first_sample"],
                                                       row["samples"])
@@ -233,7 +247,7 @@ def write_part(plan: PartPlan, storage: Storage, output: str, settings, previous
     staging = _staging_folder(storage, output)
     try:
         tar_path = staging / f"{plan.name}.tar"
-        builder = _ShardBuilder(tar_path, storage, output, plan.split)
+        builder = _ShardBuilder(tar_path, storage, output, plan.split, limits)
         with TarSink(tar_path) as sink:
             builder.sink = sink
             for item, identity in zip(plan.items, identities, strict=True):
@@ -241,14 +255,18 @@ def write_part(plan: PartPlan, storage: Storage, output: str, settings, previous
                     builder.reuse(item, identity, reusable[identity])
                     continue
                 before = failed_before.get(identity)
-                if before is not None and (before["status"] == "permanent" or before["attempts"] >= MAX_ATTEMPTS):
+                if before is not None and before["limits"] == limits \
+                        and (before["status"] == "permanent" or before["attempts"] >= MAX_ATTEMPTS):
                     builder.rows.append({**before, "key": item.key})  # settled: recorded once, not tried again
                     continue
+                if before is not None and before["limits"] != limits:
+                    before = None  # failed under other limits (a raised max_item_mb): a fresh try
                 builder.make(item, identity, settings, attempt=before["attempts"] + 1 if before else 1)
             builder.flush()
         rows = builder.rows
-        held = [r["identity"] for r in rows if r["status"] == "ok" and r["samples"]]
-        shard = f"{plan.name}-{hashlib.sha256(chr(10).join(held).encode()).hexdigest()[:8]}" if held else ""
+        held = "\n".join(r["identity"] for r in rows if r["status"] == "ok" and r["samples"])
+        # Named by what it holds (64 bits: no two contents of one part share a name).
+        shard = f"{plan.name}-{hashlib.sha256(held.encode()).hexdigest()[:16]}" if held else ""
         if shard:
             _verify_tar(tar_path, [m["key"] for m in builder.manifest], sum(m["bytes"] for m in builder.manifest))
             if own is None or own.shard != shard or not storage.exists(shard_uri(output, shard)):
@@ -261,8 +279,8 @@ def write_part(plan: PartPlan, storage: Storage, output: str, settings, previous
     record_table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA).replace_schema_metadata(
         {"shard": shard, "planned": digest})
     storage.write_bytes(record_uri(output, plan.name), _parquet_table(record_table))  # the commit
-    if own is not None and own.shard and own.shard != shard:
-        delete_shard(storage, output, own.shard)
+    # The shard it replaces is deleted by the job once its new manifest.parquet is committed, not here: until
+    # then the job's previous manifest still names it, and readers of OUT keep working during a rerun.
     result = _result_of(plan.name, PartRecord(record_table, shard, digest), time.perf_counter() - started)
     result.reused = builder.reused
     result.made = builder.made
@@ -293,8 +311,9 @@ def _result_of(name: str, record: PartRecord, seconds: float, skipped: bool = Fa
 class _ShardBuilder:
     """Writes one part's tar in plan order: reused samples as coalesced byte-range copies, the others made."""
 
-    def __init__(self, tar_path, storage: Storage, output: str, split: str):
+    def __init__(self, tar_path, storage: Storage, output: str, split: str, limits: str):
         self.tar_path = tar_path
+        self.limits = limits
         self.storage = storage
         self.output = output
         self.split = split
@@ -339,8 +358,9 @@ class _ShardBuilder:
             stage = "decode"
             samples = settings.process(data, item)
         except Exception as exc:  # noqa: BLE001 - any failure of one item is recorded, never the job's
-            self.rows.append(_record_row(item, identity, failure_kind(exc), getattr(exc, "stage", stage),
-                                         f"{type(exc).__name__}: {exc}"[:500], attempt, None, 0, None, None))
+            self.rows.append({**_record_row(item, identity, failure_kind(exc), getattr(exc, "stage", stage),
+                                            f"{type(exc).__name__}: {exc}"[:500], attempt, None, 0, None, None),
+                              "limits": self.limits})
             return
         finally:
             if isinstance(data, Path) and data.parent == self.tar_path.parent:
@@ -376,7 +396,7 @@ def _record_row(item: ItemSpec, identity: str, status: str, stage: str | None, e
                 first_sample: int | None, samples: int, begin: int | None, end: int | None) -> dict:
     return {"key": item.key, "source": item.source, "locator": item.locator, "identity": identity,
             "status": status, "stage": stage, "error": error, "attempts": attempts, "first_sample": first_sample,
-            "samples": samples, "begin": begin, "end": end}
+            "samples": samples, "begin": begin, "end": end, "limits": None}
 
 
 def _staging_folder(storage: Storage, output: str):
@@ -538,16 +558,6 @@ def _verify_tar(path, expected_keys: list[str], expected_media_bytes: int) -> No
     if keys != expected_keys or media_bytes != expected_media_bytes:
         raise RuntimeError(f"shard {path.name} failed verification: {len(keys)} of {len(expected_keys)} samples, "
                            f"{media_bytes} of {expected_media_bytes} media bytes")
-
-
-def _read_manifest(storage: Storage, uri: str) -> pa.Table:
-    # Parquet names a list's item "element" where pyarrow says "item": cast back, so a manifest read from
-    # storage equals (and writes the same bytes as) one made in memory.
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri))).cast(MANIFEST_SCHEMA)
-
-
-def _parquet(rows: list[dict], schema: pa.Schema) -> bytes:
-    return _parquet_table(pa.Table.from_pylist(rows, schema=schema))
 
 
 def _parquet_table(table: pa.Table) -> bytes:

@@ -17,6 +17,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -364,3 +365,110 @@ def test_the_run_lock_refuses_a_second_driver_and_takes_over_a_dead_ones(tmp_pat
     with pytest.raises(StorageError, match="another ingest"):  # another host, alive: refused
         with RunLock(storage, output):
             pass
+
+
+def test_a_kill_before_the_new_manifest_leaves_the_previous_one_whole(local_ray, tmp_path, monkeypatch):
+    from atoken.preprocess import job
+
+    folder = image_folder(tmp_path / "in", 24)
+    section, output = section_for(folder), tmp_path / "out"
+    run_image_job(section, Storage(), str(output), progress=False)
+    (folder / "img004.png").write_bytes(read_item_bytes(list_fashion_mnist(30)[29].locator))
+    (folder / "img009.png").unlink()
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed after the parts, before the manifest")
+
+    monkeypatch.setattr(job, "_gather_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_image_job(section, Storage(), str(output), progress=False)
+    # Every shard the manifest a reader sees lists is still there (the replaced ones are deleted only after
+    # the next manifest is committed).
+    assert all((output / "shards" / f"{row['shard']}.tar").is_file() for row in manifest(output))
+    monkeypatch.undo()
+    run_image_job(section, Storage(), str(output), progress=False)
+    assert_exactly_once(output, section, set())
+
+
+def test_a_folder_that_cannot_be_listed_stops_the_job_instead_of_deleting_its_samples(local_ray, tmp_path,
+                                                                                      monkeypatch):
+    from atoken.preprocess import sources
+    from atoken.preprocess.sources import SourceError
+
+    folder = image_folder(tmp_path / "in", 12)
+    section, output = section_for(folder), tmp_path / "out"
+    run_image_job(section, Storage(), str(output), progress=False)
+    before = shard_files(output)
+    real_walk = sources.os.walk
+
+    def flaky_walk(top, onerror=None, **kwargs):
+        if str(top) == str(folder):  # the source only, not the output
+            onerror(OSError(5, "Input/output error", str(top)))
+        yield from real_walk(top, onerror=onerror, **kwargs)
+
+    monkeypatch.setattr(sources.os, "walk", flaky_walk)
+    with pytest.raises(SourceError, match="cannot list .*Input/output error"):
+        run_image_job(section, Storage(), str(output), progress=False)
+    assert shard_files(output) == before and len(manifest(output)) == 12
+
+
+def test_a_shard_deleted_from_out_is_made_again_not_failed_forever(local_ray, tmp_path):
+    folder = image_folder(tmp_path / "in", 16)
+    section, output = section_for(folder), tmp_path / "out"
+    run_image_job(section, Storage(), str(output), progress=False)
+    victim = sorted((output / "shards").glob("train-*.tar"))[0]
+    lost = sum(1 for row in manifest(output) if row["shard"] == victim.stem)
+    victim.unlink()
+
+    stats = run_image_job(section, Storage(), str(output), progress=False)
+
+    assert stats["parts_failed"] == 0 and stats["items_made"] == lost
+    assert_exactly_once(output, section, set())
+
+
+def test_a_key_listed_in_two_sources_is_refused_before_any_part_is_written(local_ray, tmp_path):
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(read_item_bytes(list_fashion_mnist(1)[0].locator))
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.csv").write_text("path,key\n" + "".join(f"{photo},k{i}\n" for i in range(4)))
+    section = IngestSection(sources=[SourceSection(kind="list", path=str(tmp_path / "a.csv")),
+                                     SourceSection(kind="list", path=str(tmp_path / "b.csv"), split="val")],
+                            resolution=16)
+    with pytest.raises(ValueError, match=r"item key 'k\d' is listed twice \(list:.*a.csv, list:.*b.csv\)"):
+        run_image_job(section, Storage(), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out" / "parts").exists()
+
+
+def test_raising_the_size_cap_retries_the_items_it_refused(local_ray, tmp_path):
+    from PIL import Image
+
+    folder = image_folder(tmp_path / "in", 4)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 800, 3), dtype=np.uint8)).save(folder / "big.png")
+    assert (folder / "big.png").stat().st_size > 1 << 20
+    output = tmp_path / "out"
+    small = section_for(folder)
+    small.max_item_mb = 1
+    first = run_image_job(small, Storage(), str(output), progress=False)
+    assert first["failures_permanent"] == 1 and first["samples"] == 4
+    again = run_image_job(small, Storage(), str(output), progress=False)
+    assert again["parts_skipped"] == again["parts"], "refused under the same cap: not tried again"
+
+    raised = run_image_job(section_for(folder), Storage(), str(output), progress=False)
+
+    assert raised["items_made"] == 1 and raised["samples"] == 5 and raised["failures"] == 0
+
+
+def test_the_run_lock_is_never_deleted_or_kept_by_a_driver_that_lost_it(tmp_path):
+    storage, output = Storage(), str(tmp_path / "out")
+    uri = str(tmp_path / "out" / "_lock")
+    other = {"host": "elsewhere", "pid": 1, "started": 0.0, "heartbeat": time.time()}
+    with pytest.raises(StorageError, match="taken over by another ingest"):
+        with RunLock(storage, output, heartbeat_seconds=0.05) as lock:
+            storage.write_json(uri, other)  # another driver took it over (this one looked dead)
+            time.sleep(0.3)
+            lock.check()
+    assert storage.read_json(uri)["host"] == "elsewhere", "the other driver's lock is left alone"
+    storage.delete(uri)
+    (tmp_path / "out" / "_lock").write_bytes(b"")  # a driver killed between creating and writing it
+    with RunLock(storage, output):
+        assert storage.read_json(uri)["pid"] == os.getpid()
