@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run every stage of CONFIG that is not already done")
     _config_arguments(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    run.add_argument("--refresh-ingest", action="store_true",
+                     help="list the sources of finished ingest stages again and ingest what changed, in place "
+                          "(a finished stage is otherwise skipped without listing); later stages keep their outputs")
     run.add_argument("--verbose", action="store_true",
                      help="also print Ray's, MLflow's and the workers' own output (always in the run's log file)")
 
@@ -157,7 +160,8 @@ def _run_in(args: argparse.Namespace, config, console) -> int:
     console.say(f"atoken: run {config.run.name!r} → {config.run.root} (log: {args.log_path})")
     started = time.perf_counter()
     # Said before any stage runs: `atoken submit` reads this line from a cluster job's logs.
-    result = run_pipeline(config, progress=not args.no_progress, on_parent_run=lambda run_id, uri: console.say(
+    result = run_pipeline(config, progress=not args.no_progress, refresh_ingest=args.refresh_ingest,
+                          on_parent_run=lambda run_id, uri: console.say(
         f"atoken: MLflow parent run {run_id} at {_redacted(uri)}"))
     from atoken.pipeline.console import key_figures
 

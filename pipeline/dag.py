@@ -178,8 +178,10 @@ class Pipeline:
         return rows
 
     def run(self, tracker: Tracker, parent_run_id: str, progress: bool,
-            before_first_run: Callable[[], None] = lambda: None, console=None) -> list[StageOutcome]:
-        """`console` (pipeline.console.Console): told when each stage starts, is skipped, ends or fails."""
+            before_first_run: Callable[[], None] = lambda: None, console=None,
+            refresh: set[str] = frozenset()) -> list[StageOutcome]:
+        """`console` (pipeline.console.Console): told when each stage starts, is skipped, ends or fails.
+        `refresh`: stages run again in place even when done (an ingest listing its sources again)."""
         outcomes: list[StageOutcome] = []
         finished: dict[str, StageState] = {}
         started_work = False
@@ -188,7 +190,7 @@ class Pipeline:
             # A done stage whose summary counts retryable work (an ingest's transient failures) runs again, in
             # its folder: it redoes only that work (preprocess/job.py), then reads as done.
             if state and state.fingerprint == fp and state.status == "done" \
-                    and not state.summary.get("retryable") \
+                    and not state.summary.get("retryable") and stage.name not in refresh \
                     and self.storage.exists(join(state.output, "_SUCCESS.json")):
                 finished[stage.name] = state
                 outcomes.append(StageOutcome(stage.name, "skipped", time.perf_counter() - started, state))

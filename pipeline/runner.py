@@ -84,7 +84,7 @@ def ray_connection(config: PipelineConfig) -> Iterator[Callable[[], None]]:
 
 
 def run_pipeline(config: PipelineConfig, progress: bool = True,
-                 on_parent_run: Callable[[str, str], None] | None = None) -> RunResult:
+                 on_parent_run: Callable[[str, str], None] | None = None, refresh_ingest: bool = False) -> RunResult:
     """`on_parent_run(run_id, tracking_uri)` is called once the MLflow parent run exists, before any stage.
     Under an open `pipeline.console.Console` each stage says when it starts and ends there."""
     from atoken.pipeline import console
@@ -106,5 +106,6 @@ def run_pipeline(config: PipelineConfig, progress: bool = True,
         on_parent_run(parent_id, tracking_uri)
 
     with tracker.finishing(parent_id), ray_connection(config) as connect_ray:
-        outcomes = pipeline.run(tracker, parent_id, progress, connect_ray, console=console.active())
+        refresh = {s.name for s in pipeline.stages if s.name.startswith("ingest")} if refresh_ingest else set()
+        outcomes = pipeline.run(tracker, parent_id, progress, connect_ray, console=console.active(), refresh=refresh)
     return RunResult(outcomes, parent_id, tracking_uri)

@@ -154,7 +154,7 @@ def preflight_3d(config: PipelineConfig) -> None:
     from atoken.preprocess.objects import list_3d_source
 
     for source in config.objects.sources:
-        if not list_3d_source(source, config.objects.limit):
+        if not list_3d_source(source, 1):  # its first asset: a preflight does not list 800k assets
             raise ValueError(f"objects.sources: {source} lists no assets")
 
 

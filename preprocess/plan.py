@@ -204,7 +204,11 @@ class _ChunkCursor:
     COLUMNS = ("hash", "key", "source", "locator", "caption", "fingerprint")
 
     def __init__(self, path: Path):
-        self.batches = pq.ParquetFile(path).iter_batches(batch_size=CURSOR_ROWS)
+        # One row group at a time, read by hand: iter_batches reads ahead (measured: ~10 MB a cursor held at
+        # 3M items, 220 MB over 23 chunks), which at 77 chunks would be most of the driver's memory.
+        file = pq.ParquetFile(path)
+        self.batches = (batch for group in range(file.num_row_groups)
+                        for batch in file.read_row_group(group).to_batches())
         self.batch: pa.RecordBatch | None = None
         self.ranks = self.hashes = np.zeros(0, np.int64)
         self.offset = 0

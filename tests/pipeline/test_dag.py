@@ -280,3 +280,15 @@ def test_a_done_stage_with_retryable_work_runs_again_in_its_folder_until_none_is
     assert second["b"].action == second["c"].action == "skipped"
     recorder.calls.clear()
     assert run(config, recorder, tracker, parent_id)["a"].action == "skipped" and recorder.calls == []
+
+
+def test_refresh_runs_a_done_stage_again_in_place_and_leaves_the_others(setup):
+    config, recorder, tracker, parent_id = setup
+    first = run(config, recorder, tracker, parent_id)
+    recorder.calls.clear()
+
+    outcomes = {o.name: o for o in pipeline_of(config, recorder).run(tracker, parent_id, False, refresh={"a"})}
+
+    assert recorder.calls == ["a"] and outcomes["a"].action == "resumed"
+    assert outcomes["a"].state.output == first["a"].state.output
+    assert outcomes["b"].action == outcomes["c"].action == "skipped"

@@ -355,3 +355,14 @@ def test_shard_layout_matches_the_image_and_video_jobs(tmp_path):
         assert sorted(tar.getnames()) == ["pybullet_bunny.json", "pybullet_bunny.npz"]
     table = pq.read_table(io.BytesIO((output / "manifests" / f"{result.shard}.parquet").read_bytes()))
     assert {"views", "voxels", "flags", "license"} <= set(table.column_names)
+
+
+def test_kept_renders_are_named_by_the_sources_content_so_an_edited_mesh_is_rendered_again():
+    from atoken.preprocess.objects import renders_key
+
+    mesh = ItemSpec("file_duck_0123456789", "folder:/m", "/m/duck.obj", fingerprint="1000:1")
+    edited = ItemSpec("file_duck_0123456789", "folder:/m", "/m/duck.obj", fingerprint="1200:2")
+    assert renders_key(mesh) != renders_key(edited) and renders_key(mesh).startswith(mesh.key + "-")
+    assert renders_key(mesh) == renders_key(ItemSpec(mesh.key, "folder:/m", "/m/duck.obj", fingerprint="1000:1"))
+    builtin = list_pybullet_objects(1)[0]
+    assert renders_key(builtin) == builtin.key, "an installed mesh never changes: its key alone"

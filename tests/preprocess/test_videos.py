@@ -141,31 +141,29 @@ def test_preprocess_videos_cli_on_the_builtin_clips(tmp_path):
     assert len(set(manifest.column("key").to_pylist())) == 8
 
 
-def test_a_video_past_the_spool_size_is_decoded_from_a_file_into_the_same_clips(tmp_path):
-    (tmp_path / "in").mkdir()
+def bikes_part(tmp_path: Path, output: str, **settings):
+    """The bikes video alone in one part, written into tmp_path/output with these VideoSettings."""
+    (tmp_path / "in").mkdir(exist_ok=True)
     (tmp_path / "in" / "bikes.mp4").write_bytes(BIKES)
     items = list(list_folder(str(tmp_path / "in"), suffixes=VIDEO_SUFFIXES))
     clips = ClipSettings(clip_frames=8, fps=4.0, resolution=32, max_clips=2)
-    in_memory = commit_part(PartPlan("train-000000-of-000001", "train", items), Storage(), str(tmp_path / "a"),
-                            VideoSettings(clips, spool_bytes=len(BIKES) + 1))
-    spooled = commit_part(PartPlan("train-000000-of-000001", "train", items), Storage(), str(tmp_path / "b"),
-                          VideoSettings(clips, spool_bytes=1024))
+    return commit_part(PartPlan("train-000000-of-000001", "train", items), Storage(), str(tmp_path / output),
+                       VideoSettings(clips, **settings))
+
+
+def test_a_video_past_the_spool_size_is_decoded_from_a_file_into_the_same_clips(tmp_path):
+    in_memory = bikes_part(tmp_path, "a", spool_bytes=len(BIKES) + 1)
+    spooled = bikes_part(tmp_path, "b", spool_bytes=1024)
     assert in_memory.samples == spooled.samples == 2
     assert (tmp_path / "a" / "shards" / f"{in_memory.shard}.tar").read_bytes() == \
         (tmp_path / "b" / "shards" / f"{spooled.shard}.tar").read_bytes()
 
 
 def test_a_video_over_the_size_cap_or_the_decode_time_limit_fails_with_its_kind(tmp_path):
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "bikes.mp4").write_bytes(BIKES)
-    items = list(list_folder(str(tmp_path / "in"), suffixes=VIDEO_SUFFIXES))
-    clips = ClipSettings(clip_frames=8, fps=4.0, resolution=32, max_clips=2)
-    big = commit_part(PartPlan("train-000000-of-000001", "train", items), Storage(), str(tmp_path / "a"),
-                      VideoSettings(clips, max_item_bytes=len(BIKES) - 1))
+    big = bikes_part(tmp_path, "a", max_item_bytes=len(BIKES) - 1)
     assert big.samples == 0 and "-byte cap (max_item_mb)" in big.error_rows[0]["error"]
     assert (big.error_rows[0]["kind"], big.error_rows[0]["stage"]) == ("permanent", "read")
-    slow = commit_part(PartPlan("train-000000-of-000001", "train", items), Storage(), str(tmp_path / "b"),
-                       VideoSettings(clips, decode_timeout_s=1e-6))
+    slow = bikes_part(tmp_path, "b", decode_timeout_s=1e-6)
     assert slow.samples == 0 and "decoding took longer than" in slow.error_rows[0]["error"]
     assert (slow.error_rows[0]["kind"], slow.error_rows[0]["stage"]) == ("transient", "timeout")
     assert slow.retryable == 1, "a timeout may pass: tried again on the next run"
