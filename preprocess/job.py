@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.metadata
 import io
 import itertools
@@ -204,21 +205,26 @@ def run_ingest_job(items: Iterable[ItemSpec], settings, storage: Storage, output
                                                parallelism, progress, description, unit, resources, errors, lock)
         finally:
             planner.close()
-        # The job's manifest first, then what it no longer names: readers of OUT always find every shard the
-        # manifest they read lists, during a rerun and after a kill at any point.
-        manifest_rows = _gather_manifest(storage, output, results)
-        _delete_superseded(storage, output, previous, results, failed, bits)
         items_done = sum(r.items for r in results)
         failed_items = sum(count for count, _ in failed.values())
         # Exactly once, checked: every listed item is in exactly one committed part's record (or in a part that
-        # failed as a whole), every sample a record counts is in the manifest, and no key is in it twice.
+        # failed as a whole); below, every sample a record counts is in the manifest and no key is in it twice.
         if items_done + failed_items != planner.items:
             raise AssertionError(f"ingest lost track of items: {planner.items} listed, {items_done} in committed "
                                  f"parts, {failed_items} in failed parts")
         samples = sum(r.samples for r in results)
-        if manifest_rows["all"] != samples or manifest_rows["keys"] != samples:
-            raise AssertionError(f"ingest manifest holds {manifest_rows['all']} samples with {manifest_rows['keys']} "
-                                 f"distinct keys, the parts {samples}")
+        if failed:
+            # Some parts did not commit: the previous manifest.parquet stays, with every shard it names (nothing
+            # is deleted), rather than a manifest without the failed parts' samples. The rerun completes it.
+            manifest_rows = {split: sum(r.samples for r in results if r.name.startswith(f"{split}-"))
+                             for split in ("train", "val")}
+        else:
+            # The job's manifest first, then what it no longer names: readers of OUT always find every shard the
+            # manifest they read lists, during a rerun and after a kill at any point.
+            lock.check()
+            manifest_rows = _gather_manifest(storage, output, results, samples)
+            lock.check()
+            _delete_superseded(storage, output, previous, results, failed, bits)
         seconds = time.perf_counter() - started
         made = sum(r.made for r in results)
         stats = {
@@ -243,7 +249,7 @@ def run_ingest_job(items: Iterable[ItemSpec], settings, storage: Storage, output
         }
         if failed:
             stats["failed_parts"] = {name: error for name, (_, error) in sorted(failed.items())[:20]}
-        if job_stats is not None:
+        if job_stats is not None and not failed:
             manifest = pq.read_table(io.BytesIO(storage.read_bytes(join(output, "manifest.parquet"))))
             stats.update(job_stats(manifest, results))
         storage.write_json(join(output, "_stats.json"), stats)
@@ -399,7 +405,9 @@ def _write_parts(plans: Iterator[PartPlan], bits: dict[str, int], previous, sett
                 in_flight[ref] = (plan.name, len(plan.items))
             if not in_flight:
                 break
-            done, _ = ray.wait(list(in_flight), num_returns=1)
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=lock.heartbeat_seconds)
+            if not done:
+                continue  # a long part: check the lock, then wait again
             name, item_count = in_flight.pop(done[0])
             try:
                 result = ray.get(done[0])
@@ -423,8 +431,12 @@ def _write_parts(plans: Iterator[PartPlan], bits: dict[str, int], previous, sett
     finally:
         if in_flight:
             for ref in in_flight:
-                ray.cancel(ref, force=True)
-            ray.wait(list(in_flight), num_returns=len(in_flight), timeout=60)
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001 - the others are still cancelled; the wait says what is left
+                    pass
+            _, running = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=60)
+            lock.abandon = bool(running)
         bar.close()
     results.sort(key=lambda r: r.name)
     return results, failed
@@ -463,7 +475,7 @@ def _delete_superseded(storage: Storage, output: str, previous: dict[str, dict[i
     storage.delete_folder(join(output, "_staging"))
 
 
-def _gather_manifest(storage: Storage, output: str, results: list[PartResult]) -> dict[str, int]:
+def _gather_manifest(storage: Storage, output: str, results: list[PartResult], samples: int) -> dict[str, int]:
     """manifest.parquet from the shards' manifests, fetched 8 at a time and written one at a time, in part
     order (bounded memory); sample counts by split, and the number of distinct sample keys (from 64-bit hashes:
     8 bytes a sample, not the keys themselves)."""
@@ -474,17 +486,39 @@ def _gather_manifest(storage: Storage, output: str, results: list[PartResult]) -
     shards = [r.shard for r in results if r.shard]
     with _LocalParquet(storage, join(output, "manifest.parquet")) as path, \
             pq.ParquetWriter(path, MANIFEST_SCHEMA) as writer, ThreadPoolExecutor(8) as pool:
-        for data in _ordered(pool, lambda shard: storage.read_bytes(manifest_uri(output, shard)), shards, 16):
+        for data in _ordered(pool, lambda shard: _read_retrying(storage, manifest_uri(output, shard)), shards, 16):
             table = pq.read_table(io.BytesIO(data)).cast(MANIFEST_SCHEMA)
             writer.write_table(table)
             counts["all"] += table.num_rows
             for entry in table.column("split").value_counts().to_pylist():
                 counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
-            key_hashes.append(np.fromiter((hash(k) for k in table.column("key").to_pylist()), np.int64,
+            key_hashes.append(np.fromiter((_key_hash(k) for k in table.column("key").to_pylist()), np.int64,
                                           table.num_rows))
-    every = np.concatenate(key_hashes) if key_hashes else np.zeros(0, np.int64)
-    counts["keys"] = int(len(np.unique(every)))
+        every = np.concatenate(key_hashes) if key_hashes else np.zeros(0, np.int64)
+        distinct = int(len(np.unique(every)))
+        # Checked before the upload (the block raises, nothing is committed): every sample the records count is
+        # in it, and no key twice (64-bit blake2b: a false alarm needs ~4e9 samples).
+        if counts["all"] != samples or distinct != samples:
+            raise AssertionError(f"ingest manifest would hold {counts['all']} samples with {distinct} distinct keys, "
+                                 f"the parts' records {samples}: not committed")
     return counts
+
+
+def _read_retrying(storage: Storage, uri: str, attempts: int = 4) -> bytes:
+    """A read the driver cannot do without (a shard's manifest, after every part committed): storage's own
+    retries, then a few more with backoff (1, 2, 4 s) before the job fails for it."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return storage.read_bytes(uri)
+        except StorageError:
+            if attempt == attempts:
+                raise
+            time.sleep(2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little", signed=True)
 
 
 def _ordered(pool: ThreadPoolExecutor, function, values: list, ahead: int) -> Iterator:
@@ -535,6 +569,8 @@ class RunLock:
         self.heartbeat_seconds = heartbeat_seconds
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
         self.lost: str | None = None
+        self.last_beat = time.time()
+        self.abandon = False  # set when tasks may still write after this driver stops: leave the lock to go stale
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -546,9 +582,11 @@ class RunLock:
         try:
             return json.loads(self.storage.read_bytes(self.uri))
         except StorageError:
-            return None if not self.storage.exists(self.uri) else {}
+            if not self.storage.exists(self.uri):
+                return None
+            raise  # there but not readable now (throttled, timed out): not a reason to think its driver dead
         except ValueError:
-            return {}  # empty or cut: a driver killed between creating and writing it
+            return {}  # not ours to parse: an older or foreign lock file
 
     def _ours(self, holder: dict | None) -> bool:
         return bool(holder) and all(holder.get(k) == v for k, v in self.owner.items())
@@ -594,20 +632,32 @@ class RunLock:
                     self.lost = f"host {holder.get('host')}, pid {holder.get('pid')}"
                     return
                 self.storage.write_bytes(self.uri, self._body())
+                self.last_beat = time.time()
             except StorageError:
-                pass  # the next beat tries again; a lock this stale is taken over only after stale_seconds
+                pass  # the next beat tries again; `check` stops the driver if no beat lands for long
 
     def check(self) -> None:
         """Raise if another driver has taken this output over (this one was silent past stale_seconds)."""
         if self.lost:
             raise StorageError(f"{self.uri}: taken over by another ingest ({self.lost}); this driver stops")
+        silent = time.time() - self.last_beat
+        if silent > self.stale_seconds / 2:
+            raise StorageError(f"{self.uri}: no heartbeat has landed for {silent:.0f} s, so another driver may "
+                               "take this output over; this driver stops")
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self._ours(self._holder()):
-            self.storage.delete(self.uri)
+        if self.abandon:
+            print(f"atoken ingest: parts may still be running; {self.uri} is left to go stale", flush=True)
+            return
+        try:
+            if self._ours(self._holder()):
+                self.storage.delete(self.uri)
+        except StorageError as error:
+            print(f"atoken ingest: cannot release {self.uri} ({error}); it goes stale in "
+                  f"{self.stale_seconds:.0f} s", flush=True)
 
 
 @functools.cache

@@ -98,7 +98,8 @@ def failure_kind(exc: BaseException) -> str:
 
 def item_limits(settings) -> str:
     """The per-item limits of a job's settings, as recorded with a failure."""
-    return json.dumps({"max_item_bytes": getattr(settings, "max_item_bytes", None)})
+    return json.dumps({"max_item_bytes": getattr(settings, "max_item_bytes", None),
+                       "decode_timeout_s": getattr(settings, "decode_timeout_s", None)})
 
 
 def item_identity(item: ItemSpec, split: str) -> str:
@@ -192,6 +193,9 @@ class PartRecord:
     def read(storage: Storage, uri: str) -> PartRecord:
         table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
         meta = table.schema.metadata or {}
+        for missing in (f for f in RECORD_SCHEMA if f.name not in table.column_names):
+            table = table.append_column(missing, pa.nulls(table.num_rows, missing.type))  # an older record
+        table = table.select(RECORD_SCHEMA.names)
         return PartRecord(table.cast(RECORD_SCHEMA), meta.get(b"shard", b"").decode(),
                           meta.get(b"planned", b"").decode())
 
@@ -226,7 +230,7 @@ def write_part(plan: PartPlan, storage: Storage, output: str, settings, previous
     own = records.get(plan.name)
     limits = item_limits(settings)
     if own is not None and own.planned == digest and own.retryable() == 0 and not own.failed_under_other(limits) \
-            and (not own.shard or storage.exists(shard_uri(output, own.shard))):
+            and (not own.shard or _shard_present(storage, output, own.shard)):
         return _result_of(plan.name, own, time.perf_counter() - started, skipped=True)
 
     reusable: dict[str, _Reusable] = {}
@@ -234,8 +238,7 @@ def write_part(plan: PartPlan, storage: Storage, output: str, settings, previous
     for record in records.values():
         # A record whose shard is gone (a lifecycle rule, an operator, a partial restore) has nothing to reuse:
         # its items are made again rather than failing the part on every run.
-        has_shard = bool(record.shard) and storage.exists(shard_uri(output, record.shard)) \
-            and storage.exists(manifest_uri(output, record.shard))
+        has_shard = bool(record.shard) and _shard_present(storage, output, record.shard)
         for row in record.table.to_pylist():
             if row["status"] == "ok" and not has_shard:
                 continue
@@ -269,7 +272,12 @@ def write_part(plan: PartPlan, storage: Storage, output: str, settings, previous
         shard = f"{plan.name}-{hashlib.sha256(held.encode()).hexdigest()[:16]}" if held else ""
         if shard:
             _verify_tar(tar_path, [m["key"] for m in builder.manifest], sum(m["bytes"] for m in builder.manifest))
-            if own is None or own.shard != shard or not storage.exists(shard_uri(output, shard)):
+            # The same name as the shard it had and nothing made: the tar is a copy of that shard's bytes, so the
+            # upload is skipped. Anything made (a retried item, a missing manifest) replaces it: making a sample
+            # again need not give the same bytes (another decoder version), and the record's offsets are this tar's.
+            same = own is not None and own.shard == shard and builder.made == 0 \
+                and _shard_present(storage, output, shard)
+            if not same:
                 storage.move_into(tar_path, shard_uri(output, shard))
             manifest = pa.Table.from_pylist([{**m, "shard": shard} for m in builder.manifest],
                                             schema=MANIFEST_SCHEMA)
@@ -286,6 +294,10 @@ def write_part(plan: PartPlan, storage: Storage, output: str, settings, previous
     result.made = builder.made
     result.measured = builder.measured
     return result
+
+
+def _shard_present(storage: Storage, output: str, shard: str) -> bool:
+    return storage.exists(shard_uri(output, shard)) and storage.exists(manifest_uri(output, shard))
 
 
 def delete_shard(storage: Storage, output: str, shard: str) -> None:

@@ -69,7 +69,8 @@ def test_every_scalar_field_of_the_section_is_a_flag_of_the_command(kind, capsys
     where = {"images": "ingest", "videos": "videos", "3d": "objects"}[kind]
     assert f"({where}.resolution; default" in text  # the help names the config field and its dataclass default
     if kind == "images":  # and says what the field's comment in pipeline/config.py says
-        assert "every n-th item (by stable order) goes to the validation split (ingest.val_every; default 10)" in text
+        assert "one item in val_every (by a hash of its key) goes to the validation split (ingest.val_every; " \
+               "default 10)" in text
 
 
 def test_a_field_added_to_the_section_becomes_a_flag_without_touching_the_cli():

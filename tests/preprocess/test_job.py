@@ -313,8 +313,12 @@ def test_a_part_that_fails_is_recorded_the_others_commit_and_a_rerun_completes_i
     victim.mkdir()
     (folder / "img000.png").write_bytes(read_item_bytes(list_fashion_mnist(30)[29].locator))  # another part redone
 
+    before = (output / "manifest.parquet").read_bytes()
     with pytest.raises(IngestError, match=rf"1 of {len(parts)} parts failed .*first: {victim.stem}"):
         run_image_job(section, Storage(), str(output), progress=False)
+    # The previous manifest stays, whole: not one without the failed part's samples, and no shard it names deleted.
+    assert (output / "manifest.parquet").read_bytes() == before
+    assert all((output / "shards" / f"{row['shard']}.tar").is_file() for row in manifest(output))
 
     stats = Storage().read_json(str(output / "_stats.json"))
     assert stats["parts_failed"] == 1 and victim.stem in stats["failed_parts"] and stats["retryable"] > 0
