@@ -33,7 +33,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -274,7 +273,7 @@ class _ErrorsWriter:
     """errors.parquet written as parts finish (a part's failed items at a time): never all rows in memory."""
 
     def __init__(self, storage: Storage, uri: str):
-        self.target = _LocalParquet(storage, uri)
+        self.target = storage.staged_file(uri)
         self.rows = 0
 
     def __enter__(self) -> _ErrorsWriter:
@@ -299,7 +298,7 @@ def _check_made_with(storage: Storage, output: str, record: dict[str, Any], redo
     uri = join(output, "_ingest.json")
     if storage.exists(uri):
         before = storage.read_json(uri)
-        differences = [d for d in _differences(before, record) if d[0] not in ("code", "decoders")]
+        differences = _differences(before, record)
         if differences and not redo:
             raise OutputMismatch(f"{output} was made with {differences[0][1]}, this run asks for "
                                  f"{differences[0][2]}: use another output, or redo it (--redo)")
@@ -329,17 +328,16 @@ def _empty(storage: Storage, output: str) -> None:
 
 
 def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(field, before, now) of every field that differs, settings first, as `name=value` strings."""
+    """(field, before, now) of every setting, the layout or the kind that differs, as `name=value` strings: what
+    makes a rerun refuse (code and decoder versions are recorded, not compared)."""
     found = []
     for name in sorted(set(before.get("settings", {})) | set(now["settings"])):
         old, new = before.get("settings", {}).get(name), now["settings"].get(name)
         if old != new:
             found.append((name, f"{name}={old}", f"{name}={new}"))
-    for name in ("format", "kind", "code"):
+    for name in ("format", "kind"):
         if before.get(name) != now[name]:
             found.append((name, f"{name} {before.get(name)}", f"{name} {now[name]}"))
-    if before.get("decoders") != now["decoders"]:
-        found.append(("decoders", f"decoders {before.get('decoders')}", f"decoders {now['decoders']}"))
     return found
 
 
@@ -484,7 +482,7 @@ def _gather_manifest(storage: Storage, output: str, results: list[PartResult], s
     counts = {"all": 0}
     key_hashes: list[np.ndarray] = []
     shards = [r.shard for r in results if r.shard]
-    with _LocalParquet(storage, join(output, "manifest.parquet")) as path, \
+    with storage.staged_file(join(output, "manifest.parquet")) as path, \
             pq.ParquetWriter(path, MANIFEST_SCHEMA) as writer, ThreadPoolExecutor(8) as pool:
         for data in _ordered(pool, lambda shard: _read_retrying(storage, manifest_uri(output, shard)), shards, 16):
             table = pq.read_table(io.BytesIO(data)).cast(MANIFEST_SCHEMA)
@@ -531,27 +529,6 @@ def _ordered(pool: ThreadPoolExecutor, function, values: list, ahead: int) -> It
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
-
-
-class _LocalParquet:
-    """A local path to write a parquet file at, committed to `uri` when the block ends cleanly."""
-
-    def __init__(self, storage: Storage, uri: str):
-        import tempfile
-
-        self.storage, self.uri = storage, uri
-        self.folder = tempfile.TemporaryDirectory(prefix="atoken-manifest-")
-        self.path = Path(self.folder.name) / "table.parquet"
-
-    def __enter__(self) -> Path:
-        return self.path
-
-    def __exit__(self, kind, *_) -> None:
-        try:
-            if kind is None:
-                self.storage.upload(self.path, self.uri)
-        finally:
-            self.folder.cleanup()
 
 
 class RunLock:

@@ -44,7 +44,7 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from atoken.pipeline.storage import Storage, StorageError, is_s3, join, local_path
+from atoken.pipeline.storage import LocalStaging, Storage, StorageError, is_s3, join, local_path
 from atoken.preprocess.images import ItemError, process_image
 from atoken.preprocess.plan import PartPlan
 from atoken.preprocess.sources import ItemSpec, read_item
@@ -247,8 +247,7 @@ def write_part(plan: PartPlan, storage: Storage, output: str, settings, previous
                                                       row["samples"])
             else:
                 failed_before[row["identity"]] = row
-    staging = _staging_folder(storage, output)
-    try:
+    with LocalStaging(_staging_parent(output)) as staging:
         tar_path = staging / f"{plan.name}.tar"
         builder = _ShardBuilder(tar_path, storage, output, plan.split, limits)
         with TarSink(tar_path) as sink:
@@ -282,8 +281,6 @@ def write_part(plan: PartPlan, storage: Storage, output: str, settings, previous
             manifest = pa.Table.from_pylist([{**m, "shard": shard} for m in builder.manifest],
                                             schema=MANIFEST_SCHEMA)
             storage.write_bytes(manifest_uri(output, shard), _parquet_table(manifest))
-    finally:
-        _remove_folder(staging)
     record_table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA).replace_schema_metadata(
         {"shard": shard, "planned": digest})
     storage.write_bytes(record_uri(output, plan.name), _parquet_table(record_table))  # the commit
@@ -411,22 +408,14 @@ def _record_row(item: ItemSpec, identity: str, status: str, stage: str | None, e
             "samples": samples, "begin": begin, "end": end, "limits": None}
 
 
-def _staging_folder(storage: Storage, output: str):
+def _staging_parent(output: str) -> Path | None:
     """Where a part's tar is written before its commit: beside the output when it is local (the commit is then
-    a rename, not a second copy), a temp folder otherwise."""
-    import tempfile
-
-    parent = None
-    if not is_s3(output):
-        parent = local_path(join(output, "_staging"))
-        parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="part-", dir=parent))
-
-
-def _remove_folder(folder) -> None:
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
+    a rename, not a second copy), the system's temp folder otherwise."""
+    if is_s3(output):
+        return None
+    parent = local_path(join(output, "_staging"))
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent
 
 
 def _manifest_row(sample: ShardSample, meta: dict, split: str) -> dict:
