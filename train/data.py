@@ -75,17 +75,24 @@ def decode_image(sample: dict) -> torch.Tensor:
 
 
 class ShardStream:
+    """One rank's endless sample stream. With at least as many shards as ranks, each rank reads its own shards;
+    with fewer (a small data set, or a split whose hashed parts left some empty), every rank reads every shard
+    and keeps every world_size-th sample of the epoch, so the ranks still see disjoint samples of equal count."""
+
     def __init__(self, shards: list[ShardInfo], storage: Storage, seed: int, rank: int = 0, world_size: int = 1):
-        if len(shards) < world_size:
-            raise ValueError(f"{len(shards)} shards cannot feed {world_size} workers: write smaller shards")
         self.shards = shards
         self.storage = storage
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.split_by_shard = len(shards) >= world_size
+        if not self.split_by_shard and sum(s.samples for s in shards) < world_size:
+            raise ValueError(f"{sum(s.samples for s in shards)} samples cannot feed {world_size} workers")
 
     def _epoch_shards(self, epoch: int) -> list[ShardInfo]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        if not self.split_by_shard:
+            return [self.shards[i] for i in order]
         # Every rank takes the same number of shards so no worker waits on another at an epoch's end.
         per_rank = len(self.shards) // self.world_size
         mine = order[self.rank * per_rank:(self.rank + 1) * per_rank]
@@ -93,27 +100,35 @@ class ShardStream:
 
     def samples(self, position: int = 0) -> Iterator[dict]:
         """Samples from `position` on (0 = the start of epoch 0), forever."""
+        # This rank's k-th sample of an epoch is sample offset + stride * k of the epoch's shards in order.
+        stride, offset = (1, 0) if self.split_by_shard else (self.world_size, self.rank)
         epoch = 0
         while True:
             shards = self._epoch_shards(epoch)
-            epoch_size = sum(s.samples for s in shards)
+            epoch_size = sum(s.samples for s in shards) // stride
             if epoch_size == 0:
                 raise ValueError("the training shards hold no samples")
             if position >= epoch_size:
                 position -= epoch_size
                 epoch += 1
                 continue
+            start, end = offset + stride * position, offset + stride * epoch_size  # this rank's, of the epoch's
+            base = 0  # the epoch index of the shard's first sample
             for index, shard in enumerate(shards):
-                if position >= shard.samples:
-                    position -= shard.samples
+                shard_end = base + shard.samples
+                if shard_end <= start or base >= end:  # finished, or past this rank's share: not read
+                    base = shard_end
                     continue
                 samples = read_shard(self.storage, shard.uri)
                 if len(samples) != shard.samples:
                     raise StorageError(f"{shard.uri}: {len(samples)} samples, the manifest says {shard.samples}")
                 order = np.random.default_rng([self.seed, epoch, index]).permutation(len(samples))
-                for i in order[position:]:
-                    yield samples[i]
-                position = 0
+                first = max(start, base)
+                first += (offset - first) % stride
+                for sample_index in range(first, min(shard_end, end), stride):
+                    yield samples[order[sample_index - base]]
+                base = shard_end
+            position = 0
             epoch += 1
 
     def packed_batches(self, max_tokens: int, position: int = 0, patch: int = 16,

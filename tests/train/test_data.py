@@ -107,9 +107,25 @@ def test_three_ranks_over_seven_shards_cover_six_per_epoch(tmp_path):
     assert [len(rank) for rank in chosen] == [2, 2, 2] and len(set(uris)) == 6
 
 
-def test_fewer_shards_than_ranks_is_refused(shards):
-    with pytest.raises(ValueError, match="3 shards cannot feed 4 workers"):
-        ShardStream(shards, Storage(), seed=0, rank=0, world_size=4)
+def test_fewer_shards_than_ranks_share_samples_disjointly_and_resume_exactly(shards):
+    # 3 shards of 12 samples over 4 ranks: every rank reads every shard and keeps its 3 of each epoch.
+    streams = [ShardStream(shards, Storage(), seed=0, rank=r, world_size=4) for r in range(4)]
+    assert not any(stream.split_by_shard for stream in streams)
+    for epoch in range(3):
+        per_rank = [keys(stream.samples(position=3 * epoch), 3) for stream in streams]
+        seen = [key for rank in per_rank for key in rank]
+        assert len(seen) == len(set(seen)) == 12, f"epoch {epoch}: the ranks overlap or miss samples"
+    # 12 samples over 5 ranks: 2 each an epoch, the last 2 of the epoch's order left out (equal counts).
+    five = [keys(ShardStream(shards, Storage(), seed=0, rank=r, world_size=5).samples(), 2) for r in range(5)]
+    assert len({key for rank in five for key in rank}) == 10
+    full = keys(streams[1].samples(), 9)
+    for position in range(9):
+        assert keys(streams[1].samples(position=position), 9 - position) == full[position:], position
+
+
+def test_fewer_samples_than_ranks_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="3 samples cannot feed 4 workers"):
+        ShardStream(write_shards(tmp_path / "shards", [2, 1]), Storage(), seed=0, rank=0, world_size=4)
 
 
 def test_a_manifest_count_that_disagrees_with_the_shard_raises(shards):
