@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from atoken.evaluate.protocols import ProtocolMismatch, compare_protocols, protocols_from_tags
+from atoken.evaluate.protocols import DESCRIPTIVE_FIELDS, compare_protocols, protocols_from_tags
 from atoken.evaluate.report import markdown_table
 
 KEY_PARAMS = (
@@ -88,30 +88,40 @@ def load_run(client, run_id: str) -> EvalRun:
 
 
 def check_comparable(runs: list[EvalRun]) -> None:
-    """Raise ProtocolMismatch on the first metric that two runs measured under different protocols."""
-    first = runs[0]
-    for key in sorted(first.metrics):
-        for other in runs[1:]:
-            if key not in other.metrics:
-                continue
-            mine, theirs = first.metric_protocols[key], other.metric_protocols[key]
-            if mine != theirs:
-                raise ProtocolMismatch(
-                    f"{key}: measured under protocol {mine!r} in {first.run_id} and {theirs!r} in {other.run_id}"
+    """Raise ProtocolMismatch on the first metric that two runs measured under different protocols: every pair of
+    runs, over every metric either has (a metric one run lacks is shown as missing, and cannot hide a mismatch
+    between two others)."""
+    for key in sorted({k for run in runs for k in run.metrics}):
+        having = [run for run in runs if key in run.metrics]
+        for index, first in enumerate(having):
+            for other in having[index + 1:]:
+                mine, theirs = first.metric_protocols[key], other.metric_protocols[key]
+                compare_protocols(
+                    key,
+                    first.protocols.get(mine, {}),
+                    other.protocols.get(theirs, {}),
+                    (first.run_id[:12], other.run_id[:12]),
                 )
-            compare_protocols(
-                key,
-                first.protocols.get(mine, {}),
-                other.protocols.get(theirs, {}),
-                (first.run_id[:12], other.run_id[:12]),
-            )
+
+
+def descriptive_rows(runs: list[EvalRun]) -> list[list]:
+    """Per metric, the fields that describe without refusing (the latent decoded), where the runs differ."""
+    rows = []
+    for key in sorted({k for run in runs for k in run.metrics}):
+        for name in DESCRIPTIVE_FIELDS:
+            values = [run.protocols.get(run.metric_protocols.get(key, ""), {}).get(name) if key in run.metrics
+                      else None for run in runs]
+            if len({v for v in values if v is not None}) > 1:
+                rows.append([f"{key} ({name})", *values])
+    return rows
 
 
 def side_by_side(runs: list[EvalRun]) -> tuple[list[str], list[list]]:
     header = ["", *[f"{r.name} ({r.run_id[:8]})" for r in runs]]
     rows: list[list] = []
     for key in sorted({k for r in runs for k in r.metrics}):
-        rows.append([key, *[r.metrics.get(key) for r in runs]])
+        rows.append([key, *[r.metrics.get(key, "not measured") for r in runs]])
+    rows += descriptive_rows(runs)
     for key in KEY_PARAMS:
         if any(key in r.params for r in runs):
             rows.append([key, *[r.params.get(key) for r in runs]])
@@ -125,7 +135,8 @@ def compare_report(runs: list[EvalRun]) -> str:
         "# atoken compare",
         "",
         f"Runs: {', '.join(r.run_id for r in runs)}. Every metric shown in more than "
-        "one run was measured under the same protocol (checked field by field).",
+        "one run was measured under the same protocol, on the same data, by the same code (checked field by field "
+        f"for every pair of runs; {', '.join(DESCRIPTIVE_FIELDS)} describe and may differ).",
         "",
         markdown_table(header, rows),
         "",

@@ -1,10 +1,13 @@
 """Every number's protocol, as MLflow tags, and the rule that numbers under different protocols never meet.
 
 A metric's protocol is a flat dict of the fields that change its value: resize and crop, colour range,
-sample and frame counts, the feature network and its file's sha256, the implementation version, and
-whether a stand-in replaced the published network. They are logged as tags `protocol.<metric>.<field>`;
-`compare_protocols` names the first field in which two runs differ, and `atoken compare` refuses to put
-such numbers side by side.
+sample and frame counts, the data it ran on (a hash of the sorted sample keys and their content), the feature
+network and its file's sha256, the whole metric chain's code (every module from decoding the sample to the
+distance, as syntax trees: a comment or docstring edit keeps it, a changed statement does not), the library
+versions, and whether a stand-in replaced the published network. They are logged as tags
+`protocol.<metric>.<field>`; `compare_protocols` names the first field in which two runs differ, and
+`atoken compare` refuses to put such numbers side by side. Fields that only describe (DESCRIPTIVE_FIELDS, e.g.
+which latent the tokenizer decoded) are shown but never refuse.
 """
 
 from __future__ import annotations
@@ -28,17 +31,62 @@ COMMON_FIELDS = (
     "feature_network_sha256",
     "implementation",
     "stand_in",
+    "libraries",
 )
+# Shown beside the numbers but not a reason to refuse them: an FSQ and a continuous tokenizer are compared on
+# the same protocol precisely to see what the latent costs.
+DESCRIPTIVE_FIELDS = ("latent", "note")
+# The libraries whose arithmetic every metric goes through.
+LIBRARIES = ("torch", "numpy", "pillow", "av")
 
 
 class ProtocolMismatch(ValueError):
     """Two numbers of one metric were measured under different protocols; the message names the field."""
 
 
-def implementation_version(module_file: str) -> str:
-    """`atoken <file name>@<sha256[:12] of its source>`: any change to the metric's code changes the version."""
-    path = Path(module_file)
-    return f"atoken {path.stem}@{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+def implementation_version(*module_files: str) -> str:
+    """`atoken <file stems>@<sha256[:12]>` of the metric chain's modules as syntax trees (docstrings and comments
+    dropped): a changed statement in any of them changes the version, a comment or docstring edit does not."""
+    from atoken.pipeline.dag import normalised_code
+
+    digest = hashlib.sha256()
+    for file in module_files:
+        path = Path(file)
+        digest.update(path.name.encode() + b"\0" + normalised_code(path.read_text()).encode())
+    names = "+".join(Path(file).stem for file in module_files)
+    return f"atoken {names}@{digest.hexdigest()[:12]}"
+
+
+def library_versions() -> dict[str, str]:
+    from atoken.preprocess.job import library_versions as versions
+
+    return versions(LIBRARIES)
+
+
+class DataIdentity:
+    """Which samples a number was measured on: a hash over the sorted (key, content hash) pairs, so two runs on
+    different validation sets of one size, or on re-encoded samples under the same keys, differ."""
+
+    def __init__(self):
+        self.pairs: list[tuple[str, str]] = []  # (key, blake2b of the sample's bytes): ~60 bytes a sample
+
+    def add(self, sample: dict) -> None:
+        content = hashlib.blake2b(digest_size=16)
+        for name in sorted(k for k in sample if not k.startswith("__")):
+            value = sample[name]
+            content.update(name.encode() + b"\0" + (value if isinstance(value, bytes) else str(value).encode()))
+        self.pairs.append((sample["__key__"], content.hexdigest()))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def digest(self, count: int | None = None) -> str:
+        """`<n> samples, blake2b:<hex>` of the first `count` samples added (all by default)."""
+        chosen = sorted(self.pairs[:count])
+        digest = hashlib.blake2b(digest_size=16)
+        for key, content in chosen:
+            digest.update(f"{key}\0{content}\n".encode())
+        return f"{len(chosen)} samples, blake2b:{digest.hexdigest()}"
 
 
 def protocol(
@@ -54,7 +102,8 @@ def protocol(
     stand_in: bool | str,
     **details: Any,
 ) -> dict[str, Any]:
-    """A metric's protocol: the common fields (all required, so none is forgotten) and its own details."""
+    """A metric's protocol: the common fields (all required, so none is forgotten), the library versions and its
+    own details (`data`: a DataIdentity digest, where the caller knows the samples)."""
     return {
         "resize": resize,
         "crop": crop,
@@ -65,6 +114,7 @@ def protocol(
         "feature_network_sha256": feature_network_sha256,
         "implementation": implementation,
         "stand_in": stand_in,
+        "libraries": library_versions(),
         **details,
     }
 
@@ -113,10 +163,14 @@ def protocols_from_tags(tags: dict[str, str]) -> tuple[dict[str, dict[str, str]]
     return protocols, metric_protocols
 
 
-def differing_field(first: dict[str, Any], second: dict[str, Any]) -> str | None:
-    """The first field (sorted, dotted) whose value differs or exists on one side only; None if the same."""
+def differing_field(first: dict[str, Any], second: dict[str, Any], ignore: tuple[str, ...] = DESCRIPTIVE_FIELDS
+                    ) -> str | None:
+    """The first field (sorted, dotted) whose value differs or exists on one side only; None if the same.
+    Fields in `ignore` (and their sub-fields) describe and are not compared."""
     a, b = flatten_protocol(first), flatten_protocol(second)
     for field in sorted(set(a) | set(b)):
+        if field.split(".")[0] in ignore:
+            continue
         if a.get(field) != b.get(field):
             return field
     return None

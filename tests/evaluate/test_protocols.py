@@ -84,3 +84,35 @@ def test_dotted_metric_names_round_trip():
     assert set(protocols) == {"psnr", "baseline.psnr"}
     assert protocols["baseline.psnr"]["samples"] == "7" and protocols["psnr"]["samples"] == "103"
     assert differing_field(protocols["baseline.psnr"], example(samples=7)) is None
+
+
+def test_implementation_version_ignores_docstrings_and_comments_but_not_statements(tmp_path):
+    first, second = tmp_path / "fid.py", tmp_path / "frechet.py"
+    first.write_text('"""Doc."""\nA = 1\n')
+    second.write_text("def distance(x):\n    return x.sum()\n")
+    version = implementation_version(str(first), str(second))
+    assert version.startswith("atoken fid+frechet@")
+    first.write_text('"""Another docstring."""\n# a comment\nA = 1\n')
+    assert implementation_version(str(first), str(second)) == version
+    second.write_text("def distance(x):\n    return x.mean()\n")  # a changed convention in the second file
+    assert implementation_version(str(first), str(second)) != version
+
+
+def test_data_identity_follows_keys_and_content_not_order():
+    from atoken.evaluate.protocols import DataIdentity
+
+    def identity(samples):
+        data = DataIdentity()
+        for sample in samples:
+            data.add(sample)
+        return data.digest()
+
+    samples = [{"__key__": "a", "png": b"1"}, {"__key__": "b", "png": b"2"}]
+    assert identity(samples) == identity(samples[::-1]) and identity(samples).startswith("2 samples, blake2b:")
+    assert identity(samples) != identity([samples[0], {"__key__": "c", "png": b"2"}])  # another key
+    assert identity(samples) != identity([samples[0], {"__key__": "b", "png": b"3"}])  # re-encoded content
+
+
+def test_descriptive_fields_are_not_compared():
+    assert differing_field(example(latent="FSQ"), example(latent="posterior mean")) is None
+    assert differing_field(example(latent="FSQ"), example(latent="FSQ", crop="centre")) == "crop"
