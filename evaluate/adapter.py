@@ -29,6 +29,7 @@ class TokenizerAdapter:
     # 3D: (voxels (V, 3) int, features (V, F)) → Gaussians (a dict as GaussianHead returns); None: no 3D head.
     decode_gaussians: Callable[[np.ndarray, np.ndarray], dict[str, torch.Tensor]] | None = None
     latent: str = "posterior mean (no sampling)"  # what `decode` receives: a protocol field of every metric
+    device: str = "cpu"  # where the suite puts media before encode and embed; outputs come back to the CPU
 
     @torch.no_grad()
     def reconstruct(self, media: list[Media]) -> list[Media]:
@@ -49,14 +50,15 @@ def image_model_adapter(model: nn.Module, name: str) -> TokenizerAdapter:
 
     def encode(media: list[Media]) -> tuple[torch.Tensor, list[int]]:
         lengths = [m.shape[0] for m in media]
-        mean, _ = model.encode(torch.cat(media))  # (ΣT, C, h, w)
+        mean, _ = model.encode(torch.cat(media).to(device))  # (ΣT, C, h, w)
         return mean, lengths
 
     def decode(latent: tuple[torch.Tensor, list[int]]) -> list[Media]:
         mean, lengths = latent
-        return list(model.decode(mean).split(lengths))  # each (T, 3, H, W)
+        return list(model.decode(mean).cpu().split(lengths))  # each (T, 3, H, W)
 
-    return TokenizerAdapter(name, encode, decode)
+    device = model_device(model)
+    return TokenizerAdapter(name, encode, decode, device=str(device))
 
 
 def atoken_adapter(model: nn.Module, name: str, quantize: bool = False) -> TokenizerAdapter:
@@ -65,9 +67,10 @@ def atoken_adapter(model: nn.Module, name: str, quantize: bool = False) -> Token
     from atoken.train.model.tokens import pack, patchify_video, split_samples, unpatchify, voxel_tokens
 
     patch, temporal = model.config.patch_size, model.config.temporal_patch
+    device = model_device(model)
 
     def packed(media: list[Media]):
-        return pack([patchify_video(m, patch, temporal) for m in media])
+        return pack([patchify_video(m.cpu(), patch, temporal) for m in media]).to(device)
 
     def encode(media: list[Media]):
         batch = packed(media)
@@ -76,7 +79,8 @@ def atoken_adapter(model: nn.Module, name: str, quantize: bool = False) -> Token
 
     def decode(latent) -> list[Media]:
         batch, mean = latent
-        patches = model.decode(mean, batch)["patches"]  # (N, 3072)
+        patches = model.decode(mean, batch)["patches"].cpu()  # (N, 3072)
+        batch = batch.to("cpu")
         return [
             unpatchify(part, layout, patch, temporal)
             for part, layout in zip(split_samples(patches, batch), batch.layouts, strict=True)
@@ -84,7 +88,7 @@ def atoken_adapter(model: nn.Module, name: str, quantize: bool = False) -> Token
 
     @torch.no_grad()
     def embed(media: list[Media]) -> torch.Tensor:
-        return model.embed(packed(media))  # (S, D)
+        return model.embed(packed(media)).cpu()  # (S, D)
 
     @torch.no_grad()
     def decode_gaussians(voxels: np.ndarray, features: np.ndarray) -> dict[str, torch.Tensor]:
@@ -96,12 +100,17 @@ def atoken_adapter(model: nn.Module, name: str, quantize: bool = False) -> Token
                     model.config.patch_dim,
                 )
             ]
-        )
+        ).to(device)
         mean = model.encode(batch)["mean"]  # (V, C)
-        return model.decode(model.quantize(mean)[0] if quantize else mean, batch)["gaussians"]
+        gaussians = model.decode(model.quantize(mean)[0] if quantize else mean, batch)["gaussians"]
+        return {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in gaussians.items()}
 
     latent = "FSQ-quantized posterior mean" if quantize else "posterior mean (no sampling)"
-    return TokenizerAdapter(name, encode, decode, embed, decode_gaussians, latent)
+    return TokenizerAdapter(name, encode, decode, embed, decode_gaussians, latent, str(device))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def adapter_for_model(model: nn.Module, name: str, quantize: bool = False) -> TokenizerAdapter:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,12 @@ class DataIdentity:
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def subset(self, indices: Iterable[int]) -> DataIdentity:
+        """The identity of the samples at `indices` (in the order added): a metric that scored some of them."""
+        chosen = DataIdentity()
+        chosen.pairs = [self.pairs[i] for i in indices]
+        return chosen
 
     def digest(self, count: int | None = None) -> str:
         """`<n> samples, blake2b:<hex>` of the first `count` samples added (all by default)."""

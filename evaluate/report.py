@@ -1,12 +1,11 @@
 """The evaluation report: Markdown beside PNG images (reconstruction grids, worst-k samples, clip frames),
-numbers of every tokenizer side by side, per-resolution tables and each metric's protocol."""
+numbers of every tokenizer side by side with the sample counts behind them (and a warning where they are too
+few to set beside published tables), per-resolution and per-source tables and every tokenizer's protocols."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from typing import Any
-
-import numpy as np
 
 from atoken.evaluate.suite import SuiteReport
 from atoken.pipeline.tracking import grid_png
@@ -26,16 +25,50 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def per_resolution_rows(report: SuiteReport) -> list[list[Any]]:
-    """(modality, resolution, count, mean of each per-sample metric) for each group of rows."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for row in report.rows:
-        groups[(row["modality"], str(row.get("resolution", "-")))].append(row)
+# The sample counts of the published tables: rFID on ImageNet's 50k validation images (LlamaGen, TiTok, AToken);
+# rFVD on 2048 clips (StyleGAN-V's protocol; TokenBench's whole set is a few hundred clips of 1000 frames).
+PUBLISHED_COUNTS = {"rfid": 50_000, "rfvd": 2048}
+
+
+def group_rows(report: SuiteReport, by: int) -> list[list[Any]]:
+    """(modality, resolution (by=1) or source (by=2), count, mean of each per-sample metric) per group,
+    from the rows' running sums."""
+    groups: dict[tuple[str, str], dict[str, Any]] = defaultdict(lambda: {"count": 0})
+    for key, totals in report.rows.groups.items():
+        into = groups[(key[0], key[by] or "-")]
+        into["count"] += totals["count"]
+        for metric in PER_SAMPLE:
+            if metric in totals:
+                into.setdefault(metric, [0.0, 0])
+                into[metric][0] += totals[metric][0]
+                into[metric][1] += totals[metric][1]
     out = []
-    for (modality, resolution), rows in sorted(groups.items()):
-        means = [float(np.mean([r[m] for r in rows])) if all(m in r for r in rows) else None for m in PER_SAMPLE]
-        out.append([modality, resolution, len(rows), *means])
+    for (modality, name), totals in sorted(groups.items()):
+        means = [totals[m][0] / totals[m][1] if m in totals and totals[m][1] == totals["count"] else None
+                 for m in PER_SAMPLE]
+        out.append([modality, name, totals["count"], *means])
     return out
+
+
+def per_resolution_rows(report: SuiteReport) -> list[list[Any]]:
+    return group_rows(report, 1)
+
+
+def per_source_rows(report: SuiteReport) -> list[list[Any]]:
+    return group_rows(report, 2)
+
+
+def sample_count(report: SuiteReport, key: str) -> str:
+    """The samples behind a summary number, with a warning where a Fréchet distance used too few to stand beside
+    published tables (it is biased upwards at small counts)."""
+    metric = report.metric_protocols.get(key)
+    samples = report.protocols.get(metric, {}).get("samples")
+    if samples is None:
+        return "–"
+    published = PUBLISHED_COUNTS.get(metric or "")
+    if published and int(samples) < published:
+        return f"{samples} (⚠ published tables use {published:,}: not comparable with them)"
+    return str(samples)
 
 
 def images(reports: dict[str, SuiteReport]) -> dict[str, bytes]:
@@ -103,10 +136,11 @@ def render_markdown(
             key,
             next(r.metric_protocols[key] for r in reports.values() if key in r.metric_protocols),
             *[reports[n].summary.get(key) for n in names],
+            *[sample_count(reports[n], key) if key in reports[n].summary else "–" for n in names],
         ]
         for key in keys
     ]
-    lines += [markdown_table(["metric", "protocol", *names], rows), ""]
+    lines += [markdown_table(["metric", "protocol", *names, *[f"samples ({n})" for n in names]], rows), ""]
     lines += baseline_comparison(reports, preset)
     skipped = [[n, metric, why] for n in names for metric, why in sorted(reports[n].skipped.items())]
     if skipped:
@@ -117,6 +151,14 @@ def render_markdown(
             f"### {name}",
             "",
             markdown_table(["modality", "resolution", "samples", *PER_SAMPLE], per_resolution_rows(reports[name])),
+            "",
+        ]
+    lines += ["## Per source", ""]
+    for name in names:
+        lines += [
+            f"### {name}",
+            "",
+            markdown_table(["modality", "source", "samples", *PER_SAMPLE], per_source_rows(reports[name])),
             "",
         ]
     lines += ["## Images", ""]
@@ -137,7 +179,8 @@ def render_markdown(
                 "",
             ]
     lines += ["## Protocols", ""]
-    first = reports[names[0]]
-    for metric, fields in sorted(first.protocols.items()):
-        lines += [f"### {metric}", "", markdown_table(["field", "value"], [[k, v] for k, v in fields.items()]), ""]
+    for name in names:
+        for metric, fields in sorted(reports[name].protocols.items()):
+            lines += [f"### {name}: {metric}", "",
+                      markdown_table(["field", "value"], [[k, v] for k, v in fields.items()]), ""]
     return "\n".join(lines)

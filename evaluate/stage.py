@@ -34,6 +34,20 @@ class EvalData:
     objects: list[ShardInfo]
 
 
+class ShardSamples:
+    """The samples of some shards, read a shard at a time each time it is iterated: the suite streams 50k
+    validation images through without holding them (the list of all samples was ~5 GB of PNG bytes at 256²)."""
+
+    def __init__(self, storage: Storage, shards: list[ShardInfo]):
+        self.storage, self.shards = storage, shards
+
+    def __iter__(self):
+        from atoken.train.data import read_shard
+
+        for shard in self.shards:
+            yield from read_shard(self.storage, shard.uri)
+
+
 def suite_settings(section: EvaluateSection) -> SuiteSettings:
     return SuiteSettings(
         metrics=list(section.metrics),
@@ -73,24 +87,22 @@ def score_checkpoint(
     from atoken.evaluate.adapter import adapter_for_model
     from atoken.evaluate.suite import run_suite
     from atoken.train.checkpoint import load_model_weights
-    from atoken.train.data import read_shard
     from atoken.train.model import build_model
 
     if threads:
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in its workers: use the CPUs granted
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(checkpoint.model)
     load_model_weights(storage, checkpoint.weights_uri, model)
-
-    def samples(shards: list[ShardInfo]) -> list[dict]:
-        return [sample for shard in shards for sample in read_shard(storage, shard.uri)]
+    model.to(device)
 
     with torch.no_grad():
         return run_suite(
             adapter_for_model(model, checkpoint.name, checkpoint.quantize),
             settings,
-            samples(data.images),
-            samples(data.clips),
-            samples(data.objects),
+            ShardSamples(storage, data.images),
+            ShardSamples(storage, data.clips),
+            ShardSamples(storage, data.objects),
             progress=progress,
         )
 
@@ -107,14 +119,24 @@ def score_on_ray(
 ) -> dict[str, SuiteReport]:
     import ray
 
-    # One task lives on one node: take the largest node's CPUs, not the cluster's total, which no node of a
-    # multi-node cluster has (the task would wait forever).
-    cpus = max(1, int(max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)))
+    resources = task_resources([node for node in ray.nodes() if node["Alive"]])
     try:
-        return ray.get(ray.remote(num_cpus=cpus)(score_checkpoints).remote(checkpoints, data, storage, settings, cpus))
+        return ray.get(ray.remote(**resources)(score_checkpoints).remote(checkpoints, data, storage, settings,
+                                                                          resources["num_cpus"]))
     except ray.exceptions.RayTaskError as exc:
         # The task's own error, so that the stage and the CLI say what went wrong in one line, not "ray::task()".
         raise exc.cause if isinstance(exc.cause, Exception) else exc from None
+
+
+def task_resources(nodes: list[dict]) -> dict[str, int]:
+    """The evaluation task's request: one GPU where the cluster has one (the feature networks and the tokenizer
+    run there), and the CPUs of the largest node that has what the task needs. One task lives on one node:
+    the largest node's CPUs, not the cluster's total, which no node of a multi-node cluster has (the task
+    would wait forever)."""
+    with_gpu = [node for node in nodes if node["Resources"].get("GPU", 0) >= 1]
+    candidates = with_gpu or nodes
+    cpus = max(1, int(max((node["Resources"].get("CPU", 0) for node in candidates), default=1)))
+    return {"num_cpus": cpus, "num_gpus": 1 if with_gpu else 0}
 
 
 def combined(reports: dict[str, SuiteReport]) -> tuple[dict[str, float], dict[str, dict], dict[str, str]]:
@@ -148,9 +170,6 @@ def write_outputs(
     preset: str | None = None,
 ) -> dict[str, Any]:
     """metrics.json, per_sample.parquet, report.md + PNGs under `output` and in MLflow; protocols as tags."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from atoken.evaluate.report import images, render_markdown
 
     summary, protocols, metric_protocols = combined(reports)
@@ -168,18 +187,7 @@ def write_outputs(
         indent=2,
         default=str,
     ).encode()
-    rows = [
-        {
-            "tokenizer": name,
-            **{k: row.get(k) for k in ("key", "modality", "source", "resolution")},
-            **{k: float(v) for k, v in row.items() if isinstance(v, float)},
-        }
-        for name, report in reports.items()
-        for row in report.rows
-    ]
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buffer)
-    files["per_sample.parquet"] = buffer.getvalue()
+    files["per_sample.parquet"] = per_sample_parquet(reports)
     for file, data in files.items():
         storage.write_bytes(join(output, file), data)
         tracker.log_bytes(run_id, data, f"evaluate/{file}")
@@ -188,6 +196,32 @@ def write_outputs(
     tags |= {f"atoken.eval.{key}": value for key, value in notes.items()}
     log_tags(tracker, run_id, tags)
     return summary
+
+
+def per_sample_parquet(reports: dict[str, SuiteReport]) -> bytes:
+    """One parquet file of every tokenizer's per-sample rows, written a row chunk at a time under one schema
+    (the union of the chunks' columns: an image chunk has no `frames`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fixed = [pa.field("tokenizer", pa.string()), pa.field("key", pa.string()), pa.field("modality", pa.string()),
+             pa.field("source", pa.string()), pa.field("resolution", pa.string())]
+    names = {f.name for f in fixed}
+    numbers = sorted({column for report in reports.values() for table in report.rows.tables()
+                      for column in table.column_names if column not in names})
+    schema = pa.schema(fixed + [pa.field(name, pa.float64()) for name in numbers])
+    buffer = io.BytesIO()
+    with pq.ParquetWriter(buffer, schema) as writer:
+        for name, report in reports.items():
+            for table in report.rows.tables():
+                columns = {"tokenizer": pa.array([name] * table.num_rows, pa.string())}
+                for column in schema:
+                    if column.name != "tokenizer":
+                        columns[column.name] = (table.column(column.name).cast(column.type)
+                                                if column.name in table.column_names
+                                                else pa.nulls(table.num_rows, column.type))
+                writer.write_table(pa.table(columns, schema=schema))
+    return buffer.getvalue()
 
 
 def log_tags(tracker, run_id: str, tags: dict[str, str]) -> None:
@@ -247,7 +281,7 @@ def evaluate_outputs(
     title = f"Evaluation of {config.run.name}: {' vs '.join(c.name for c in checkpoints)}"
     summary = write_outputs(reports, storage, output, tracker, run_id, title, notes, checkpoint.model.preset)
     first = reports[checkpoint.name]
-    return summary | {"eval_samples": sum(1 for r in first.rows if r["modality"] == "image")}
+    return summary | {"eval_samples": sum(g["count"] for key, g in first.rows.groups.items() if key[0] == "image")}
 
 
 def last_stage_quantizes(config) -> bool:

@@ -7,13 +7,24 @@ tokenizer adapter, each number with its protocol.
     3D samples   ─► Gaussians ─► rendered at held-out views ─► PSNR, SSIM, LPIPS
 
 A plain function (`run_suite`); the pipeline's evaluate stage and `atoken eval` run it as a Ray task.
+
+Memory stays bounded at the spec's 50k samples: samples stream through in batches (the stage reads a shard at
+a time), Fréchet statistics are float64 running sums updated per batch, per-sample rows are kept as
+compressed parquet chunks (RowLog), only the grid and the worst k images are held, and retrieval ranks a block
+of queries at a time. What grows with the sample count is one pooled embedding per sample (for zero-shot and
+retrieval) and ~60 bytes of data identity. A metric that fails is recorded with its reason and the others go on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
+import io
+import itertools
 import json
+import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +33,10 @@ import torch
 from tqdm import tqdm
 
 from atoken.evaluate.adapter import TokenizerAdapter
-from atoken.evaluate.protocols import implementation_version, protocol
+from atoken.evaluate.protocols import DataIdentity, implementation_version, protocol
 from atoken.evaluate.reconstruction import to_uint8
+
+log = logging.getLogger(__name__)
 
 IMAGE_METRICS = ("psnr", "ssim", "lpips", "rfid")
 VIDEO_METRICS = ("rfvd",)  # video PSNR/SSIM follow psnr/ssim whenever clips are given
@@ -48,16 +61,94 @@ class SuiteSettings:
     batch_size: int = 32
 
 
+class RowLog:
+    """Per-sample rows (key, modality, source, resolution, per-sample metrics), kept as zstd parquet chunks of
+    CHUNK_ROWS rows: 50k samples' rows are a few MB that travel with the report from a Ray task to the driver,
+    where as Python dicts they were ~1 KB each. Running sums per (modality, resolution, source) give every mean
+    without reading the rows back."""
+
+    CHUNK_ROWS = 4096
+
+    def __init__(self, rows: Iterable[dict] = ()):
+        self.chunks: list[bytes] = []
+        self.pending: list[dict] = []
+        self.count = 0
+        # (modality, resolution, source) → {"count": rows, metric: [sum, rows with it]}
+        self.groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for row in rows:
+            self.append(row)
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.pending.append(row)
+        self.count += 1
+        group = self.groups.setdefault((row["modality"], str(row.get("resolution", "-")), row.get("source", "")),
+                                       {"count": 0})
+        group["count"] += 1
+        for name, value in row.items():
+            if isinstance(value, float):
+                total = group.setdefault(name, [0.0, 0])
+                total[0] += value
+                total[1] += 1
+        if len(self.pending) >= self.CHUNK_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow.parquet as pq
+
+        buffer = io.BytesIO()
+        pq.write_table(self._table(self.pending), buffer, compression="zstd")
+        self.chunks.append(buffer.getvalue())
+        self.pending = []
+
+    def tables(self) -> Iterator:
+        """The rows as pyarrow tables, a chunk at a time (columns may differ between chunks)."""
+        import pyarrow.parquet as pq
+
+        for chunk in self.chunks:
+            yield pq.read_table(io.BytesIO(chunk))
+        if self.pending:
+            yield self._table(self.pending)
+
+    @staticmethod
+    def _table(rows: list[dict]):
+        """Rows → a table over every column any of them has (from_pylist would take the first row's alone)."""
+        import pyarrow as pa
+
+        names = list(dict.fromkeys(name for row in rows for name in row))
+        return pa.table({name: [row.get(name) for row in rows] for name in names})
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for table in self.tables():
+            for row in table.to_pylist():
+                yield {k: v for k, v in row.items() if v is not None}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def mean(self, modality: str, metric: str) -> float:
+        """The mean of `metric` over the rows of `modality` that have it."""
+        total, count = 0.0, 0
+        for group, totals in self.groups.items():
+            if group[0] == modality and metric in totals:
+                total += totals[metric][0]
+                count += totals[metric][1]
+        return total / count if count else float("nan")
+
+
 @dataclass
 class SuiteReport:
     summary: dict[str, float]  # eval_<metric>: the numbers, as MLflow metrics
     protocols: dict[str, dict[str, Any]]  # metric → its protocol
     metric_protocols: dict[str, str]  # summary key → the metric whose protocol it was measured under
-    rows: list[dict[str, Any]]  # one per image / clip / 3D view: key, modality, resolution, per-sample metrics
+    rows: RowLog | list  # one per image / clip / 3D view: key, modality, resolution, per-sample metrics
     grid: list[list[np.ndarray]]  # [originals, reconstructions], (H, W, 3) uint8 each
     worst: list[dict[str, Any]]  # the worst-k images by PSNR: key, psnr, original, reconstruction
     video_grid: list[list[np.ndarray]] = field(default_factory=list)  # per clip: original / reconstructed frames
-    skipped: dict[str, str] = field(default_factory=dict)  # metric → why it did not run
+    skipped: dict[str, str] = field(default_factory=dict)  # metric → why it did not run (or some samples not)
+
+    def __post_init__(self):
+        if not isinstance(self.rows, RowLog):
+            self.rows = RowLog(self.rows)
 
 
 @functools.lru_cache(maxsize=8)
@@ -70,18 +161,6 @@ def shared_network(kind: str, path: str | None = None):
     if kind == "i3d":
         return i3d.load_i3d(i3d.default_i3d_path())
     return lpips.LPIPS(path) if kind == "lpips" else lpips.PerceptualStandIn()
-
-
-# Reference-side features depend on the data alone, so every tokenizer scored on the same items in this process
-# shares them: (metric, item keys) → features.
-REFERENCE_FEATURES: dict[tuple, Any] = {}
-
-
-def reference_features(metric: str, keys: list[str], compute) -> Any:
-    cache_key = (metric, tuple(keys))
-    if cache_key not in REFERENCE_FEATURES:
-        REFERENCE_FEATURES[cache_key] = compute()
-    return REFERENCE_FEATURES[cache_key]
 
 
 def perceptual_distances(network: torch.nn.Module, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[float]:
@@ -106,6 +185,24 @@ def sample_meta(sample: dict) -> dict[str, Any]:
     return json.loads(sample["json"]) if "json" in sample else {}
 
 
+def chain(*parts) -> str:
+    """implementation_version of a metric's chain: module files, or functions by their defining module."""
+    import inspect
+
+    return implementation_version(*[part if isinstance(part, str) else inspect.getfile(part) for part in parts])
+
+
+def reiterable(samples: Iterable) -> bool:
+    """A list or a ShardSamples can be read twice; a generator cannot."""
+    return iter(samples) is not samples
+
+
+# The last reference-side Fréchet statistics of each metric, by the identity of the data they came from. A
+# second tokenizer scored in the same process (the baseline) on the same samples skips the reference network's
+# pass: it assumes the same data, checks the identity at the end, and reads the samples again only if it differs.
+REFERENCE_STATS: dict[str, tuple[str, Any]] = {}
+
+
 class Suite:
     """Accumulates one run of the suite; `run_suite` is the entry point."""
 
@@ -118,30 +215,32 @@ class Suite:
         self.summary: dict[str, float] = {}
         self.protocols: dict[str, dict[str, Any]] = {}
         self.metric_protocols: dict[str, str] = {}
-        self.rows: list[dict[str, Any]] = []
+        self.rows = RowLog()
         self.skipped: dict[str, str] = {}
+        self.failed: set[str] = set()
+        # per modality: what each sample was, its pooled embedding (understanding) and (source, caption)
+        self.identity = {"image": DataIdentity(), "video": DataIdentity(), "3d": DataIdentity()}
+        self.embeddings: dict[str, list[torch.Tensor]] = {"image": [], "video": []}
+        self.meta: dict[str, list[tuple[str, str]]] = {"image": [], "video": []}
 
-    def record_pixel_metrics(self, prefix: str, rows: list[dict], common: dict[str, Any], resolution: str,
-                             definition: str) -> None:
-        """PSNR and SSIM (those wanted): the mean of `rows`' values, under `prefix` (e.g. "video_")."""
-        from atoken.evaluate.metrics import psnr, ssim
+    # -- bookkeeping ---------------------------------------------------------------------------------------
 
-        for name, module in (("psnr", psnr), ("ssim", ssim)):
-            if name in self.wants:
-                self.record(
-                    f"{prefix}{name}",
-                    {f"eval_{prefix}{name}": np.mean([r[name] for r in rows])},
-                    protocol(
-                        **common,
-                        feature_network="none",
-                        feature_network_sha256="none",
-                        implementation=implementation_version(module.__file__),
-                        stand_in=False,
-                        definition=definition + module.PROTOCOL,
-                        resolution=resolution,
-                        split="val",
-                    ),
-                )
+    def on(self, name: str, wanted: str | None = None) -> bool:
+        """Whether `name` (e.g. "video_psnr") is asked for (as `wanted`, default the name) and has not failed."""
+        return (wanted or name) in self.wants and name not in self.failed
+
+    @contextlib.contextmanager
+    def guard(self, *names: str):
+        """A failure inside is recorded against `names` with its reason (one line) and the suite goes on: one
+        failing metric never loses the others' numbers."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - any metric's failure is recorded, never fatal to the others
+            reason = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+            log.warning("evaluation: %s %s", "/".join(names), reason)
+            for name in names:
+                self.failed.add(name)
+                self.skipped[name] = reason
 
     def record(self, metric: str, values: dict[str, float], fields: dict[str, Any]) -> None:
         self.protocols[metric] = fields
@@ -149,86 +248,143 @@ class Suite:
             self.summary[key] = float(value)
             self.metric_protocols[key] = metric
 
+    def record_pixel_metrics(self, prefix: str, modality: str, common: dict[str, Any], resolution: str,
+                             definitions: dict[str, str], chains: dict[str, str]) -> None:
+        """PSNR and SSIM (those wanted and not failed): the mean of the rows' values, under `prefix` ("video_")."""
+        for name in ("psnr", "ssim"):
+            if self.on(f"{prefix}{name}", name):
+                self.record(
+                    f"{prefix}{name}",
+                    {f"eval_{prefix}{name}": self.rows.mean(modality, name)},
+                    protocol(
+                        **common,
+                        feature_network="none",
+                        feature_network_sha256="none",
+                        implementation=chains[name],
+                        stand_in=False,
+                        definition=definitions[name],
+                        resolution=resolution,
+                        split="val",
+                    ),
+                )
+
+    def to_device(self, media: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [m.to(self.adapter.device) for m in media]
+
+    def embed(self, modality: str, media: list[torch.Tensor], samples: list[dict]) -> None:
+        """Pooled embeddings (kept for zero-shot and retrieval) and each sample's (source, caption)."""
+        wanted = [m for m in UNDERSTANDING_METRICS if self.on(m)]
+        if not wanted or self.adapter.embed is None:
+            return
+        with self.guard(*wanted):
+            self.embeddings[modality].append(self.adapter.embed(self.to_device(media)).float().cpu())  # (b, D)
+            self.meta[modality] += [(sample_meta(s).get("source", ""), sample_meta(s).get("caption", ""))
+                                    for s in samples]
+
     # -- images --------------------------------------------------------------------------------------------
 
-    def images(self, samples: list[dict]) -> tuple[list[list[np.ndarray]], list[dict[str, Any]]]:
-        from atoken.evaluate.metrics import psnr, ssim
-        from atoken.train.data import decode_image
+    def images(self, samples: Iterable[dict]) -> tuple[list[list[np.ndarray]], list[dict[str, Any]]]:
+        from atoken.evaluate.metrics import fid
 
-        samples = samples[: self.settings.max_samples]
-        if not samples:
+        self.perceptual = None
+        if "lpips" in self.wants:
+            with self.guard("lpips"):
+                self.perceptual = self._perceptual()
+        self.fid_limit = self.settings.fid_samples if self.settings.fid_samples is not None else float("inf")
+        self.fid_seen = 0
+        self.fid_speculate = False
+        if self.on("rfid"):
+            with self.guard("rfid"):
+                self.inception = shared_network("inception")
+                self.fid_reference = fid.FrechetStats(fid.FEATURE_DIM)
+                self.fid_reconstructed = fid.FrechetStats(fid.FEATURE_DIM)
+                self.fid_speculate = reiterable(samples) and "rfid" in REFERENCE_STATS
+        self.grid: list[list[np.ndarray]] = [[], []]
+        self.worst: list[tuple[float, int, dict]] = []  # a max-heap on -psnr keeps the k lowest PSNRs
+        batch: list[dict] = []
+        stream = itertools.islice(samples, self.settings.max_samples)
+        for sample in tqdm(stream, desc="evaluate: images", unit="image", disable=not self.progress, leave=False):
+            batch.append(sample)
+            if len(batch) == self.settings.batch_size:
+                self._image_batch(batch)
+                batch = []
+        if batch:
+            self._image_batch(batch)
+        count = len(self.identity["image"])
+        if not count:
             raise ValueError("evaluation: the validation shards hold no images")
-        perceptual = self._perceptual() if "lpips" in self.wants else None
-        fid_count = len(samples) if self.settings.fid_samples is None else min(self.settings.fid_samples, len(samples))
-        references, outputs = [], []
-        grid: list[list[np.ndarray]] = [[], []]
-        worst: list[tuple[float, int, dict]] = []  # a max-heap on -psnr keeps the k lowest PSNRs
-        batches = range(0, len(samples), self.settings.batch_size)
-        for start in tqdm(batches, desc="evaluate: images", disable=not self.progress, leave=False):
-            chunk = samples[start : start + self.settings.batch_size]
-            media = [decode_image(s)[None] for s in chunk]  # each (1, 3, H, W)
-            decoded = self.adapter.reconstruct(media)
-            pairs = [
-                (to_uint8(original[0]), to_uint8(output[0])) for original, output in zip(media, decoded, strict=True)
-            ]
-            distances = perceptual_distances(perceptual[1], pairs) if perceptual is not None else None
-            for index, (sample, (reference, reconstruction)) in enumerate(zip(chunk, pairs, strict=True)):
-                meta = sample_meta(sample)
-                row = {
-                    "key": sample["__key__"],
-                    "modality": "image",
-                    "source": meta.get("source", ""),
-                    "resolution": f"{reference.shape[0]}x{reference.shape[1]}",
-                }
-                if "psnr" in self.wants:
-                    row["psnr"] = psnr.psnr_uint8(reference, reconstruction)
-                if "ssim" in self.wants:
-                    row["ssim"] = ssim.ssim_uint8(reference, reconstruction)
-                if distances is not None:
-                    row[perceptual[0]] = distances[index]
-                self.rows.append(row)
-                if len(references) < fid_count:
-                    references.append(reference)
-                    outputs.append(reconstruction)
-                if len(grid[0]) < self.settings.grid_samples:
-                    grid[0].append(reference)
-                    grid[1].append(reconstruction)
-                if "psnr" in row:
-                    entry = (
-                        -row["psnr"],
-                        len(self.rows),
-                        {
-                            "key": row["key"],
-                            "psnr": row["psnr"],
-                            "original": reference,
-                            "reconstruction": reconstruction,
-                        },
-                    )
-                    heapq.heappush(worst, entry)
-                    if len(worst) > self.settings.worst_k:
-                        heapq.heappop(worst)  # drops the highest PSNR kept so far
-        images = [r for r in self.rows if r["modality"] == "image"]
-        resolution = ", ".join(sorted({r["resolution"] for r in images}))
+        resolution = ", ".join(sorted({group[1] for group in self.rows.groups if group[0] == "image"}))
         common = dict(
             resize="none: the tokenizer's output at its input size",
             crop="none (ingest: short side → resolution, centre crop)",
             colour_range="uint8 [0, 255] RGB",
-            samples=len(images),
+            samples=count,
             frames=1,
             latent=self.adapter.latent,
+            data=self.identity["image"].digest(),
         )
-        self.record_pixel_metrics("", images, common, resolution, "")
-        if perceptual is not None:
-            name, network = perceptual
-            self.record(
-                name,
-                {f"eval_{name}": np.mean([r[name] for r in images])},
-                protocol(**common, **self._perceptual_fields(network), resolution=resolution, split="val"),
-            )
-        if "rfid" in self.wants:
-            self._rfid(references, outputs, common | {"samples": len(references)}, resolution)
-        ordered = sorted(worst, key=lambda e: -e[0])
-        return grid, [e[2] for e in ordered]
+        self._record_image_metrics(common, resolution)
+        if self.on("rfid"):
+            with self.guard("rfid"):
+                self._rfid(samples, common, resolution)
+        return self.grid, [entry[2] for entry in sorted(self.worst, key=lambda e: -e[0])]
+
+    def _image_batch(self, chunk: list[dict]) -> None:
+        from atoken.evaluate.metrics import psnr, ssim
+        from atoken.train.data import decode_image
+
+        media = [decode_image(s)[None] for s in chunk]  # each (1, 3, H, W)
+        decoded = [m.cpu() for m in self.adapter.reconstruct(self.to_device(media))]
+        pairs = [(to_uint8(original[0]), to_uint8(output[0])) for original, output in zip(media, decoded, strict=True)]
+        distances = None
+        if self.perceptual is not None and self.on("lpips"):
+            with self.guard("lpips"):
+                distances = perceptual_distances(self.perceptual[1], pairs)
+        fid_pairs = []
+        for index, (sample, (reference, reconstruction)) in enumerate(zip(chunk, pairs, strict=True)):
+            self.identity["image"].add(sample)
+            row = {"key": sample["__key__"], "modality": "image", "source": sample_meta(sample).get("source", ""),
+                   "resolution": f"{reference.shape[0]}x{reference.shape[1]}"}
+            for name, module, score in (("psnr", psnr, "psnr_uint8"), ("ssim", ssim, "ssim_uint8")):
+                if self.on(name):
+                    with self.guard(name):
+                        row[name] = getattr(module, score)(reference, reconstruction)
+            if distances is not None:
+                row[self.perceptual[0]] = distances[index]
+            self.rows.append(row)
+            if self.fid_seen < self.fid_limit:
+                fid_pairs.append((reference, reconstruction))
+                self.fid_seen += 1
+            if len(self.grid[0]) < self.settings.grid_samples:
+                self.grid[0].append(reference)
+                self.grid[1].append(reconstruction)
+            if "psnr" in row:
+                kept = {"key": row["key"], "psnr": row["psnr"], "original": reference, "reconstruction": reconstruction}
+                entry = (-row["psnr"], len(self.rows), kept)
+                heapq.heappush(self.worst, entry)
+                if len(self.worst) > self.settings.worst_k:
+                    heapq.heappop(self.worst)  # drops the highest PSNR kept so far
+        if fid_pairs and self.on("rfid"):
+            with self.guard("rfid"):
+                if not self.fid_speculate:
+                    self.fid_reference.update(self.inception.features([p[0] for p in fid_pairs]))
+                self.fid_reconstructed.update(self.inception.features([p[1] for p in fid_pairs]))
+        self.embed("image", media, chunk)
+
+    def _record_image_metrics(self, common: dict[str, Any], resolution: str) -> None:
+        from atoken.evaluate.metrics import lpips, psnr, ssim
+        from atoken.train.data import decode_image
+
+        chains = {"psnr": chain(psnr.__file__, to_uint8, decode_image),
+                  "ssim": chain(ssim.__file__, to_uint8, decode_image)}
+        self.record_pixel_metrics("", "image", common, resolution, {"psnr": psnr.PROTOCOL, "ssim": ssim.PROTOCOL},
+                                  chains)
+        if self.perceptual is not None and self.on("lpips"):
+            name, network = self.perceptual
+            fields = self._perceptual_fields(network) | {
+                "implementation": chain(lpips.__file__, to_uint8, decode_image, perceptual_distances)}
+            self.record(name, {f"eval_{name}": self.rows.mean("image", name)},
+                        protocol(**common, **fields, resolution=resolution, split="val"))
 
     def _perceptual(self):
         if self.settings.lpips_backbone:
@@ -243,107 +399,134 @@ class Suite:
         return dict(
             feature_network=fields["network"],
             feature_network_sha256=fields["weights_sha256" if stand_in else "backbone_sha256"],
-            implementation=implementation_version(lpips.__file__),
+            implementation=chain(lpips.__file__),
             stand_in="EfficientNet-Lite0 features, NOT LPIPS" if stand_in else False,
             definition={k: v for k, v in fields.items() if k not in ("weights", "backbone_file")},
         )
 
-    def _rfid(self, references: list[np.ndarray], outputs: list[np.ndarray], common: dict, resolution: str) -> None:
-        from atoken.evaluate.metrics import fid
-        from atoken.evaluate.metrics.frechet import frechet_from_stats
+    def _rfid(self, samples: Iterable[dict], common: dict, resolution: str) -> None:
+        from atoken.evaluate.metrics import fid, frechet
+        from atoken.train.data import decode_image
 
-        if len(references) < 2:
-            self.skipped["rfid"] = f"needs at least 2 images, got {len(references)}"
+        count = self.fid_reconstructed.count
+        if count < 2:
+            self.skipped["rfid"] = f"needs at least 2 images, got {count}"
             return
-        network = shared_network("inception")
-        keys = [r["key"] for r in self.rows if r["modality"] == "image"][: len(references)]
-        reference = reference_features(
-            "rfid", keys, lambda: fid.inception_stats(references, network=network, progress=self.progress)
-        )
-        reconstructed = fid.inception_stats(outputs, network=network, progress=self.progress)
-        fields = network.protocol
+        data = self.identity["image"].digest(count)
+        reference = self.fid_reference
+        if self.fid_speculate:
+            cached_data, cached = REFERENCE_STATS["rfid"]
+            if cached_data == data:
+                reference = cached
+            else:  # other samples than the cached statistics': read them again for the reference side
+                reference = fid.FrechetStats(fid.FEATURE_DIM)
+                stream = itertools.islice(samples, count)
+                while batch := [to_uint8(decode_image(s)) for s in itertools.islice(stream, self.settings.batch_size)]:
+                    reference.update(self.inception.features(batch))
+        REFERENCE_STATS["rfid"] = (data, reference)
+        fields = self.inception.protocol
         self.record(
             "rfid",
-            {"eval_rfid": frechet_from_stats(reference, reconstructed)},
+            {"eval_rfid": frechet.frechet_from_stats(reference, self.fid_reconstructed)},
             protocol(
-                **common,
+                **common | {"samples": count, "data": data},
                 feature_network=fields["network"],
                 feature_network_sha256=fields["network_sha256"],
-                implementation=implementation_version(fid.__file__),
+                implementation=chain(fid.__file__, frechet.__file__, to_uint8, decode_image),
                 stand_in=False,
                 network_input=f"TF1 bilinear resize to {fid.SIZE}, (x - 128) / 128",
                 resolution=resolution,
                 feature_dim=fid.FEATURE_DIM,
-                distance=fields["distance"],
+                distance="Fréchet distance from float64 running sums (unbiased covariance); Tr((Σ1Σ2)^½) from two "
+                         "symmetric eigendecompositions, not scipy's sqrtm",
                 note="few samples make rFID noisy and biased upwards: compare only at equal counts",
             ),
         )
 
     # -- clips ---------------------------------------------------------------------------------------------
 
-    def clips(self, samples: list[dict]) -> list[list[np.ndarray]]:
+    def clips(self, samples: Iterable[dict]) -> list[list[np.ndarray]]:
         from atoken.evaluate.metrics import fvd, psnr, ssim
+        from atoken.preprocess.videos import decode_clip
         from atoken.train.data import decode_media
 
-        fvd_count = len(samples) if self.settings.fvd_clips is None else min(self.settings.fvd_clips, len(samples))
-        references, outputs, grid = [], [], []
-        for sample in tqdm(samples, desc="evaluate: clips", disable=not self.progress, leave=False):
+        fvd_limit = self.settings.fvd_clips if self.settings.fvd_clips is not None else float("inf")
+        fvd_used, too_short, frame_counts = 0, {}, set()
+        if self.on("rfvd"):
+            with self.guard("rfvd"):
+                accumulator = fvd.FVDAccumulator(model=shared_network("i3d"))
+        grid: list[list[np.ndarray]] = []
+        pending: list[tuple[torch.Tensor, dict]] = []
+        for sample in tqdm(samples, desc="evaluate: clips", unit="clip", disable=not self.progress, leave=False):
             clip = decode_media(sample)  # (T, 3, H, W)
-            (decoded,) = self.adapter.reconstruct([clip])
+            (decoded,) = self.adapter.reconstruct(self.to_device([clip]))
             reference = np.stack([to_uint8(frame) for frame in clip])  # (T, H, W, 3)
-            reconstruction = np.stack([to_uint8(frame) for frame in decoded])  # (T, H, W, 3)
-            meta = sample_meta(sample)
-            row = {
-                "key": sample["__key__"],
-                "modality": "video",
-                "source": meta.get("source", ""),
-                "resolution": f"{reference.shape[1]}x{reference.shape[2]}",
-                "frames": len(reference),
-            }
+            reconstruction = np.stack([to_uint8(frame.cpu()) for frame in decoded])  # (T, H, W, 3)
+            self.identity["video"].add(sample)
+            frame_counts.add(len(reference))
+            row = {"key": sample["__key__"], "modality": "video", "source": sample_meta(sample).get("source", ""),
+                   "resolution": f"{reference.shape[1]}x{reference.shape[2]}", "frames": len(reference)}
             pairs = list(zip(reference, reconstruction, strict=True))  # T frames, (H, W, 3) uint8 each
-            if "psnr" in self.wants:
-                row["psnr"] = float(np.mean([psnr.psnr_uint8(a, b) for a, b in pairs]))
-            if "ssim" in self.wants:
-                row["ssim"] = float(np.mean([ssim.ssim_uint8(a, b) for a, b in pairs]))
+            if self.on("video_psnr", "psnr"):
+                with self.guard("video_psnr"):
+                    row["psnr"] = float(np.mean([psnr.psnr_uint8(a, b) for a, b in pairs]))
+            if self.on("video_ssim", "ssim"):
+                with self.guard("video_ssim"):
+                    row["ssim"] = float(np.mean([ssim.ssim_uint8(a, b) for a, b in pairs]))
             self.rows.append(row)
-            if len(references) < fvd_count:
-                references.append(reference)
-                outputs.append(reconstruction)
+            if self.on("rfvd") and fvd_used < fvd_limit:
+                reason = fvd.too_short(len(reference)) if hasattr(fvd, "too_short") else None
+                if reason:
+                    too_short[reason] = too_short.get(reason, 0) + 1
+                else:
+                    with self.guard("rfvd"):
+                        accumulator.update([reference], [reconstruction])
+                        fvd_used += 1
             if len(grid) < 2:
                 grid += [list(reference[::4]), list(reconstruction[::4])]
-        clips = [r for r in self.rows if r["modality"] == "video"]
-        if not clips:
+            pending.append((clip, sample))
+            if len(pending) == 4:
+                self.embed("video", [c for c, _ in pending], [s for _, s in pending])
+                pending = []
+        if pending:
+            self.embed("video", [c for c, _ in pending], [s for _, s in pending])
+        count = len(self.identity["video"])
+        if not count:
             return grid
-        frames = sorted({r["frames"] for r in clips})
+        frames = sorted(frame_counts)
+        resolution = ", ".join(sorted({group[1] for group in self.rows.groups if group[0] == "video"}))
         common = dict(
             resize="none: the tokenizer's output at its input size",
             crop="none (ingest: short side → resolution, centre crop)",
             colour_range="uint8 [0, 255] RGB, decoded from the stored clip",
-            samples=len(clips),
+            samples=count,
             frames=frames[0] if len(frames) == 1 else json.dumps(frames),
             latent=self.adapter.latent,
+            data=self.identity["video"].digest(),
         )
-        resolution = ", ".join(sorted({r["resolution"] for r in clips}))
-        self.record_pixel_metrics("video_", clips, common, resolution, "per frame, mean over frames then clips; ")
-        if "rfvd" in self.wants:
-            if len(references) < 2:
-                self.skipped["rfvd"] = f"needs at least 2 clips, got {len(references)}"
-            else:
-                accumulator = fvd.FVDAccumulator(model=shared_network("i3d"))
-                keys = [r["key"] for r in clips][: len(references)]
-                accumulator.update_features(
-                    reference_features("rfvd", keys, lambda: fvd.video_features(accumulator.model, references)),
-                    fvd.video_features(accumulator.model, outputs),
-                )
+        chains = {name: chain(module.__file__, to_uint8, decode_media, decode_clip)
+                  for name, module in (("psnr", psnr, ), ("ssim", ssim))}
+        definitions = {name: "per frame, mean over frames then clips; " + module.PROTOCOL
+                       for name, module in (("psnr", psnr), ("ssim", ssim))}
+        self.record_pixel_metrics("video_", "video", common, resolution, definitions, chains)
+        if too_short:
+            self.skipped["rfvd (some clips)"] = "; ".join(f"{n} clips: {why}" for why, n in sorted(too_short.items()))
+        if self.on("rfvd"):
+            if fvd_used < 2:
+                self.skipped["rfvd"] = f"needs at least 2 clips long enough for I3D, got {fvd_used}"
+                return grid
+            with self.guard("rfvd"):
                 fields = accumulator.protocol()
                 self.record(
                     "rfvd",
                     {"eval_rfvd": accumulator.compute()},
                     protocol(
-                        **common | {"samples": len(references)},
+                        **common | {"samples": fvd_used},
                         feature_network=fields["network"],
                         feature_network_sha256=fields["weights_sha256"],
-                        implementation=implementation_version(fvd.__file__),
+                        implementation=chain(fvd.__file__, fvd.__file__.replace("fvd.py", "i3d.py"),
+                                             fvd.__file__.replace("fvd.py", "frechet.py"), to_uint8, decode_media,
+                                             decode_clip),
                         stand_in=False,
                         network_input=fields["resize"] + "; " + fields["range"],
                         frames_rule=fields["frames"],
@@ -355,8 +538,8 @@ class Suite:
 
     # -- understanding -------------------------------------------------------------------------------------
 
-    def understanding(self, images: list[dict], clips: list[dict]) -> None:
-        wanted = [m for m in UNDERSTANDING_METRICS if m in self.wants]
+    def understanding(self) -> None:
+        wanted = [m for m in UNDERSTANDING_METRICS if self.on(m)]
         if not wanted:
             return
         if self.adapter.embed is None:
@@ -365,15 +548,18 @@ class Suite:
             return
         from atoken.train.model.text_encoder import cached_text_encoder
 
-        text = cached_text_encoder(self.settings.text_encoder)
-        image_embeddings = self._embed(images, "image")
-        try:
+        with self.guard(*wanted):
+            text = cached_text_encoder(self.settings.text_encoder)
+            image_embeddings = torch.cat(self.embeddings["image"])  # (N, D)
             from atoken.evaluate.metrics.zero_shot import check_dims
 
-            check_dims(image_embeddings, text(["a"]))
-        except ValueError as exc:
-            for metric in wanted:
-                self.skipped[metric] = str(exc)
+            try:
+                check_dims(image_embeddings, text(["a"]))
+            except ValueError as exc:
+                for metric in wanted:
+                    self.skipped[metric] = str(exc)
+                return
+        if not all(self.on(m) for m in wanted):
             return
         common = dict(
             resize="none",
@@ -386,32 +572,27 @@ class Suite:
             split="val",
             embedding="the tokenizer's attention-pooled embedding (posterior of the encoder)",
         )
-        if "zero_shot" in self.wants:
-            self._zero_shot(images, image_embeddings, text, common)
-        if "retrieval" in self.wants:
-            self._retrieval("image", images, image_embeddings, text, common)
-            if clips:
-                self._retrieval("video", clips, self._embed(clips, "video"), text, common)
+        if self.on("zero_shot"):
+            with self.guard("zero_shot"):
+                self._zero_shot(image_embeddings, text, common)
+        if self.on("retrieval"):
+            with self.guard("image_retrieval"):
+                self._retrieval("image", image_embeddings, text, common)
+            if self.embeddings["video"]:
+                with self.guard("video_retrieval"):
+                    self._retrieval("video", torch.cat(self.embeddings["video"]), text, common)
 
-    def _embed(self, samples: list[dict], modality: str) -> torch.Tensor:
-        from atoken.train.data import decode_media
-
-        out = []
-        size = self.settings.batch_size if modality == "image" else 4
-        for start in range(0, len(samples), size):
-            out.append(self.adapter.embed([decode_media(s) for s in samples[start : start + size]]))
-        return torch.cat(out)  # (N, D)
-
-    def _zero_shot(self, images: list[dict], embeddings: torch.Tensor, text, common: dict) -> None:
+    def _zero_shot(self, embeddings: torch.Tensor, text, common: dict) -> None:
         from atoken.evaluate.metrics import zero_shot
         from atoken.preprocess import sources
 
+        meta = self.meta["image"]
         for source, classes_name in CLASS_SETS.items():
             classes = list(getattr(sources, classes_name))
-            chosen = [i for i, s in enumerate(images) if sample_meta(s).get("source") == source]
+            chosen = [i for i, (s, _) in enumerate(meta) if s == source]
             if not chosen:
                 continue
-            labels = [classes.index(sample_meta(images[i])["caption"]) for i in chosen]
+            labels = [classes.index(meta[i][1]) for i in chosen]
             accuracy = zero_shot.zero_shot_accuracy(embeddings[chosen], labels, text(zero_shot.class_prompts(classes)))
             self.record(
                 "zero_shot",
@@ -419,7 +600,8 @@ class Suite:
                 protocol(
                     **common,
                     samples=len(chosen),
-                    implementation=implementation_version(zero_shot.__file__),
+                    data=self.identity["image"].subset(chosen).digest(),
+                    implementation=chain(zero_shot.__file__),
                     dataset=f"{source} (val split)",
                     classes=len(classes),
                     prompt=zero_shot.PROMPT,
@@ -429,10 +611,10 @@ class Suite:
             return
         self.skipped["zero_shot"] = f"no validation images from a labelled set ({', '.join(CLASS_SETS)})"
 
-    def _retrieval(self, modality: str, samples: list[dict], embeddings: torch.Tensor, text, common: dict) -> None:
+    def _retrieval(self, modality: str, embeddings: torch.Tensor, text, common: dict) -> None:
         from atoken.evaluate.metrics import retrieval
 
-        captions = [sample_meta(s).get("caption", "") for s in samples]
+        captions = [caption for _, caption in self.meta[modality]]
         chosen = [i for i, c in enumerate(captions) if c]
         try:
             recall, texts = retrieval.caption_retrieval(embeddings[chosen], [captions[i] for i in chosen], text)
@@ -446,7 +628,8 @@ class Suite:
             protocol(
                 **common | ({"frames": "whole clip"} if modality == "video" else {}),
                 samples=len(chosen),
-                implementation=implementation_version(retrieval.__file__),
+                data=self.identity[modality].subset(chosen).digest(),
+                implementation=chain(retrieval.__file__),
                 texts=texts,
                 relevance="caption identity (distinct captions are the texts)",
                 ks=list(retrieval.KS),
@@ -455,15 +638,22 @@ class Suite:
 
     # -- 3D ------------------------------------------------------------------------------------------------
 
-    def objects(self, samples: list[dict]) -> None:
+    def objects(self, samples: Iterable[dict]) -> None:
         if "render_3d" not in self.wants:
             return
-        if not samples:
+        stream = iter(samples)
+        first = next(stream, None)
+        if first is None:
             self.skipped["render_3d"] = "no 3D validation samples (the run has no 3D ingest output)"
             return
+        samples = itertools.chain([first], stream)
         if self.adapter.decode_gaussians is None:
             self.skipped["render_3d"] = f"tokenizer {self.adapter.name!r} has no Gaussian head"
             return
+        with self.guard("render_3d"):
+            self._objects(samples)
+
+    def _objects(self, samples: Iterable[dict]) -> None:
         from atoken.evaluate.metrics import render3d
         from atoken.preprocess.objects import load_object_sample
 
@@ -471,6 +661,7 @@ class Suite:
         per_view: list[dict[str, float]] = []
         for sample in tqdm(samples, desc="evaluate: 3D", disable=not self.progress, leave=False):
             arrays = load_object_sample(sample["npz"])
+            self.identity["3d"].add(sample)
             views = render3d.render_metrics(
                 self.adapter.decode_gaussians, arrays, self.settings.held_out_views, perceptual=perceptual[1]
             )
@@ -479,7 +670,7 @@ class Suite:
                 row = {"key": f"{sample['__key__']}/view{view['view']}", "modality": "3d", "resolution": size}
                 row |= {"psnr": view["psnr"], "ssim": view["ssim"], perceptual[0]: view["perceptual"]}
                 self.rows.append(row)
-            per_view += views
+            per_view += [{k: view[k] for k in ("view", "psnr", "ssim", "perceptual")} for view in views]
         names = ("psnr", "ssim", "perceptual")
         self.record(
             "render_3d",
@@ -488,10 +679,11 @@ class Suite:
                 resize="none: rendered at the stored views' size",
                 crop="none",
                 colour_range="uint8 [0, 255] RGB over a white background",
-                samples=len(samples),
+                samples=len(self.identity["3d"]),
+                data=self.identity["3d"].digest(),
                 frames=f"views {sorted({v['view'] for v in per_view})} of {self.settings.held_out_views}",
                 **{k: v for k, v in self._perceptual_fields(perceptual[1]).items() if k != "implementation"},
-                implementation=implementation_version(render3d.__file__),
+                implementation=chain(render3d.__file__, load_object_sample),
                 renderer=render3d.RENDERER,
                 latent=self.adapter.latent,
                 average="mean over views, then assets",
@@ -502,19 +694,20 @@ class Suite:
 def run_suite(
     adapter: TokenizerAdapter,
     settings: SuiteSettings,
-    images: list[dict],
-    clips: list[dict] = (),
-    objects: list[dict] = (),
+    images: Iterable[dict],
+    clips: Iterable[dict] = (),
+    objects: Iterable[dict] = (),
     progress: bool = False,
 ) -> SuiteReport:
-    """Score one tokenizer on shard samples (as `train.data.read_shard` returns them)."""
+    """Score one tokenizer on shard samples (as `train.data.read_shard` returns them), streamed: lists, or
+    iterables such as ShardSamples that read a shard at a time (re-iterable where rFID may need a second look)."""
     suite = Suite(adapter, settings, progress)
-    grid, worst = suite.images(list(images))
-    video_grid = suite.clips(list(clips)) if clips else []
-    if not clips and "rfvd" in suite.wants:
+    grid, worst = suite.images(images)
+    video_grid = suite.clips(clips)
+    if not len(suite.identity["video"]) and "rfvd" in suite.wants and "rfvd" not in suite.skipped:
         suite.skipped["rfvd"] = "no video clips (the run has no video ingest output)"
-    suite.understanding(list(images), list(clips))
-    suite.objects(list(objects))
+    suite.understanding()
+    suite.objects(objects)
     return SuiteReport(
         suite.summary, suite.protocols, suite.metric_protocols, suite.rows, grid, worst, video_grid, suite.skipped
     )

@@ -186,3 +186,103 @@ def test_the_report_says_by_how_much_the_transformer_trails_or_leads_the_baselin
     leading = "\n".join(baseline_comparison({"atoken": report(19.0), "baseline": report(18.5)}))
     assert "+0.50 dB" in leading and TRAILS_BASELINE not in leading
     assert baseline_comparison({"atoken": report(19.0)}) == [], "no baseline, nothing to say"
+
+
+def test_rows_spill_to_parquet_chunks_and_a_generator_streams_through(monkeypatch):
+    """One-shot iterables work, rows chunked every 4 come back whole and in order, and the per-sample parquet
+    file holds the union of the image and clip columns."""
+    import pyarrow.parquet as pq
+
+    from atoken.evaluate.stage import per_sample_parquet
+    from atoken.evaluate.suite import RowLog
+
+    monkeypatch.setattr(RowLog, "CHUNK_ROWS", 4)
+    samples = photo_samples(6)
+    settings = SuiteSettings(metrics=["psnr", "ssim"], batch_size=4)
+    report = run_suite(adapter_for_model(tiny_tokenizer(), "atoken"), settings, (s for s in samples),
+                       (c for c in clip_samples(3)))
+    assert len(report.rows.chunks) == 2 and len(report.rows) == 9  # 2 chunks of 4 spilled, 1 row pending
+    rows = list(report.rows)
+    assert [r["key"] for r in rows] == [s["__key__"] for s in samples] + ["clip_0", "clip_1", "clip_2"]
+    assert all("frames" not in r for r in rows[:6]) and all(r["frames"] == 12 for r in rows[6:])
+    assert report.summary["eval_psnr"] == pytest.approx(np.mean([r["psnr"] for r in rows[:6]]))
+    table = pq.read_table(io.BytesIO(per_sample_parquet({"atoken": report, "other": report})))
+    assert table.num_rows == 18 and {"tokenizer", "key", "psnr", "ssim", "frames"} <= set(table.column_names)
+    assert table.column("frames").to_pylist()[:9] == [None] * 6 + [12.0] * 3
+
+
+def test_a_failing_metric_is_recorded_and_the_others_keep_their_numbers(monkeypatch):
+    import atoken.evaluate.suite as suite
+
+    class Broken(torch.nn.Module):
+        protocol = {"network": "broken", "weights_sha256": "0"}
+
+        def forward(self, x, y):
+            raise RuntimeError("out of memory on the perceptual network")
+
+    monkeypatch.setattr(suite, "shared_network", lambda kind, path=None: Broken())
+    settings = SuiteSettings(metrics=["psnr", "ssim", "lpips"], batch_size=2)
+    report = run_suite(adapter_for_model(tiny_tokenizer(), "atoken"), settings, photo_samples(4))
+    assert report.skipped["lpips"] == "failed: RuntimeError: out of memory on the perceptual network"
+    assert {"eval_psnr", "eval_ssim"} <= set(report.summary) and "eval_perceptual_stand_in" not in report.summary
+    assert all("psnr" in row and "perceptual_stand_in" not in row for row in report.rows)
+
+
+def test_protocols_name_the_data_they_ran_on():
+    adapter = adapter_for_model(tiny_tokenizer(), "atoken")
+    settings = SuiteSettings(metrics=["psnr"])
+    samples = photo_samples(3)
+    data = run_suite(adapter, settings, samples).protocols["psnr"]["data"]
+    assert data.startswith("3 samples, blake2b:")
+    assert run_suite(adapter, settings, samples[::-1]).protocols["psnr"]["data"] == data  # order does not matter
+    edited = [samples[0], samples[1], {**samples[2], "png": photo_samples(4)[3]["png"]}]  # same keys, new pixels
+    assert run_suite(adapter, settings, edited).protocols["psnr"]["data"] != data
+
+
+def test_a_second_tokenizer_reuses_reference_statistics_only_on_the_same_data(monkeypatch):
+    import atoken.evaluate.suite as suite
+    from atoken.evaluate.metrics.fid import InceptionFeatures
+
+    network, calls = InceptionFeatures(), []
+
+    class Counting:
+        protocol = network.protocol
+
+        def features(self, images):
+            calls.append(len(images))
+            return network.features(images)
+
+    monkeypatch.setattr(suite, "shared_network", lambda kind, path=None: Counting())
+    monkeypatch.setattr(suite, "REFERENCE_STATS", {})
+    adapter = adapter_for_model(tiny_tokenizer(), "atoken")
+    settings = SuiteSettings(metrics=["rfid"], batch_size=4)
+    first_data, other_data = photo_samples(4), photo_samples(6)[2:]
+    first = run_suite(adapter, settings, first_data).summary["eval_rfid"]
+    assert calls == [4, 4]  # reference and reconstruction
+    calls.clear()
+    again = run_suite(adapter, settings, first_data).summary["eval_rfid"]
+    assert calls == [4] and again == pytest.approx(first, rel=1e-9)  # the reference pass was skipped
+    calls.clear()
+    other = run_suite(adapter, settings, other_data).summary["eval_rfid"]
+    assert calls == [4, 4]  # other data: the reference side was read again, not taken from the cache
+    monkeypatch.setattr(suite, "REFERENCE_STATS", {})
+    assert other == pytest.approx(run_suite(adapter, settings, other_data).summary["eval_rfid"], rel=1e-9)
+
+
+def test_the_evaluation_task_asks_for_a_gpu_where_the_cluster_has_one():
+    from atoken.evaluate.stage import task_resources
+
+    cpu_only = [{"Resources": {"CPU": 32.0}}, {"Resources": {"CPU": 8.0}}]
+    assert task_resources(cpu_only) == {"num_cpus": 32, "num_gpus": 0}
+    mixed = [*cpu_only, {"Resources": {"CPU": 16.0, "GPU": 8.0}}]
+    assert task_resources(mixed) == {"num_cpus": 16, "num_gpus": 1}  # the GPU node's CPUs, not the largest node's
+
+
+def test_the_report_warns_when_rfid_used_fewer_samples_than_published_tables():
+    from atoken.evaluate.report import SuiteReport, sample_count
+
+    def report(samples: int) -> SuiteReport:
+        return SuiteReport({"eval_rfid": 5.0}, {"rfid": {"samples": samples}}, {"eval_rfid": "rfid"}, [], [[], []], [])
+
+    assert "published tables use 50,000" in sample_count(report(5000), "eval_rfid")
+    assert sample_count(report(50_000), "eval_rfid") == "50000"

@@ -83,3 +83,23 @@ def test_caption_retrieval_with_repeated_and_unique_captions():
     with pytest.raises(ValueError, match="2 distinct captions"):
         caption_retrieval(items, ["cat"] * 3, lambda t: torch.zeros(len(t), 2))
     assert not math.isnan(recall["text_to_item_R@10"])
+
+
+def test_blocked_recall_with_labels_and_ties_matches_the_dense_stable_sort(monkeypatch):
+    """Blocks of 3 queries, labels instead of a dense relevance matrix, and many ties (integer embeddings):
+    the same numbers as one stable sort of the whole similarity matrix."""
+    import atoken.evaluate.metrics.retrieval as retrieval
+
+    rng = np.random.default_rng(7)
+    queries = torch.from_numpy(rng.integers(-1, 2, (11, 3)).astype(np.float64))
+    gallery = torch.from_numpy(rng.integers(-1, 2, (40, 3)).astype(np.float64))
+    query_labels, gallery_labels = torch.from_numpy(rng.integers(0, 5, 11)), torch.from_numpy(rng.integers(0, 5, 40))
+    relevant = query_labels[:, None] == gallery_labels[None, :]
+    similarity = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(gallery, dim=-1).T
+    order = torch.sort(similarity, dim=-1, descending=True, stable=True).indices
+    ranked = torch.gather(relevant, 1, order)
+    expected = {f"R@{k}": float(ranked[:, :k].any(dim=-1).double().mean()) for k in (1, 5, 10)}
+    monkeypatch.setattr(retrieval, "BLOCK_ELEMENTS", 3 * 40)
+    got = recall_at_k(queries, gallery, query_labels=query_labels, gallery_labels=gallery_labels)
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert len(set(similarity.flatten().tolist())) < similarity.numel() / 4, "the data must have ties"
