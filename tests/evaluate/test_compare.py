@@ -90,7 +90,7 @@ def eval_run(tmp_path):
     return uri, make
 
 
-def test_compare_checks_every_pair_over_the_union_of_metrics(eval_run, capsys):
+def test_compare_checks_every_pair_over_the_union_of_metrics(eval_run, capsys, tmp_path):
     """a has no rFID, b has rFID on 48 images, c on 5000: checking only the first run's metrics accepted
     [a, b, c]; every pair is checked, over every metric, so both [a, b, c] and [b, c] are refused."""
     uri, make = eval_run
@@ -99,30 +99,30 @@ def test_compare_checks_every_pair_over_the_union_of_metrics(eval_run, capsys):
     b = make("b", {"eval_psnr": (21.0, psnr), "eval_rfid": (90.0, fid_protocol(48))})
     c = make("c", {"eval_psnr": (22.0, psnr), "eval_rfid": (30.0, fid_protocol(5000))})
     for ids in ([a, b, c], [b, c], [c, a, b]):
-        assert main(["compare", *ids, "--tracking-uri", uri]) != 0, ids
+        assert main(["compare", *ids, "--tracking-uri", uri, "--out", str(tmp_path / "r.md")]) != 0, ids
         error = capsys.readouterr().err
         assert "eval_rfid" in error and "'samples'" in error and "48" in error and "5000" in error
-    assert main(["compare", a, b, "--tracking-uri", uri]) == 0  # a lacks rFID: shown as missing, not refused
+    assert main(["compare", a, b, "--tracking-uri", uri, "--out", str(tmp_path / "r.md")]) == 0  # a lacks rFID: shown as missing, not refused
     rfid_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("eval_rfid"))
     assert "not measured" in rfid_line and "90" in rfid_line
 
 
-def test_runs_on_different_data_of_one_size_are_refused(eval_run, capsys):
+def test_runs_on_different_data_of_one_size_are_refused(eval_run, capsys, tmp_path):
     uri, make = eval_run
     first = make("a", {"eval_rfid": (10.0, fid_protocol() | {"data": "32 samples, blake2b:aaaa"})})
     second = make("b", {"eval_rfid": (11.0, fid_protocol() | {"data": "32 samples, blake2b:bbbb"})})
-    assert main(["compare", first, second, "--tracking-uri", uri]) != 0
+    assert main(["compare", first, second, "--tracking-uri", uri, "--out", str(tmp_path / "r.md")]) != 0
     assert "'data'" in capsys.readouterr().err
 
 
-def test_an_fsq_and_a_continuous_run_compare_side_by_side_with_their_latents_shown(eval_run, capsys):
+def test_an_fsq_and_a_continuous_run_compare_side_by_side_with_their_latents_shown(eval_run, capsys, tmp_path):
     uri, make = eval_run
     kl = make("kl", {"eval_psnr": (25.0, fid_protocol() | {"latent": "posterior mean (no sampling)"})})
     fsq = make("fsq", {"eval_psnr": (23.5, fid_protocol() | {"latent": "FSQ-quantized posterior mean"})})
-    assert main(["compare", kl, fsq, "--tracking-uri", uri]) == 0
+    assert main(["compare", kl, fsq, "--tracking-uri", uri, "--out", str(tmp_path / "r.md")]) == 0
     printed = capsys.readouterr().out
     assert "FSQ-quantized posterior mean" in printed and "posterior mean (no sampling)" in printed
     # a negative control: a field that is not descriptive still refuses
     other = make("other", {"eval_psnr": (23.5, fid_protocol() | {"crop": "centre 224"})})
-    assert main(["compare", kl, other, "--tracking-uri", uri]) != 0
+    assert main(["compare", kl, other, "--tracking-uri", uri, "--out", str(tmp_path / "r.md")]) != 0
     assert "'crop'" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""evaluate/metrics/: PSNR and SSIM against scikit-image and a known case; evaluate/reconstruction.to_uint8."""
+"""evaluate/metrics/: PSNR (TokenBench's capped convention) and SSIM against scikit-image and known cases;
+evaluate/reconstruction.to_uint8."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from atoken.evaluate.metrics.psnr import psnr_uint8
+from atoken.evaluate.metrics.psnr import EPS, PSNR_CAP, psnr_uint8
 from atoken.evaluate.metrics.ssim import ssim_uint8
 from atoken.evaluate.reconstruction import to_uint8
 
@@ -30,25 +31,32 @@ def random_pair(seed: int, shape=(32, 32, 3), noise: float = 20.0):
 def test_psnr_matches_scikit_image_on_random_images(seed):
     reference, noisy = random_pair(seed, shape=(24 + seed, 40, 3), noise=5.0 + 10 * seed)
     expected = peak_signal_noise_ratio(reference, noisy, data_range=255)
-    assert psnr_uint8(reference, noisy) == pytest.approx(expected, rel=1e-12)
+    # TokenBench's ε moves a finite PSNR by 20·log10(1 + ε/√MSE) ≈ 1.04e-6/√MSE dB: here MSE ≥ 20, so < 3e-7 dB.
+    assert psnr_uint8(reference, noisy) == pytest.approx(expected, abs=3e-7)
+    mse = np.mean((reference.astype(np.float64) - noisy) ** 2)
+    assert psnr_uint8(reference, noisy) == pytest.approx(20 * math.log10(255 / (math.sqrt(mse) + EPS)), rel=1e-13)
 
 
 def test_psnr_known_case_constant_error_of_one():
     reference = np.full((16, 16, 3), 100, np.uint8)
-    # MSE = 1, so PSNR = 10 log10(255^2) = 48.1308 dB, whatever the sign of the error.
-    assert psnr_uint8(reference, reference + 1) == pytest.approx(20 * math.log10(255), abs=1e-9)
+    # MSE = 1, so PSNR = 20 log10(255 / (1 + ε)) = 48.1308 dB (ε shaves 1.04e-6 dB), whatever the sign of the error.
+    assert psnr_uint8(reference, reference + 1) == pytest.approx(20 * math.log10(255 / (1 + EPS)), abs=1e-12)
     assert psnr_uint8(reference, reference - 1) == pytest.approx(48.1308, abs=1e-4)
 
 
 def test_psnr_does_not_wrap_around_uint8():
     black, white = np.zeros((8, 8, 3), np.uint8), np.full((8, 8, 3), 255, np.uint8)
-    assert psnr_uint8(black, white) == pytest.approx(0.0, abs=1e-12)  # MSE = 255^2
-    assert psnr_uint8(white, black) == pytest.approx(0.0, abs=1e-12)
+    assert psnr_uint8(black, white) == pytest.approx(0.0, abs=1e-8)  # MSE = 255^2; ε: −4e-9 dB
+    assert psnr_uint8(white, black) == pytest.approx(0.0, abs=1e-8)
 
 
-def test_psnr_identical_is_infinite():
-    reference, _ = random_pair(0)
-    assert psnr_uint8(reference, reference.copy()) == math.inf
+def test_psnr_of_identical_images_is_tokenbench_cap_and_means_stay_finite():
+    reference, noisy = random_pair(0)
+    # TokenBench: 20 * np.log10(_UINT8_MAX_F / (np.sqrt(mse) + _FLOAT32_EPS)) with mse = 0.
+    assert psnr_uint8(reference, reference.copy()) == PSNR_CAP == pytest.approx(20 * math.log10(255 / 1.1920929e-07))
+    assert PSNR_CAP == pytest.approx(186.6046, abs=1e-4)
+    scores = [psnr_uint8(reference, reference.copy()), psnr_uint8(reference, noisy)]
+    assert math.isfinite(float(np.mean(scores)))
 
 
 def test_psnr_refuses_other_shapes_and_dtypes():

@@ -286,3 +286,29 @@ def test_the_report_warns_when_rfid_used_fewer_samples_than_published_tables():
 
     assert "published tables use 50,000" in sample_count(report(5000), "eval_rfid")
     assert sample_count(report(50_000), "eval_rfid") == "50000"
+
+
+def test_a_clip_too_short_for_i3d_is_skipped_with_its_reason_and_the_rest_scored(i3d_model, monkeypatch):
+    """Two 12-frame clips and one of 6 (I3D needs 9): rFVD on the two, the short one named, video PSNR/SSIM and
+    video LPIPS (the declared stand-in) on all three, TokenBench's one-MSE-per-clip PSNR."""
+    import atoken.evaluate.suite as suite
+    from atoken.evaluate.metrics.video import video_psnr
+
+    real = suite.shared_network
+    monkeypatch.setattr(suite, "shared_network", lambda kind, path=None: i3d_model if kind == "i3d" else real(kind))
+    clips = [*clip_samples(2), *[{**c, "__key__": "short"} for c in clip_samples(1, frames=6)]]
+    settings = SuiteSettings(metrics=["psnr", "ssim", "lpips", "rfvd"], batch_size=2)
+    report = run_suite(adapter_for_model(tiny_tokenizer(), "atoken"), settings, photo_samples(2), clips)
+    assert report.protocols["rfvd"]["samples"] == 2 and report.protocols["rfvd"]["preset"] == "tokenbench"
+    assert "1 clips: 6 frames: I3D needs at least 9 frames" in report.skipped["rfvd (some clips)"]
+    assert np.isfinite(report.summary["eval_rfvd"]) and "rfvd" not in report.skipped
+    video_rows = [r for r in report.rows if r["modality"] == "video"]
+    assert [r["key"] for r in video_rows] == ["clip_0", "clip_1", "short"]
+    assert all("perceptual_stand_in" in r for r in video_rows) and "eval_video_perceptual_stand_in" in report.summary
+    from atoken.train.data import decode_media
+
+    adapter = adapter_for_model(tiny_tokenizer(), "atoken")
+    clip = decode_media(clips[0])
+    (decoded,) = adapter.reconstruct([clip])
+    expected = video_psnr(np.stack([to_uint8(f) for f in clip]), np.stack([to_uint8(f) for f in decoded]))
+    assert video_rows[0]["psnr"] == pytest.approx(expected, abs=1e-9)
