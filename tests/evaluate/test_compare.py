@@ -102,7 +102,8 @@ def test_compare_checks_every_pair_over_the_union_of_metrics(eval_run, capsys, t
         assert main(["compare", *ids, "--tracking-uri", uri, "--out", str(tmp_path / "r.md")]) != 0, ids
         error = capsys.readouterr().err
         assert "eval_rfid" in error and "'samples'" in error and "48" in error and "5000" in error
-    assert main(["compare", a, b, "--tracking-uri", uri, "--out", str(tmp_path / "r.md")]) == 0  # a lacks rFID: shown as missing, not refused
+    # a lacks rFID: shown as missing, not refused
+    assert main(["compare", a, b, "--tracking-uri", uri, "--out", str(tmp_path / "r.md")]) == 0
     rfid_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("eval_rfid"))
     assert "not measured" in rfid_line and "90" in rfid_line
 
