@@ -54,11 +54,13 @@ def suite_settings(section: EvaluateSection) -> SuiteSettings:
         max_samples=section.max_samples,
         fid_samples=section.fid_samples,
         fvd_clips=section.fvd_clips,
+        fvd_preset=section.fvd_preset,
+        i3d_torchscript=section.i3d_torchscript,
         grid_samples=section.grid_samples,
         worst_k=section.worst_k,
         lpips_backbone=section.lpips_backbone,
         text_encoder=section.text_encoder,
-        held_out_views=list(section.held_out_views),
+        held_out_views=None if section.held_out_views is None else list(section.held_out_views),
     )
 
 

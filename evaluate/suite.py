@@ -57,7 +57,7 @@ class SuiteSettings:
     worst_k: int = 8
     lpips_backbone: str | None = None  # VGG16 safetensors; None: the declared stand-in
     text_encoder: str | None = None  # a Hugging Face text model folder; None: the packaged MiniLM stand-in
-    held_out_views: list[int] = field(default_factory=lambda: [3, 7, 11, 15])
+    held_out_views: list[int] | None = None  # which of each 3D sample's evaluation views (None: all of them)
     fvd_preset: str = "tokenbench"  # evaluate/metrics/fvd.py PRESETS: "tokenbench" or "stylegan-v"
     i3d_torchscript: str | None = None  # StyleGAN-V's i3d_torchscript.pt, the published tables' detector
     batch_size: int = 32
@@ -674,6 +674,14 @@ class Suite:
         if self.adapter.decode_gaussians is None:
             self.skipped["render_3d"] = f"tokenizer {self.adapter.name!r} has no Gaussian head"
             return
+        from atoken.evaluate.metrics import render3d
+        from atoken.preprocess.objects import load_object_sample
+
+        # Samples ingested before issue 17 hold input views only: scoring them would score the features' own views.
+        reason = render3d.unscorable(load_object_sample(first["npz"]))
+        if reason is not None:
+            self.skipped["render_3d"] = reason
+            return
         with self.guard("render_3d"):
             self._objects(samples)
 
@@ -683,15 +691,17 @@ class Suite:
 
         perceptual = self._perceptual()
         per_view: list[dict[str, float]] = []
+        eval_views = 0
         for sample in tqdm(samples, desc="evaluate: 3D", disable=not self.progress, leave=False):
             arrays = load_object_sample(sample["npz"])
             self.identity["3d"].add(sample)
             views = render3d.render_metrics(
                 self.adapter.decode_gaussians, arrays, self.settings.held_out_views, perceptual=perceptual[1]
             )
-            size = "x".join(str(n) for n in arrays["views"].shape[1:3])
+            eval_views = len(arrays["eval_views"])
+            size = "x".join(str(n) for n in arrays["eval_views"].shape[1:3])
             for view in views:
-                row = {"key": f"{sample['__key__']}/view{view['view']}", "modality": "3d", "resolution": size}
+                row = {"key": f"{sample['__key__']}/eval_view{view['view']}", "modality": "3d", "resolution": size}
                 row |= {"psnr": view["psnr"], "ssim": view["ssim"], perceptual[0]: view["perceptual"]}
                 self.rows.append(row)
             per_view += [{k: view[k] for k in ("view", "psnr", "ssim", "perceptual")} for view in views]
@@ -705,7 +715,8 @@ class Suite:
                 colour_range="uint8 [0, 255] RGB over a white background",
                 samples=len(self.identity["3d"]),
                 data=self.identity["3d"].digest(),
-                frames=f"views {sorted({v['view'] for v in per_view})} of {self.settings.held_out_views}",
+                frames=render3d.frames_protocol((v["view"] for v in per_view), eval_views),
+                views=render3d.HELD_OUT,
                 **{k: v for k, v in self._perceptual_fields(perceptual[1]).items() if k != "implementation"},
                 implementation=chain(render3d.__file__, load_object_sample),
                 renderer=render3d.RENDERER,

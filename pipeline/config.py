@@ -133,7 +133,10 @@ class Objects3DSection:
     sources: list[str] = field(default_factory=list)
     limit: int | None = None  # the first N assets of each source
     preset: str = "release"  # release: 16 views at 256 px; trellis: 150 views at 512 px
-    views: int | None = None  # cameras on the Hammersley sphere (null: the preset's)
+    views: int | None = None  # input cameras on the Hammersley sphere, the voxel features' views (null: the preset's)
+    # Evaluation views per asset, rendered at cameras no input view shares and never voxelised: render_3d scores
+    # these alone (0: none, and no 3D evaluation).
+    eval_views: int = 4
     resolution: int | None = None  # render size in pixels (null: the preset's)
     samples: int | None = None  # Cycles samples per pixel (null: the preset's)
     voxel_grid: int = 64  # voxels a side (the paper's 64³)
@@ -167,7 +170,7 @@ class TrainStageSection:
     quantize: bool = False  # stage 4: FSQ on the 48-d latent, fine-tuned end to end
     video_max_tokens: int = 512  # the video task's packed sequence length
     objects_per_batch: int = 2  # the 3d task's micro-batch
-    render_views: int = 4  # held-out views the 3d task renders its Gaussians at
+    render_views: int = 4  # input views the 3d task renders its Gaussians at (never a sample's evaluation views)
     render_size: int | None = None  # render (and compare) at this many pixels a side; None: the views' own size
     encoder_lr_scale: float = 0.1  # the SigLIP2-initialised encoder learns 10x slower (spec)
     ema_decay: float | None = 0.9999
@@ -230,10 +233,17 @@ class EvaluateSection:
     grid_samples: int = 8
     fid_samples: int | None = None  # images (first N) feeding rFID; its protocol records the count
     fvd_clips: int | None = None  # clips (first N) feeding rFVD
+    # rFVD's published protocol (evaluate/metrics/fvd.py PRESETS): tokenbench (TokenBench's preprocessing) or
+    # stylegan-v (2048 clips of 16 frames); i3d_torchscript: StyleGAN-V's i3d_torchscript.pt, the TF-Hub weights
+    # the published tables used (null: our port of DeepMind's released weights, declared as such).
+    fvd_preset: str = "tokenbench"
+    i3d_torchscript: str | None = None
     worst_k: int = 8  # lowest-PSNR images shown in the report
     lpips_backbone: str | None = None  # a VGG16 safetensors file; null: the perceptual stand-in, declared
     text_encoder: str | None = None  # a Hugging Face text model folder; null: the packaged MiniLM stand-in
-    held_out_views: list[int] = field(default_factory=lambda: [3, 7, 11, 15])  # 3D views rendered and scored
+    # Which of each 3D sample's evaluation views (objects.eval_views, never an input view) render_3d scores, by
+    # index among them; null: all of them.
+    held_out_views: list[int] | None = None
     # A conventional baseline (e.g. kind conv_vae) trained by the same stage-1 harness on the same images and
     # scored beside the tokenizer; baseline_steps defaults to train.stages[0].steps (the same budget).
     baseline: ModelSection | None = None
@@ -453,6 +463,28 @@ def validate(config: PipelineConfig) -> None:
             "the baseline is a conventional image model (conv_vae or patch_autoencoder)")
     require(config.evaluate.lpips_backbone is None or Path(config.evaluate.lpips_backbone).is_file(),
             "evaluate.lpips_backbone", f"{config.evaluate.lpips_backbone} is not a file")
+    validate_held_out_views(config)
+    from atoken.evaluate.metrics.fvd import PRESETS
+
+    require(config.evaluate.fvd_preset in PRESETS, "evaluate.fvd_preset",
+            f"{config.evaluate.fvd_preset!r} is not an rFVD preset (known: {', '.join(PRESETS)})")
+
+
+def validate_held_out_views(config: PipelineConfig) -> None:
+    """render_3d scores evaluation views only: held_out_views index the objects.eval_views of each sample."""
+    require = _require
+    chosen, eval_views = config.evaluate.held_out_views, config.objects.eval_views
+    if "render_3d" in config.evaluate.metrics and config.objects.sources:
+        require(eval_views > 0, "objects.eval_views",
+                "evaluate.metrics has render_3d, which scores only evaluation views: must be > 0")
+    if chosen is None:
+        return
+    require(len(chosen) > 0 and len(set(chosen)) == len(chosen), "evaluate.held_out_views",
+            "must be null (every evaluation view) or distinct indices")
+    outside = [view for view in chosen if not 0 <= view < eval_views]
+    require(not outside, "evaluate.held_out_views",
+            f"{outside} are not among the {eval_views} evaluation views of objects.eval_views (indices from 0); "
+            "input views are never scored")
 
 
 def _validate_sources(sources: list[SourceSection], where: str, builtin: dict) -> None:
@@ -539,6 +571,7 @@ def validate_objects(objects: Objects3DSection) -> None:
     for name in ("views", "resolution", "samples", "limit"):
         require(getattr(objects, name) is None or getattr(objects, name) > 0, f"objects.{name}", "must be > 0")
     require(objects.resolution is None or objects.resolution >= 16, "objects.resolution", "must be >= 16")
+    require(objects.eval_views >= 0, "objects.eval_views", "must be >= 0")
     require(objects.val_every >= 2, "objects.val_every", "must be >= 2")
     require(objects.timeout_s > 0, "objects.timeout_s", "must be > 0")
 

@@ -164,7 +164,7 @@ def run_ingest_3d(ctx: StageContext) -> dict[str, Any]:
     from atoken.preprocess.voxels import VoxelSettings
 
     section = ctx.config.objects
-    render = render_settings(section.preset, section.parallelism, views=section.views,
+    render = render_settings(section.preset, section.parallelism, views=section.views, eval_views=section.eval_views,
                              resolution=section.resolution, samples=section.samples, timeout_s=section.timeout_s)
     items = [item for source in section.sources for item in list_3d_source(source, section.limit)]
     settings = ObjectSettings(render, VoxelSettings(grid=section.voxel_grid, min_voxels=section.min_voxels),
@@ -178,7 +178,7 @@ def run_ingest_3d(ctx: StageContext) -> dict[str, Any]:
 
 def run_train(ctx: StageContext, index: int, previous: str | None) -> dict[str, Any]:
     from atoken.train.loop import StageJob, run_train_stage
-    from atoken.train.tasks import TaskShards
+    from atoken.train.tasks import ObjectTask, TaskShards
 
     section = ctx.config.train.stages[index]
     shards = TaskShards(image=_shards(ctx.storage, ctx.inputs["ingest"].output, "train"))
@@ -194,6 +194,8 @@ def run_train(ctx: StageContext, index: int, previous: str | None) -> dict[str, 
     init_from = init_weights or (f"siglip2:{siglip2}" if siglip2 else "random")
     ctx.tracker.set_tags(ctx.run_id, {"atoken.init_from": init_from,
                                       "atoken.tasks": " ".join(section.tasks),
+                                      **({"atoken.3d_render_loss": ObjectTask.RENDER_LOSS_VIEWS}
+                                         if "3d" in section.tasks else {}),
                                       "atoken.batches": f"packed, {section.max_tokens} tokens"
                                       if section.max_tokens else f"{section.batch_size} images"})
     job = StageJob(section, ctx.config.train.stage_model(index), shards, ctx.output, init_weights, ctx.storage,

@@ -6,8 +6,10 @@ through the `objaverse` package, read from a local mirror in the package's own l
 (`hf-objaverse-v1/{object-paths.json.gz, metadata/*.json.gz, glbs/*/*.glb}`).
 
 `ObjectSettings.process` is the shard writer's per-item contract (preprocess/writer.py): render the asset
-in a Blender child (preprocess/render.py), voxelise the views (preprocess/voxels.py), flag it, and return
-one sample: `<key>.npz` (voxels, fp16 features, the views and their cameras) + `<key>.json`.
+in a Blender child (preprocess/render.py), voxelise its input views (preprocess/voxels.py), flag it, and return
+one sample: `<key>.npz` (voxels, fp16 features, the input views and their cameras, and the evaluation views and
+theirs) + `<key>.json`. The evaluation views are rendered at cameras no input view shares and never reach the
+voxelisation (issue 17): 3D evaluation scores them, so it never measures the views the features came from.
 
 With `keep_renders` every asset keeps one object beside the shards, OUT/renders/<key>[-<source hash>].tar: the
 RGBA PNGs, float depth EXRs, transforms.json, the child's info.json and its blender.log (an asset that failed
@@ -236,6 +238,7 @@ def process_object(data: bytes, item: ItemSpec, settings: ObjectSettings) -> tup
         # Keeping the renders is I/O (a file commit each, ~0.2 s for 16 views): it overlaps the voxelisation.
         with ThreadPoolExecutor(1) as uploads:
             kept = None if reused else uploads.submit(_keep, rendered.folder, folder_uri, settings)
+            # The input views alone: the evaluation views (rendered.eval_*) must not shape the features.
             voxelised = voxelise_views(rendered.rgba, rendered.depth, rendered.c2w, rendered.intrinsics,
                                        rendered.info, settings.voxels)
             if kept is not None:
@@ -246,11 +249,11 @@ def process_object(data: bytes, item: ItemSpec, settings: ObjectSettings) -> tup
                            + "; ".join(voxelised.reasons[flag] for flag in dropped))
     npz = _npz(voxelised, rendered, settings.voxels.store_views)
     info = rendered.info
-    views = len(rendered.c2w)
+    views, eval_views = len(rendered.c2w), len(rendered.eval_c2w)
     meta = {
         "key": item.key,
         "width": settings.render.resolution, "height": settings.render.resolution,
-        "views": views, "voxels": int(len(voxelised.voxels)), "grid": settings.voxels.grid,
+        "views": views, "eval_views": eval_views, "voxels": int(len(voxelised.voxels)), "grid": settings.voxels.grid,
         "patch": settings.voxels.patch, "feature_dim": int(voxelised.features.shape[1]),
         "flags": voxelised.flags, "flag_reasons": voxelised.reasons, "quality": voxelised.stats,
         "mesh": {k: info.get(k) for k in ("mesh_objects", "vertices", "faces", "materials", "textures",
@@ -268,29 +271,34 @@ def process_object(data: bytes, item: ItemSpec, settings: ObjectSettings) -> tup
     }
     render_seconds = 0.0 if reused else sum(info["view_seconds"])
     measured = {"seconds": time.perf_counter() - started, "render_seconds": render_seconds,
-                "rendered_views": 0 if reused else views, "reused_renders": int(reused)}
+                "rendered_views": 0 if reused else views + eval_views, "reused_renders": int(reused)}
     if item.source == "objaverse":
         annotation = objaverse_annotation(item.locator)
         meta.update(annotation, objaverse=annotation)
     if settings.log_assets:
-        what = "reused renders" if reused else f"{views} views in {render_seconds:.1f} s " \
-                                               f"({render_seconds / views:.2f} s/view)"
+        what = "reused renders" if reused else f"{views} + {eval_views} evaluation views in {render_seconds:.1f} " \
+                                               f"s ({render_seconds / (views + eval_views):.2f} s/view)"
         print(f"atoken 3d: {item.key}: {what}, {meta['voxels']} voxels, {measured['seconds']:.1f} s"
               + (f", flags {','.join(voxelised.flags)}" if voxelised.flags else ""), flush=True)
     return item.key, npz, meta, measured
 
 
 def load_object_sample(data: bytes) -> dict[str, np.ndarray]:
-    """A sample's npz bytes → its arrays (voxels, features, view_index, and views, c2w, intrinsics if kept)."""
+    """A sample's npz bytes → its arrays: voxels, features, view_index, and if kept the input views, c2w and
+    intrinsics, and the evaluation views eval_views, eval_c2w (samples ingested before issue 17 have none)."""
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
         return {name: arrays[name] for name in arrays.files}
 
 
 def _npz(voxelised, rendered: RenderedViews, store_views: bool) -> bytes:
+    """The sample's arrays. `views`/`c2w` are the input views (view_index indexes them; the training render
+    loss reads them); `eval_views`/`eval_c2w` are the evaluation views, in arrays of their own so that nothing
+    reading `views` can pick one up, and evaluation reads nothing else. `intrinsics` (3, 3) serves both."""
     arrays = {"voxels": voxelised.voxels, "features": voxelised.features, "view_index": voxelised.view_index}
     if store_views:
         arrays.update(views=rendered.rgba, c2w=rendered.c2w.astype(np.float32),
-                      intrinsics=rendered.intrinsics.astype(np.float32))
+                      intrinsics=rendered.intrinsics.astype(np.float32),
+                      eval_views=rendered.eval_rgba, eval_c2w=rendered.eval_c2w.astype(np.float32))
     # np.savez_compressed's zlib level 6 took 0.43 s for a 16-view 256 px duck (1.7 MB); level 3 takes 0.14 s
     # (2.2 MB). Same .npz format: np.load reads it.
     buffer = io.BytesIO()
@@ -346,10 +354,10 @@ def _kept_renders(settings: ObjectSettings, folder_uri: str, offset: tuple[float
     wanted = {**settings.render.fingerprint(), "camera_offset": list(offset)}
     if {k: transforms.get("render", {}).get(k) for k in wanted} != wanted:
         return None
-    frames = transforms["frames"]
-    c2w = np.array([f["transform_matrix"] for f in frames])
+    c2w = np.array([f["transform_matrix"] for f in transforms["frames"]]).reshape(-1, 4, 4)
+    eval_c2w = np.array([f["transform_matrix"] for f in transforms["eval_frames"]]).reshape(-1, 4, 4)
     K = np.array([[transforms["fl_x"], 0, transforms["cx"]], [0, transforms["fl_y"], transforms["cy"]], [0, 0, 1]])
-    return load_views(local, c2w, K, json.loads((local / "info.json").read_text()))
+    return load_views(local, c2w, eval_c2w, K, json.loads((local / "info.json").read_text()))
 
 
 # -- the standalone job ----------------------------------------------------------------------------------------
@@ -412,9 +420,9 @@ def preprocess_3d_main(args: argparse.Namespace) -> int:
         raise ConfigError(f"preprocess 3d --drop-flags: unknown {sorted(set(drop) - set(FLAGS))} (known: {FLAGS})")
     # What the ingest_3d stage renders with (pipeline/stages.py), plus the knobs only this command has.
     render = render_settings(section.preset, section.parallelism, args.threads, views=section.views,
-                             resolution=section.resolution, samples=section.samples, fov_degrees=args.fov,
-                             radius=args.radius, device=args.device, timeout_s=section.timeout_s,
-                             assets_per_process=args.assets_per_process)
+                             eval_views=section.eval_views, resolution=section.resolution, samples=section.samples,
+                             fov_degrees=args.fov, radius=args.radius, device=args.device,
+                             timeout_s=section.timeout_s, assets_per_process=args.assets_per_process)
     try:
         render.validate("render")
     except ValueError as exc:
@@ -430,9 +438,9 @@ def preprocess_3d_main(args: argparse.Namespace) -> int:
     settings = ObjectSettings(render, VoxelSettings(grid=section.voxel_grid, min_voxels=section.min_voxels,
                                                     store_views=not args.no_views_in_samples),
                               job.out, storage, keep_renders=not args.no_keep_renders, drop_flags=drop)
-    print(f"atoken 3d: {len(items)} assets, {render.views} views at {render.resolution} px, {render.samples} "
-          f"samples, device {render.device}, {section.parallelism} worker(s) x {render.threads} threads → {job.out}",
-          flush=True)
+    print(f"atoken 3d: {len(items)} assets, {render.views} input + {render.eval_views} evaluation views at "
+          f"{render.resolution} px, {render.samples} samples, device {render.device}, {section.parallelism} "
+          f"worker(s) x {render.threads} threads → {job.out}", flush=True)
     start_ray(job.config)
     stats = run_object_job(items, settings, section.assets_per_shard, section.val_every, section.parallelism,
                            job.progress, "preprocess 3d", resources=job.resources, redo=args.redo)

@@ -11,9 +11,11 @@ as rendering 16 views at 256 px, and starting one child per asset would miss the
 `read_factory_settings` between assets resets the scene. `assets_per_process=1` is strict isolation.
 
 Conventions (the same as train/model/gaussians.py and NeRF's transforms.json): the object is normalised
-into [-0.5, 0.5]³ of Blender's world (Z up); cameras sit on a Hammersley sphere (TRELLIS'
-`sphere_hammersley_sequence`) looking at the origin; `c2w` are camera-to-world matrices in the Blender/OpenGL
-camera frame (x right, y up, looking down -z); depth is Cycles' Z pass: distance along the camera's
+into [-0.5, 0.5]³ of Blender's world (Z up); the input cameras sit on a Hammersley sphere (TRELLIS'
+`sphere_hammersley_sequence`) looking at the origin, and the evaluation cameras (`eval_views`, issue 17) on
+elevation rings halfway between the input cameras' rings, so no evaluation view is an input view (only the
+input views feed the voxel features; evaluation scores the others); `c2w` are camera-to-world matrices in the
+Blender/OpenGL camera frame (x right, y up, looking down -z); depth is Cycles' Z pass: distance along the camera's
 viewing axis (planar, not along the ray), +inf where no surface was hit; pixel (i, j) has its centre at
 (j + 0.5, i + 0.5) and rows run top to bottom, as in the PNGs.
 
@@ -47,7 +49,10 @@ DEPTH_BACKGROUND = 1e9  # Cycles writes 1e10 where a ray hits nothing; anything 
 
 @dataclass(frozen=True)
 class RenderSettings:
-    views: int = 16
+    views: int = 16  # input views: the voxel features are made from these alone
+    # Evaluation views rendered beside them at cameras no input view shares (eval_camera_poses): 3D evaluation
+    # scores only these, so it never measures reconstruction on the views the features were cut from.
+    eval_views: int = 4
     resolution: int = 256
     samples: int = 16  # Cycles samples per pixel; CPU Cycles on 2 cores costs ~1 s/view at 256 px and 16
     fov_degrees: float = 40.0
@@ -66,6 +71,8 @@ class RenderSettings:
         for name in ("views", "resolution", "samples", "assets_per_process"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{where}.{name}: must be >= 1")
+        if self.eval_views < 0:
+            raise ValueError(f"{where}.eval_views: must be >= 0")
         if not 1.0 <= self.fov_degrees <= 170.0:
             raise ValueError(f"{where}.fov_degrees: must lie in [1, 170]")
         # The unit cube's corners lie sqrt(3)/2 from the centre: a camera inside that would clip the object.
@@ -78,8 +85,8 @@ class RenderSettings:
 
     def fingerprint(self) -> dict:
         """What decides the pixels: renders made with equal fingerprints (and camera offsets) are reusable."""
-        return {k: v for k, v in asdict(self).items() if k in ("views", "resolution", "samples", "fov_degrees",
-                                                                 "radius", "denoise")}
+        return {k: v for k, v in asdict(self).items() if k in ("views", "eval_views", "resolution", "samples",
+                                                                 "fov_degrees", "radius", "denoise")}
 
 
 # The release's 3D input (spec "3D input": 16 views at 256 px; its sample count is not published, 16 is ours)
@@ -107,11 +114,13 @@ class RenderError(ItemError):
 
 @dataclass
 class RenderedViews:
-    rgba: np.ndarray  # (N, H, W, 4) uint8, straight alpha, sRGB
+    rgba: np.ndarray  # (N, H, W, 4) uint8, straight alpha, sRGB: the input views
     depth: np.ndarray  # (N, H, W) float32, planar camera depth, +inf on the background
     c2w: np.ndarray  # (N, 4, 4) float64, Blender/OpenGL camera frame
-    intrinsics: np.ndarray  # (3, 3) pixels
-    info: dict  # from the child: mesh statistics, normalisation, device, seconds per view
+    intrinsics: np.ndarray  # (3, 3) pixels, of every view (input and evaluation)
+    eval_rgba: np.ndarray  # (E, H, W, 4) uint8: the evaluation views, never voxelised
+    eval_c2w: np.ndarray  # (E, 4, 4) float64: their cameras, none an input camera
+    info: dict  # from the child: mesh statistics, normalisation, device, seconds per view (inputs, then eval)
     folder: Path  # the PNGs, depth EXRs, depth.npy, transforms.json and blender.log
 
 
@@ -147,10 +156,34 @@ def camera_offset(key: str) -> tuple[float, float]:
     return 0.05 + 0.9 * a, b
 
 
+def eval_camera_angles(views: int, eval_views: int, offset: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(yaw, pitch) in radians of `eval_views` cameras that no input camera shares.
+
+    The input cameras' elevations are rings at u = (i + offset_u) / views (hammersley_sphere). Each evaluation
+    camera sits halfway between two neighbouring rings, u = (k + offset_u + 1/2) / views (mod 1), with the rings
+    k spread evenly over the sphere, at its own Hammersley azimuth. Its pitch differs from every input camera's by
+    at least 1/views radians (d pitch / d u >= 2), so its direction does too: disjoint by construction."""
+    ring = np.floor((np.arange(eval_views) + 0.5) * views / max(eval_views, 1))  # (E,) of the N rings
+    u = ((ring + offset[0] + 0.5) / views) % 1.0
+    v = np.array([_radical_inverse(2, j) + offset[1] for j in range(eval_views)])
+    pitch = np.arccos(np.clip(1.0 - 2.0 * u, -1.0, 1.0)) - np.pi / 2
+    return v * 2.0 * np.pi, pitch
+
+
 def camera_poses(settings: RenderSettings, offset: tuple[float, float]) -> np.ndarray:
-    """(N, 4, 4) camera-to-world matrices: cameras at `radius`, looking at the origin, world up +Z."""
-    yaw, pitch = hammersley_sphere(settings.views, offset)
-    poses = np.zeros((settings.views, 4, 4))
+    """(N, 4, 4) camera-to-world matrices of the input views: cameras at `radius`, looking at the origin."""
+    return _looking_at_origin(*hammersley_sphere(settings.views, offset), settings.radius)
+
+
+def eval_camera_poses(settings: RenderSettings, offset: tuple[float, float]) -> np.ndarray:
+    """(E, 4, 4) camera-to-world matrices of the evaluation views (eval_camera_angles), at the same radius."""
+    return _looking_at_origin(*eval_camera_angles(settings.views, settings.eval_views, offset), settings.radius)
+
+
+def _looking_at_origin(yaw: np.ndarray, pitch: np.ndarray, radius: float) -> np.ndarray:
+    """(yaw, pitch) of K cameras → (K, 4, 4) camera-to-world matrices at `radius`, looking at the origin, world
+    up +Z (Blender/OpenGL camera frame)."""
+    poses = np.zeros((len(yaw), 4, 4))
     for i, (y, p) in enumerate(zip(yaw, pitch, strict=True)):
         back = np.array([math.cos(y) * math.cos(p), math.sin(y) * math.cos(p), math.sin(p)])
         up_ref = np.array([0.0, 0.0, 1.0]) if abs(back[2]) < 0.999 else np.array([0.0, 1.0, 0.0])
@@ -158,7 +191,7 @@ def camera_poses(settings: RenderSettings, offset: tuple[float, float]) -> np.nd
         right /= np.linalg.norm(right)
         up = np.cross(back, right)
         poses[i, :3, 0], poses[i, :3, 1], poses[i, :3, 2] = right, up, back
-        poses[i, :3, 3] = settings.radius * back
+        poses[i, :3, 3] = radius * back
         poses[i, 3, 3] = 1.0
     return poses
 
@@ -170,8 +203,11 @@ def intrinsics(settings: RenderSettings) -> np.ndarray:
     return np.array([[focal, 0.0, size / 2], [0.0, focal, size / 2], [0.0, 0.0, 1.0]])
 
 
-def transforms_json(settings: RenderSettings, c2w: np.ndarray, info: dict, offset: tuple[float, float]) -> dict:
-    """NeRF-style transforms.json (instant-ngp keys), plus how the object was normalised and rendered."""
+def transforms_json(settings: RenderSettings, c2w: np.ndarray, eval_c2w: np.ndarray, info: dict,
+                    offset: tuple[float, float]) -> dict:
+    """NeRF-style transforms.json (instant-ngp keys), plus how the object was normalised and rendered. `frames`
+    are the input views; `eval_frames` the evaluation views (numbered after them), which NeRF tools ignore and
+    the voxel features never see."""
     K = intrinsics(settings)
     return {
         "camera_angle_x": math.radians(settings.fov_degrees),
@@ -188,6 +224,11 @@ def transforms_json(settings: RenderSettings, c2w: np.ndarray, info: dict, offse
             {"file_path": f"{i:03d}.png", "depth_file_path": f"{i:03d}_depth.exr",
              "transform_matrix": c2w[i].tolist()}
             for i in range(len(c2w))
+        ],
+        "eval_frames": [
+            {"file_path": f"{i:03d}.png", "depth_file_path": f"{i:03d}_depth.exr",
+             "transform_matrix": pose.tolist()}
+            for i, pose in enumerate(eval_c2w, start=len(c2w))
         ],
     }
 
@@ -327,17 +368,18 @@ atexit.register(close_blender_processes)
 
 def render_object(mesh: str | Path, folder: str | Path, settings: RenderSettings,
                   offset: tuple[float, float] = (0.5, 0.0)) -> RenderedViews:
-    """Render `settings.views` views of one mesh file into `folder` (which ends up holding the views, the
-    depth maps, transforms.json and blender.log), in this worker's Blender child."""
+    """Render `settings.views` input views and `settings.eval_views` evaluation views of one mesh file into
+    `folder` (which ends up holding the views, the depth maps, transforms.json and blender.log), in this worker's
+    Blender child: one job, the evaluation cameras after the input ones."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "blender.log"
     log.write_text("")
-    c2w = camera_poses(settings, offset)
+    c2w, eval_c2w = camera_poses(settings, offset), eval_camera_poses(settings, offset)  # (N, 4, 4), (E, 4, 4)
     job = {"mesh": str(Path(mesh).resolve()), "folder": str(folder.resolve()), "log": str(log.resolve()),
-           "c2w": c2w.tolist(), "resolution": settings.resolution, "samples": settings.samples,
-           "fov_degrees": settings.fov_degrees, "device": settings.device, "threads": settings.threads,
-           "denoise": settings.denoise}
+           "c2w": np.concatenate([c2w, eval_c2w]).tolist(), "resolution": settings.resolution,
+           "samples": settings.samples, "fov_degrees": settings.fov_degrees, "device": settings.device,
+           "threads": settings.threads, "denoise": settings.denoise}
     try:
         process = _process_for(settings)
     except RenderError as exc:  # Blender did not start: the asset's log says why
@@ -348,16 +390,19 @@ def render_object(mesh: str | Path, folder: str | Path, settings: RenderSettings
         raise RenderError(reply.get("error", "unknown Blender error"), reply.get("stage", "render"), log)
     info = reply["info"]
     (folder / "info.json").write_text(json.dumps(info, indent=1))
-    (folder / "transforms.json").write_text(json.dumps(transforms_json(settings, c2w, info, offset), indent=1))
-    return load_views(folder, c2w, intrinsics(settings), info)
+    transforms = transforms_json(settings, c2w, eval_c2w, info, offset)
+    (folder / "transforms.json").write_text(json.dumps(transforms, indent=1))
+    return load_views(folder, c2w, eval_c2w, intrinsics(settings), info)
 
 
-def load_views(folder: Path, c2w: np.ndarray, K: np.ndarray, info: dict) -> RenderedViews:
+def load_views(folder: Path, c2w: np.ndarray, eval_c2w: np.ndarray, K: np.ndarray, info: dict) -> RenderedViews:
+    """A render folder → its input views (the first len(c2w) files) and evaluation views (the rest)."""
     from PIL import Image
 
-    rgba = np.stack([np.asarray(Image.open(folder / f"{i:03d}.png").convert("RGBA")) for i in range(len(c2w))])
-    depth = np.load(folder / "depth.npy")
-    return RenderedViews(rgba, depth, c2w, K, info, folder)
+    inputs, count = len(c2w), len(c2w) + len(eval_c2w)
+    rgba = np.stack([np.asarray(Image.open(folder / f"{i:03d}.png").convert("RGBA")) for i in range(count)])
+    depth = np.load(folder / "depth.npy")[:inputs]  # (N, H, W): evaluation views' depth is never read
+    return RenderedViews(rgba[:inputs], depth, c2w, K, rgba[inputs:], eval_c2w, info, folder)
 
 
 def _append(path: Path, line: str) -> None:

@@ -62,15 +62,15 @@ def _tar(path: Path, samples: list[dict]) -> None:
 
 def write_training_shards(folder: Path, shards: int = 4, images: int = 4, clips: int = 2, objects: int = 2,
                           size: int = 32, frames: int = 8) -> dict:
-    """Image, clip and 3D shards as the ingest stages write them (png / npy / npz with views), captions from
-    CAPTIONS; returns {"image"|"video"|"objects": [ShardInfo]}."""
+    """Image, clip and 3D shards as the ingest stages write them (png / npy / npz with input and evaluation
+    views), captions from CAPTIONS; returns {"image"|"video"|"objects": [ShardInfo]}."""
     import io
     import json
 
     import numpy as np
     from PIL import Image
 
-    from atoken.preprocess.render import RenderSettings, camera_poses, intrinsics
+    from atoken.preprocess.render import RenderSettings, camera_poses, eval_camera_poses, intrinsics
     from atoken.train.data import ShardInfo
 
     rng = np.random.default_rng(0)
@@ -98,12 +98,14 @@ def write_training_shards(folder: Path, shards: int = 4, images: int = 4, clips:
         _tar(folder / "video" / f"train-{shard:06d}.tar", samples)
         out["video"].append(ShardInfo(str(folder / "video" / f"train-{shard:06d}.tar"), clips))
         samples = []
-        settings = RenderSettings(views=4, resolution=16)
+        settings = RenderSettings(views=4, eval_views=2, resolution=16)
         for item in range(objects):
             arrays = {"voxels": rng.integers(4, 12, (12, 3)), "features": rng.random((12, 768)).astype(np.float16),
                       "views": rng.integers(0, 256, (4, 16, 16, 4), dtype=np.uint8),
                       "c2w": camera_poses(settings, (0.1, 0.2)).astype(np.float32),
-                      "intrinsics": intrinsics(settings).astype(np.float32)}
+                      "intrinsics": intrinsics(settings).astype(np.float32),
+                      "eval_views": rng.integers(0, 256, (2, 16, 16, 4), dtype=np.uint8),
+                      "eval_c2w": eval_camera_poses(settings, (0.1, 0.2)).astype(np.float32)}
             buffer = io.BytesIO()
             np.savez(buffer, **arrays)
             samples.append({"__key__": f"o{shard}_{item}", "npz": buffer.getvalue(),

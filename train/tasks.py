@@ -3,7 +3,7 @@
     image  reconstruction (L1, LPIPS, Gram, CLIP-perceptual) + understanding (distillation, or sigmoid without a
            teacher)
     video  reconstruction (L1 over real frames) + understanding (sigmoid)
-    3d     reconstruction (L1 over voxel features, Gaussian render loss at held-out views) + understanding (sigmoid)
+    3d     reconstruction (L1 over voxel features, Gaussian render loss at input views) + understanding (sigmoid)
 
 Every task's total is 0.2·L_rec + 1.0·L_sem + 1e-8·L_KL (weights from train.losses). Micro-batches come from
 data streams (train/streams.py): each term is this worker's mean rescaled to the global batch (`WorldShare`),
@@ -76,7 +76,8 @@ class ImageBatch:
 @dataclass
 class ObjectBatch:
     packed: PackedBatch  # voxel tokens of every asset
-    views: list[dict[str, torch.Tensor]]  # per asset: target (V, H, W, 3) in [0, 1], c2w (V, 4, 4), intrinsics
+    # Per asset, its input views only: target (N, H, W, 3) in [0, 1], c2w (N, 4, 4), intrinsics (N, 3, 3).
+    views: list[dict[str, torch.Tensor]]
 
     def to(self, device: torch.device) -> ObjectBatch:
         return ObjectBatch(self.packed.to(device),
@@ -97,7 +98,7 @@ class MicroBatch:
     data: object  # ImageBatch | PackedBatch | ObjectBatch
     parts: list[StreamPart]
     noise: StreamNoise
-    view_seeds: list[int]  # per part: the generator of the 3D task's held-out views
+    view_seeds: list[int]  # per part: the generator of the views the 3D task's render loss draws
     share: WorldShare
 
 
@@ -298,6 +299,9 @@ class VideoTask:
 
 class ObjectTask:
     name = "3d"
+    # Tagged on the training run (atoken.3d_render_loss). The sample's `views` are its input views; its
+    # evaluation views (`eval_views`, what render_3d scores) are never read here, so evaluation stays held out.
+    RENDER_LOSS_VIEWS = "input views only (the sample's views, which the voxel features come from); never eval_views"
 
     def __init__(self, stage: TrainStageSection, losses: LossSection, patch_dim: int = 3072):
         self.stage, self.losses, self.patch_dim = stage, losses, patch_dim
@@ -318,6 +322,7 @@ class ObjectTask:
                 features = torch.from_numpy(arrays["features"].astype(np.float32))  # (V, 768) in [-1, 1]
                 tokens.append(voxel_tokens(torch.from_numpy(arrays["voxels"].astype(np.int64)), features,
                                            self.patch_dim))
+                # `views`/`c2w`: the input views. A sample's eval_views/eval_c2w stay unread (RENDER_LOSS_VIEWS).
                 c2w = torch.from_numpy(arrays["c2w"]).float()  # (N, 4, 4)
                 intrinsics = torch.from_numpy(arrays["intrinsics"]).float()  # (3, 3): one camera model for all
                 target = composite_views(arrays["views"])  # (N, H, W, 3)
@@ -336,7 +341,7 @@ class ObjectTask:
         return {"samples": batch.samples, "tokens": batch.tokens}
 
     def losses_of(self, model, micro: MicroBatch, frozen: Frozen):
-        """L1 over voxel features, the Gaussian render loss at held-out views, the sigmoid loss."""
+        """L1 over voxel features, the Gaussian render loss at `render_views` of the input views, the sigmoid loss."""
         batch, share = micro.data, micro.share
         out = model(batch.packed, quantize=self.stage.quantize, embed=frozen.text_encoder is not None,
                     noise=micro.noise)
@@ -355,7 +360,7 @@ class ObjectTask:
         generators: dict[int, torch.Generator] = {}
         for asset, view in enumerate(batch.views):
             count = view["c2w"].shape[0]
-            # Held-out views from the asset's stream generator: the same views on any worker layout, and on
+            # Input views drawn from the asset's stream generator: the same views on any worker layout, and on
             # a resumed run.
             seed = asset_parts[asset]
             generator = generators.setdefault(seed, torch.Generator().manual_seed(seed))

@@ -1,15 +1,21 @@
 """3D reconstruction metrics: the decoded Gaussians rendered at held-out views, scored against the stored renders.
 
-The views are what `atoken preprocess 3d` keeps in each sample (preprocess/objects.py `load_object_sample`):
-RGBA uint8 renders (V, H, W, 4), camera-to-world matrices in Blender's OpenGL camera frame (x right, y up,
-looking down -z) and pinhole intrinsics in pixels. The renderer (train/model/gaussians.py) takes
-world-to-camera matrices in OpenCV's frame (y down, +z forward), so each pose is flipped on its y and z axes
-and inverted. Ground truth is the RGBA render composited over white, the renderer's background.
+Held out means held out from the voxel features (issue 17): every sample of `atoken preprocess 3d` keeps its
+input views (`views`, `c2w`: what the features were cut from, and what the training render loss sees) apart
+from its evaluation views (`eval_views`, `eval_c2w`: rendered at cameras no input view shares, never voxelised),
+and only the evaluation views are scored here; `held_out_views` picks among them by index, and an input view
+cannot be named at all. Samples ingested before that carry no evaluation views and are not scored (`unscorable`).
+
+The arrays are preprocess/objects.py `load_object_sample`'s: RGBA uint8 renders (E, H, W, 4), camera-to-world
+matrices in Blender's OpenGL camera frame (x right, y up, looking down -z) and (3, 3) pinhole intrinsics in
+pixels, shared by every view. The renderer (train/model/gaussians.py) takes world-to-camera matrices in OpenCV's
+frame (y down, +z forward), so each pose is flipped on its y and z axes and inverted. Ground truth is the RGBA
+render composited over white, the renderer's background.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +25,25 @@ from atoken.evaluate.metrics.ssim import ssim_uint8
 
 RENDERER = "atoken.train.model.gaussians.render_gaussians (gsplat on CUDA, its reference splatter on CPU), white"
 OPENGL_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])
+# The protocol's `views` field: what the scored views are.
+HELD_OUT = (
+    "each sample's evaluation views (eval_views, eval_c2w): rendered at ingest at cameras no input view shares, "
+    "held out from the voxel features and from the training render loss"
+)
+
+
+def unscorable(sample: dict) -> str | None:
+    """Why a sample (load_object_sample's arrays) cannot be scored on held-out views, in one line; None: it can."""
+    if "views" not in sample:
+        return "samples carry no views (preprocess 3D with views kept)"
+    if len(sample.get("eval_views", ())) == 0:
+        return "samples carry no held-out evaluation views (re-ingest 3D, objects.eval_views > 0)"
+    return None
+
+
+def frames_protocol(scored_views: Iterable[int], eval_views: int) -> str:
+    """The protocol's `frames` field: which evaluation views were scored, of how many each sample has."""
+    return f"evaluation views {sorted(set(scored_views))} of {eval_views} per sample (never an input view)"
 
 
 def viewmats_from_c2w(c2w: np.ndarray) -> torch.Tensor:
@@ -63,27 +88,27 @@ def render_views(
 def render_metrics(
     decode_gaussians: Callable[[np.ndarray, np.ndarray], dict[str, torch.Tensor]],
     sample: dict,
-    held_out_views: Sequence[int],
+    held_out_views: Sequence[int] | None = None,
     perceptual: torch.nn.Module | None = None,
     render: Callable | None = None,
 ) -> list[dict[str, float]]:
-    """One asset (load_object_sample's arrays) → per held-out view {"view", "psnr", "ssim"[, "perceptual"]}."""
-    missing = [name for name in ("voxels", "features", "views", "c2w", "intrinsics") if name not in sample]
-    if missing:
+    """One asset (load_object_sample's arrays) → per scored evaluation view {"view" (its index among the
+    evaluation views), "psnr", "ssim"[, "perceptual"]}. `held_out_views`: which evaluation views; None: all."""
+    reason = unscorable(sample)
+    if reason is not None:
+        raise ValueError(f"3D metrics: {reason}")
+    count = len(sample["eval_views"])
+    views = list(range(count)) if held_out_views is None else list(held_out_views)
+    outside = [v for v in views if not 0 <= v < count]
+    if outside or not views:
         raise ValueError(
-            f"3D metrics need the stored views: the sample lacks {', '.join(missing)} (preprocess with views kept)"
+            f"evaluate.held_out_views: {outside or views} do not pick among a sample's {count} evaluation views "
+            "(indices from 0; input views are never scored)"
         )
-    views = [v for v in held_out_views if v < len(sample["views"])]
-    if not views:
-        raise ValueError(
-            f"3D metrics: none of the held-out views {list(held_out_views)} exists in a sample of "
-            f"{len(sample['views'])} views"
-        )
-    truth = composite_on_white(sample["views"][views])  # (v, H, W, 3)
-    intrinsics = sample["intrinsics"]
-    intrinsics = intrinsics[views] if np.asarray(intrinsics).ndim == 3 else intrinsics
+    truth = composite_on_white(sample["eval_views"][views])  # (v, H, W, 3)
     gaussians = decode_gaussians(sample["voxels"], sample["features"])
-    renders = render_views(gaussians, sample["c2w"][views], intrinsics, truth.shape[1:3], render)  # (v, H, W, 3)
+    cameras = sample["eval_c2w"][views]  # (v, 4, 4)
+    renders = render_views(gaussians, cameras, sample["intrinsics"], truth.shape[1:3], render)  # (v, H, W, 3)
     rows = []
     for view, reference, output in zip(views, truth, renders, strict=True):
         row = {"view": view, "psnr": psnr_uint8(reference, output), "ssim": ssim_uint8(reference, output)}

@@ -122,11 +122,12 @@ def test_suite_skips_what_a_tokenizer_cannot_do_and_says_why():
         run_suite(adapter, SuiteSettings(metrics=["fvd"]), photo_samples(2))
 
 
-def object_sample(key: str, views: int = 4, size: int = 32) -> dict:
-    """A 3D shard sample as preprocessing writes it (npz: voxels, features, views, cameras)."""
-    from atoken.preprocess.render import RenderSettings, camera_poses, intrinsics
+def object_sample(key: str, views: int = 4, eval_views: int = 2, size: int = 32) -> dict:
+    """A 3D shard sample as preprocessing writes it (npz: voxels, features, input views and their cameras, and
+    the evaluation views and theirs; eval_views=None: a sample ingested before issue 17, input views only)."""
+    from atoken.preprocess.render import RenderSettings, camera_poses, eval_camera_poses, intrinsics
 
-    settings = RenderSettings(views=views, resolution=size)
+    settings = RenderSettings(views=views, eval_views=eval_views or 0, resolution=size)
     rng = np.random.default_rng(len(key))
     voxels = rng.integers(4, 12, (20, 3))
     arrays = {
@@ -136,6 +137,9 @@ def object_sample(key: str, views: int = 4, size: int = 32) -> dict:
         "c2w": camera_poses(settings, (0.1, 0.2)).astype(np.float32),
         "intrinsics": intrinsics(settings).astype(np.float32),
     }
+    if eval_views is not None:
+        arrays["eval_views"] = rng.integers(0, 256, (eval_views, size, size, 4), dtype=np.uint8)
+        arrays["eval_c2w"] = eval_camera_poses(settings, (0.1, 0.2)).astype(np.float32)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return {"__key__": key, "npz": buffer.getvalue(), "json": b"{}"}
@@ -145,18 +149,36 @@ def test_suite_renders_decoded_gaussians_at_the_held_out_views():
     pytest.importorskip("gsplat")
     torch.manual_seed(0)
     model = Tokenizer.from_preset("tiny", latent_channels=8, patch_size=16, gaussians_per_voxel=2, voxel_grid=16)
-    settings = SuiteSettings(metrics=["psnr", "render_3d"], held_out_views=[1, 3, 9])
-    report = run_suite(
-        adapter_for_model(model.eval(), "atoken"),
-        settings,
-        photo_samples(1),
-        objects=[object_sample("a"), object_sample("bb")],
-    )
+    adapter = adapter_for_model(model.eval(), "atoken")
+    objects = [object_sample("a", eval_views=4), object_sample("bb", eval_views=4)]
+    report = run_suite(adapter, SuiteSettings(metrics=["psnr", "render_3d"], held_out_views=[1, 3]), photo_samples(1),
+                       objects=objects)
     rows = [r for r in report.rows if r["modality"] == "3d"]
-    assert [r["key"] for r in rows] == ["a/view1", "a/view3", "bb/view1", "bb/view3"]  # view 9 does not exist
+    assert [r["key"] for r in rows] == ["a/eval_view1", "a/eval_view3", "bb/eval_view1", "bb/eval_view3"]
     assert report.summary["eval_3d_psnr"] == pytest.approx(np.mean([r["psnr"] for r in rows]))
     assert "eval_3d_perceptual_stand_in" in report.summary
-    assert report.protocols["render_3d"]["samples"] == 2 and "[1, 3]" in report.protocols["render_3d"]["frames"]
+    protocol = report.protocols["render_3d"]
+    assert protocol["samples"] == 2 and protocol["frames"].startswith("evaluation views [1, 3] of 4 per sample")
+    assert "held out from the voxel features" in protocol["views"]
+    # Default: every evaluation view, and only those.
+    every = run_suite(adapter, SuiteSettings(metrics=["render_3d"]), photo_samples(1), objects=objects[:1])
+    assert [r["key"] for r in every.rows if r["modality"] == "3d"] == [f"a/eval_view{i}" for i in range(4)]
+
+
+def test_3d_samples_without_evaluation_views_are_skipped_not_scored_on_their_inputs():
+    """Issue 17: samples ingested before it hold input views only; scoring them would measure the voxel features'
+    own views. render_3d is skipped with the reason, and an index outside the evaluation views fails in one line."""
+    torch.manual_seed(0)
+    model = Tokenizer.from_preset("tiny", latent_channels=8, patch_size=16, gaussians_per_voxel=2, voxel_grid=16)
+    adapter = adapter_for_model(model.eval(), "atoken")
+    settings = SuiteSettings(metrics=["render_3d"])
+    old = run_suite(adapter, settings, photo_samples(1), objects=[object_sample("a", eval_views=None)])
+    reason = "samples carry no held-out evaluation views (re-ingest 3D, objects.eval_views > 0)"
+    assert old.skipped["render_3d"] == reason
+    assert "eval_3d_psnr" not in old.summary and not [r for r in old.rows if r["modality"] == "3d"]
+    outside = run_suite(adapter, SuiteSettings(metrics=["render_3d"], held_out_views=[7]), photo_samples(1),
+                        objects=[object_sample("a")])
+    assert "[7] do not pick among a sample's 2 evaluation views" in outside.skipped["render_3d"]
 
 
 def test_a_quantizing_adapter_decodes_fsq_codes_and_says_so():

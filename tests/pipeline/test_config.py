@@ -136,6 +136,12 @@ def error_for(overrides: list[str], path: Path = QUICKSTART) -> str:
     ("run.name.first=a", "run.name.first", "cannot set a field inside a str"),
     ("storage.multipart_chunk_mb=4", "storage.multipart_chunk_mb", "S3 parts are 5 MiB to 5 GiB"),
     ("storage.multipart_chunk_mb=5121", "storage.multipart_chunk_mb", "S3 parts are 5 MiB to 5 GiB"),
+    # Issue 17: render_3d scores evaluation views only, picked by their index among objects.eval_views.
+    ("objects.eval_views=-1", "objects.eval_views", "must be >= 0"),
+    ("objects.eval_views=0", "objects.eval_views", "render_3d, which scores only evaluation views"),
+    ("evaluate.held_out_views=[3, 7, 11, 15]", "evaluate.held_out_views",
+     "[7, 11, 15] are not among the 4 evaluation views of objects.eval_views (indices from 0); input views are never"),
+    ("evaluate.held_out_views=[1, 1]", "evaluate.held_out_views", "distinct indices"),
 ])
 def test_errors_start_with_the_dotted_field_path(override, field, words):
     message = error_for([override])
@@ -219,3 +225,14 @@ def test_exponent_without_a_dot_is_a_number():
     assert config.train.stages[0].lr == 1e-3
     with pytest.raises(ConfigError, match=r"train.stages\[0\].lr: expected a number"):
         load_config(QUICKSTART, ["train.stages.0.lr=fast"])
+
+
+def test_an_unknown_rfvd_preset_is_refused_naming_the_presets(tmp_path):
+    from atoken.pipeline.config import ConfigError, load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("run:\n  name: x\nevaluate:\n  fvd_preset: tokenbench-v2\n")
+    with pytest.raises(ConfigError, match="evaluate.fvd_preset.*tokenbench, stylegan-v"):
+        load_config(path)
+    path.write_text("run:\n  name: x\nevaluate:\n  fvd_preset: stylegan-v\n")
+    assert load_config(path).evaluate.fvd_preset == "stylegan-v"

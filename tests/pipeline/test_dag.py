@@ -292,3 +292,21 @@ def test_refresh_runs_a_done_stage_again_in_place_and_leaves_the_others(setup):
     assert recorder.calls == ["a"] and outcomes["a"].action == "resumed"
     assert outcomes["a"].state.output == first["a"].state.output
     assert outcomes["b"].action == outcomes["c"].action == "skipped"
+
+
+def test_the_3d_evaluation_views_are_part_of_the_ingest_3d_fingerprint():
+    """Issue 17: objects.eval_views decides what the ingest renders, so changing it must re-run ingest_3d (whose
+    kept renders then miss on the render fingerprint, which holds eval_views too) and nothing else upstream."""
+    from atoken.pipeline import dag
+    from atoken.pipeline.stages import build_stages
+
+    config = PipelineConfig()
+    config.objects.sources = ["builtin:pybullet-named"]
+
+    def prints() -> dict[str, str]:
+        return {s.name: dag.fingerprint(s, config, []) for s in build_stages(config) if s.name.startswith("ingest")}
+
+    before = prints()
+    config.objects.eval_views = 2
+    after = prints()
+    assert after["ingest_3d"] != before["ingest_3d"] and after["ingest"] == before["ingest"]

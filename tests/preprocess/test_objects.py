@@ -4,6 +4,7 @@ assets that break Blender (a failing importer, a hang, a crash)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -30,7 +31,7 @@ from atoken.preprocess.objects import (
     pybullet_data_dir,
 )
 from atoken.preprocess.plan import PartPlan
-from atoken.preprocess.render import RenderSettings
+from atoken.preprocess.render import RenderSettings, camera_offset, camera_poses, eval_camera_poses
 from atoken.preprocess.sources import ItemSpec, SourceError
 from atoken.preprocess.voxels import VoxelSettings
 from atoken.preprocess.writer import manifest_uri, record_uri, shard_uri
@@ -38,7 +39,7 @@ from atoken.preprocess.writer import manifest_uri, record_uri, shard_uri
 from helpers import REPO, commit_part
 
 PYBULLET = pybullet_data_dir()
-SMALL = RenderSettings(views=6, resolution=64, samples=4)
+SMALL = RenderSettings(views=6, eval_views=2, resolution=64, samples=4)
 UIDS = ["0a1b2c3d4e5f60718293a4b5c6d7e8f9", "f0e1d2c3b4a5968778695a4b3c2d1e0f", "5555aaaa5555aaaa5555aaaa5555aaaa"]
 
 
@@ -171,15 +172,16 @@ def test_a_mesh_that_makes_the_importer_fail_is_recorded_and_the_others_land(tmp
     assert features.dtype == np.float16 and features.shape == (len(voxels), 768)
     assert len(np.unique(voxels, axis=0)) == len(voxels)
     assert duck["views"].shape == (6, 64, 64, 4) and duck["c2w"].shape == (6, 4, 4)
+    assert duck["eval_views"].shape == (2, 64, 64, 4) and duck["eval_c2w"].shape == (2, 4, 4)
     assert duck["view_index"].max() < 6
     manifest = {r["key"]: r for r in read_parquet(output / "manifests" / f"{result.shard}.parquet")}
     assert manifest["pybullet_duck"]["voxels"] == len(voxels) and manifest["pybullet_duck"]["views"] == 6
     assert manifest["pybullet_bunny"]["flags"] == ["untextured"] and manifest["pybullet_duck"]["flags"] == []
     # What rendering took is measured for the stats, never written into a sample (the same asset, the same bytes).
-    assert result.measured["render_seconds"] > 0 and result.measured["rendered_views"] == 3 * 6
+    assert result.measured["render_seconds"] > 0 and result.measured["rendered_views"] == 3 * (6 + 2)
     assert result.measured["reused_renders"] == 0
     meta = json.loads(samples["pybullet_duck"]["json"])
-    assert meta["caption"] == "rubber duck" and meta["render"]["views"] == 6
+    assert meta["caption"] == "rubber duck" and meta["render"]["views"] == 6 and meta["eval_views"] == 2
     assert meta["renders"] == "renders/pybullet_duck.tar" and "seconds" not in meta and "seconds" not in meta["render"]
     with tarfile.open(output / "renders" / "pybullet_duck.tar") as kept:  # one object per asset
         assert {"transforms.json", "blender.log", "000.png", "005_depth.exr", "depth.npy"} <= set(kept.getnames())
@@ -200,7 +202,7 @@ def test_a_rebuilt_shard_renders_only_what_never_finished(tmp_path):
     second = commit_part(plan, storage, str(output), settings_for(output))
     after = shard_samples(output / "shards" / f"{second.shard}.tar")
     assert second.samples == 2 and second.measured["reused_renders"] == 1  # the mug's
-    assert second.measured["rendered_views"] == SMALL.views  # the lego's, rendered again
+    assert second.measured["rendered_views"] == SMALL.views + SMALL.eval_views  # the lego's, rendered again
     assert after == before  # same cameras, same renders: the same samples, byte for byte
     # Renders made with other settings are not reused.
     storage.delete(record_uri(str(output), "train-000000-of-000004"))
@@ -219,6 +221,53 @@ def test_an_asset_gives_the_same_shard_bytes_wherever_its_output_lives(tmp_path)
     assert len(shards) == 1
     for relative in (f"shards/{min(shards)}.tar", f"manifests/{min(shards)}.parquet"):
         assert (outputs[0] / relative).read_bytes() == (outputs[1] / relative).read_bytes(), relative
+
+
+def test_evaluation_views_are_rendered_beside_the_inputs_and_never_reach_the_voxel_features(tmp_path, monkeypatch):
+    """Issue 17: every rendered view fed voxelise_views and evaluation scored views 3, 7, 11, 15 of them, so 3D
+    PSNR was measured on its own inputs. The evaluation views are rendered at other cameras, kept apart in the
+    sample, and the voxelisation sees the input views alone: its output is the same with or without them."""
+    import atoken.preprocess.objects as objects
+
+    given_cameras = []
+    voxelise = objects.voxelise_views
+
+    def spy(rgba, depth, c2w, *args):
+        given_cameras.append(np.array(c2w))
+        return voxelise(rgba, depth, c2w, *args)
+
+    monkeypatch.setattr(objects, "voxelise_views", spy)
+    plan = PartPlan("train-000000-of-000004", "train", list_pybullet_objects(named_only=True)[1:2])  # duck
+    storage, samples, results = Storage(), {}, {}
+    for eval_views in (0, 3):
+        output = tmp_path / f"eval_views_{eval_views}"
+        render = dataclasses.replace(SMALL, eval_views=eval_views)
+        results[eval_views] = commit_part(plan, storage, str(output), settings_for(output, render))
+        (sample,) = shard_samples(output / "shards" / f"{results[eval_views].shard}.tar").values()
+        samples[eval_views] = load_object_sample(sample["npz"]), json.loads(sample["json"])
+    inputs = camera_poses(SMALL, camera_offset("pybullet_duck"))  # (6, 4, 4)
+    assert len(given_cameras) == 2 and all(np.array_equal(c2w, inputs) for c2w in given_cameras)
+
+    (without, _), (with_eval, meta) = samples[0], samples[3]
+    for name in ("voxels", "features", "view_index", "views", "c2w", "intrinsics"):
+        assert np.array_equal(without[name], with_eval[name]), name
+    assert len(without["eval_views"]) == 0 and with_eval["eval_views"].shape == (3, 64, 64, 4)
+    assert (meta["views"], meta["eval_views"], results[3].measured["rendered_views"]) == (6, 3, 9)
+    # The stored cameras: the evaluation ones, none at an input camera's position, and renders of the duck.
+    np.testing.assert_allclose(with_eval["eval_c2w"], eval_camera_poses(dataclasses.replace(SMALL, eval_views=3),
+                                                                        camera_offset("pybullet_duck")), atol=1e-6)
+    held_out, seen = (with_eval[name][:, :3, 3] / SMALL.radius for name in ("eval_c2w", "c2w"))  # unit directions
+    angles = np.arccos(np.clip(held_out @ seen.T, -1, 1))  # (3, 6)
+    assert angles.min() > 0.99 / SMALL.views  # eval_camera_angles: >= 1/N rad from every input camera
+    assert all((view[..., 3] > 0).any() for view in with_eval["eval_views"])
+    assert not any(np.array_equal(e, v) for e in with_eval["eval_views"] for v in with_eval["views"])
+
+    # Kept renders are reused only for the same evaluation views: another count renders the asset again.
+    output = tmp_path / "eval_views_3"
+    storage.delete(record_uri(str(output), "train-000000-of-000004"))
+    again = commit_part(plan, storage, str(output), settings_for(output, dataclasses.replace(SMALL, eval_views=1)))
+    (sample,) = shard_samples(output / "shards" / f"{again.shard}.tar").values()
+    assert again.measured["reused_renders"] == 0 and len(load_object_sample(sample["npz"])["eval_views"]) == 1
 
 
 def test_assets_with_a_dropped_flag_become_quality_errors(tmp_path):
@@ -251,7 +300,7 @@ def test_a_hanging_blender_is_killed_at_the_timeout_and_the_next_asset_renders(t
     row = first.error_rows[0]
     assert first.samples == 0 and row["stage"] == "timeout" and "timed out after 2 s" in row["error"]
     log = (output / "renders" / "pybullet_bunny" / "blender.log").read_text()
-    assert "[atoken] view 1/400" in log and "[atoken] killed" in log  # the log up to the kill, then why
+    assert "[atoken] view 1/404" in log and "[atoken] killed" in log  # 400 + 4 evaluation views; then why
     second = commit_part(PartPlan("train-000001-of-000004", "train", [duck]), Storage(), str(output),
                          settings_for(output))
     assert (second.samples, second.errors) == (1, 0)
@@ -311,14 +360,14 @@ def test_preprocess_3d_end_to_end_over_ray_with_resume(tmp_path):
     trimesh.load(PYBULLET / "duck.obj").export(folder / "duck_copy.glb")
     (folder / "broken.glb").write_bytes(b"glTF" + bytes(100))
     out = tmp_path / "out"
-    args = [str(folder), str(out), "--views", "4", "--resolution", "64", "--samples", "4", "--assets-per-shard", "2",
-            "--val-every", "2", "--no-progress"]  # val: broken.glb + duck.obj
+    args = [str(folder), str(out), "--views", "4", "--eval-views", "2", "--resolution", "64", "--samples", "4",
+            "--assets-per-shard", "2", "--val-every", "2", "--no-progress"]  # val: broken.glb + duck.obj
     first = run_3d(args)
     assert first.returncode == 0, first.stderr[-3000:]
     stats = json.loads((out / "_stats.json").read_text())
     assert stats["samples"] == 3 and stats["failures"] == 1 and stats["views"] == 12
     assert stats["seconds_per_view"] > 0 and stats["items_per_second"] > 0 and stats["flagged"]["untextured"] == 1
-    assert stats["views_rendered"] == 12
+    assert stats["views_rendered"] == 3 * (4 + 2)  # the input views, and the evaluation views beside them
     errors = read_parquet(out / "errors.parquet")
     assert errors[0]["stage"] == "import" and errors[0]["locator"].endswith("broken.glb")
     manifest = read_parquet(out / "manifest.parquet")

@@ -20,6 +20,7 @@ from atoken.preprocess.render import (
     RenderSettings,
     camera_offset,
     camera_poses,
+    eval_camera_poses,
     hammersley_sphere,
     intrinsics,
     render_object,
@@ -65,6 +66,33 @@ def test_hammersley_sequence_is_trellis():
     yaw, pitch = hammersley_sphere(4)
     np.testing.assert_allclose(yaw, [0.0, math.pi, math.pi / 2, 3 * math.pi / 2])
     np.testing.assert_allclose(pitch, np.arccos(1 - 2 * np.arange(4) / 4) - math.pi / 2)
+
+
+@pytest.mark.parametrize("views, eval_views", [(1, 1), (6, 2), (16, 4), (8, 20), (150, 4)])
+def test_evaluation_cameras_are_never_input_cameras(views, eval_views):
+    """Issue 17: the views evaluation scores must not be views the voxel features were made from. By camera
+    position, not index: every evaluation camera lies at least 1/N rad (its elevation ring's half step) from
+    every input camera, sits on the same radius looking at the origin, and no two coincide."""
+    settings = RenderSettings(views=views, eval_views=eval_views)
+    for key in ("pybullet_duck", "objaverse_0a1b2c3d", "any asset"):
+        offset = camera_offset(key)
+        inputs, held_out = camera_poses(settings, offset), eval_camera_poses(settings, offset)
+        assert held_out.shape == (eval_views, 4, 4)
+        seen, scored = inputs[:, :3, 3] / settings.radius, held_out[:, :3, 3] / settings.radius  # unit directions
+        np.testing.assert_allclose(np.linalg.norm(scored, axis=1), 1.0)
+        np.testing.assert_allclose(-held_out[:, :3, 2], -scored, atol=1e-12)  # looking down -z at the origin
+        angles = np.arccos(np.clip(scored @ seen.T, -1, 1))  # (E, N)
+        assert angles.min() >= 1 / views - 1e-9, key
+        assert (scored @ scored.T - 2 * np.eye(eval_views)).max() < 1 - 1e-9  # distinct among themselves
+    assert len(eval_camera_poses(RenderSettings(views=views, eval_views=0), (0.5, 0.0))) == 0
+
+
+def test_the_evaluation_views_are_part_of_what_makes_renders_reusable():
+    """A kept render is reused only under an equal fingerprint: another eval_views count must render again."""
+    assert RenderSettings(eval_views=2).fingerprint() != RenderSettings(eval_views=4).fingerprint()
+    assert PRESETS["release"].eval_views == 4
+    with pytest.raises(ValueError, match="eval_views"):
+        RenderSettings(eval_views=-1).validate()
 
 
 def test_presets_are_the_release_and_trellis_renders():
@@ -342,7 +370,10 @@ def test_the_render_folder_holds_a_nerf_dataset(rendered):
     assert transforms["camera_angle_x"] == pytest.approx(math.radians(40))
     assert len(transforms["frames"]) == SMALL.views
     np.testing.assert_allclose(np.array([f["transform_matrix"] for f in transforms["frames"]]), views.c2w)
+    # The evaluation views are numbered after the inputs, listed apart (NeRF tools read `frames` only).
+    assert [f["file_path"] for f in transforms["eval_frames"]] == ["008.png", "009.png", "010.png", "011.png"]
+    np.testing.assert_allclose(np.array([f["transform_matrix"] for f in transforms["eval_frames"]]), views.eval_c2w)
     names = {p.name for p in Path(views.folder).iterdir()}
-    assert {"blender.log", "info.json", "depth.npy", "000.png", "000_depth.exr"} <= names
+    assert {"blender.log", "info.json", "depth.npy", "000.png", "000_depth.exr", "011.png"} <= names
     log = (views.folder / "blender.log").read_text()
-    assert "[atoken] view 8/8" in log and "s/view" in log
+    assert "[atoken] view 12/12" in log and "s/view" in log  # 8 input and 4 evaluation views

@@ -1,5 +1,5 @@
 """The curriculum's tasks (train/tasks.py), their data streams and draws (train/streams.py) and frozen networks
-(train/frozen.py): the global share of each loss, the packed image path."""
+(train/frozen.py): the global share of each loss, the packed image path, the 3D render loss's views."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from atoken.train.streams import (
     worker_streams,
     world_share,
 )
-from atoken.train.tasks import ImageBatch, ImageTask, MicroBatch, build_tasks
+from atoken.train.tasks import ImageBatch, ImageTask, MicroBatch, ObjectTask, build_tasks
 
 from helpers import write_training_shards
 
@@ -155,3 +155,44 @@ def test_the_caption_cache_stays_bounded_and_keeps_what_repeats(monkeypatch):
         frozen.text(["a photo of a cat", f"file_{index:04d}.png"])
     assert len(frozen._text_cache) == 4 and "a photo of a cat" in frozen._text_cache
     assert torch.equal(frozen.text(["a photo of a cat"])[0], frozen.text_encoder(["a photo of a cat"])[0])
+
+
+def test_the_3d_render_loss_sees_input_views_only(shards, monkeypatch):
+    """Issue 17: what render_3d scores (a sample's eval_views) must stay held out from training too. The task's
+    targets and the cameras its Gaussians are rendered at are the sample's input views, never its evaluation
+    views, and the task says so (the run's atoken.3d_render_loss tag)."""
+    import atoken.train.tasks as tasks_module
+    from atoken.preprocess.objects import load_object_sample
+    from atoken.train.data import ShardStream, read_shard
+    from atoken.train.losses.render import composite_views
+
+    stage = TrainStageSection(tasks=["3d"], objects_per_batch=2, render_views=4)
+    task = ObjectTask(stage, LossSection(render_lpips=0.0))
+    batch, _ = next(task.batches(ShardStream(shards.objects[:1], Storage(), 0), 0))
+    samples = [load_object_sample(sample["npz"]) for sample in read_shard(Storage(), shards.objects[0].uri)]
+    assert all(len(arrays["eval_views"]) > 0 for arrays in samples)  # the fixture's samples hold evaluation views
+    for view, arrays in zip(batch.views, samples, strict=True):  # one shard, read in order
+        assert torch.equal(view["target"], composite_views(arrays["views"]))  # the input views, all of them
+        assert torch.equal(view["c2w"], torch.from_numpy(arrays["c2w"]))
+
+    rendered_at = []
+    render = tasks_module.render_views
+
+    def spy(gaussians, c2w, *args):
+        rendered_at.append(c2w.clone())
+        return render(gaussians, c2w, *args)
+
+    monkeypatch.setattr(tasks_module, "render_views", spy)
+    torch.manual_seed(0)
+    model = Tokenizer.from_preset("tiny", latent_channels=8, patch_size=16, gaussians_per_voxel=2, voxel_grid=16)
+    frozen = Frozen(task.losses, torch.device("cpu"), need_perceptual=False, need_text=False)
+    parts = [StreamPart(0, batch.samples, batch.tokens)]
+    share = world_share(batch.packed.captions, task.counts(batch, parts), 1)
+    task.losses_of(model, MicroBatch(batch, parts, StreamNoise(parts, [7]), [8], share), frozen)
+    inputs = torch.cat([view["c2w"] for view in batch.views])  # (2 * 4, 4, 4)
+    held_out = torch.cat([torch.from_numpy(arrays["eval_c2w"]) for arrays in samples])
+    for cameras in rendered_at:
+        for camera in cameras:
+            assert any(torch.equal(camera, c) for c in inputs)
+            assert not any(torch.allclose(camera, c, atol=1e-3) for c in held_out)
+    assert len(rendered_at) == 2 and "input views only" in ObjectTask.RENDER_LOSS_VIEWS

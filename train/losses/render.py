@@ -1,5 +1,6 @@
-"""The 3D reconstruction term (spec "3D output"): decoded Gaussians rendered at held-out views of the asset,
-compared with Blender's renders: L1 1.0 + LPIPS 0.2 + (1 − SSIM) 0.2.
+"""The 3D reconstruction term (spec "3D output"): decoded Gaussians rendered at input views of the asset (never
+its evaluation views, which evaluate/metrics/render3d.py scores), compared with Blender's renders: L1 1.0 +
+LPIPS 0.2 + (1 − SSIM) 0.2.
 
 Cameras come from the preprocessed sample (preprocess/objects.py): c2w in Blender's OpenGL camera frame
 (y up, looking down −z) and pinhole intrinsics in pixels; gsplat wants world-to-camera in OpenCV's frame.
