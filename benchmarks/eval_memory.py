@@ -14,6 +14,7 @@ similarity matrix, at the sizes where that fits in this machine's memory.
 
     .venv/bin/python benchmarks/eval_memory.py --sizes 5000 50000 --before-sizes 5000 20000 \\
         --out benchmarks/results/eval-memory-cpu.json
+    python benchmarks/eval_memory.py --inception cuda --sizes 5000 50000 --before-sizes   (benchmarks/gpu/run_all.sh)
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ CHILD = r"""
 import hashlib, io, json, resource, sys, time
 import numpy as np, torch
 from PIL import Image
-count, mode = int(sys.argv[1]), sys.argv[2]
+count, mode, device = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 torch.set_num_threads(2)
 import atoken.evaluate.suite as suite
 import atoken.train.model.text_encoder as text_encoder
@@ -84,7 +85,12 @@ class Features:
         return pooled @ features_projection  # (B, 2048)
 
 text_encoder.cached_text_encoder = lambda path=None: Text()
-suite.shared_network = lambda kind, path=None: Features()
+if device == "stand-in":
+    suite.shared_network = lambda kind, path=None: Features()
+else:  # the real Inception network on `device` (benchmarks/gpu/run_all.sh: cuda)
+    from atoken.evaluate.metrics.fid import InceptionFeatures
+    inception = InceptionFeatures(device=device)
+    suite.shared_network = lambda kind, path=None: inception
 adapter = TokenizerAdapter(name="synthetic", encode=encode, decode=decode, embed=embed)
 settings = suite.SuiteSettings(metrics=["psnr", "ssim", "rfid", "retrieval"], batch_size=64)
 data = list(samples()) if mode == "before" else samples()  # the old stage read every shard into one list
@@ -94,18 +100,19 @@ with torch.no_grad():
 seconds = time.perf_counter() - started
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 keys = ("eval_psnr", "eval_ssim", "eval_rfid", "eval_text_to_image_r1", "eval_image_to_text_r1")
-print(json.dumps({"samples": count, "mode": mode, "seconds": round(seconds, 1), "peak_rss_mib": round(peak),
+print(json.dumps({"samples": count, "mode": mode, "inception": device, "seconds": round(seconds, 1),
+                  "peak_rss_mib": round(peak),
                   "summary": {k: round(report.summary[k], 6) for k in keys if k in report.summary},
                   "skipped": report.skipped}))
 """
 
 
-def run(count: int, mode: str, before_tree: Path | None) -> dict:
+def run(count: int, mode: str, before_tree: Path | None, inception: str = "stand-in") -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="2")
     if mode == "before":
         env["PYTHONPATH"] = str(before_tree)  # ahead of the editable install: the old package is imported
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", CHILD, str(count), mode], env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-c", CHILD, str(count), mode, inception], env=env, capture_output=True,
                             text=True, cwd=tempfile.gettempdir())
     if result.returncode != 0:
         return {"samples": count, "mode": mode, "error": result.stderr.strip().splitlines()[-1][:300],
@@ -117,19 +124,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000])
     parser.add_argument("--before-sizes", type=int, nargs="*", default=[5000, 20000])
+    parser.add_argument("--inception", default="stand-in",
+                        help="stand-in (a random projection), or a device for the real network (cuda, cpu)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as folder:
-        tree = Path(folder) / "atoken"
-        tree.mkdir()
-        archive = subprocess.run(["git", "archive", BEFORE], cwd=REPO, capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        if args.before_sizes:  # the old code from git (a device machine's copy of the tree may have no .git)
+            tree = Path(folder) / "atoken"
+            tree.mkdir()
+            archive = subprocess.run(["git", "archive", BEFORE], cwd=REPO, capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
         for count in args.before_sizes:
-            results.append(run(count, "before", Path(folder)))
+            results.append(run(count, "before", Path(folder), args.inception))
             print(json.dumps(results[-1]), flush=True)
         for count in args.sizes:
-            results.append(run(count, "streaming", None))
+            results.append(run(count, "streaming", None, args.inception))
             print(json.dumps(results[-1]), flush=True)
     streaming = [r for r in results if r["mode"] == "streaming" and "error" not in r]
     growth = {}
@@ -142,8 +152,9 @@ def main() -> None:
         "command": "python benchmarks/eval_memory.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),
-        "stand_ins": "tokenizer: input + fixed noise; Inception: random projection of 8x8-pooled pixels to 2048-d; "
-                     "text encoder: caption hash to 64-d (the suite's own time and memory, not the networks')",
+        "stand_ins": "tokenizer: input + fixed noise; text encoder: caption hash to 64-d; Inception: "
+                     + ("random projection of 8x8-pooled pixels to 2048-d (the suite's own time and memory, not the "
+                        "networks')" if args.inception == "stand-in" else f"the real network on {args.inception}"),
         "before": f"git {BEFORE}: every sample in one list, dense retrieval matrix",
         "results": results,
         "streaming_growth": growth,

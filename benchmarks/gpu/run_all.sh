@@ -35,6 +35,16 @@ if [ "$PART" = train ] || [ "$PART" = all ]; then
   fi
   [ "$PART" = train ] && exit 0
 fi
+# Issue 17 item 4: the evaluation suite at 5k and 50k samples with the real Inception network on the GPU
+# (peak RSS flat, time linear); needs pyarrow, scikit-image and PIL, skipped with the reason where they are absent.
+if "$PYTHON" -c "import pyarrow, skimage, PIL" 2>/dev/null; then
+  sizes="5000 50000"; [ "$DEVICE" = cpu ] && sizes="100 1000"
+  # shellcheck disable=SC2086
+  "$PYTHON" benchmarks/eval_memory.py --inception "$DEVICE" --sizes $sizes --before-sizes \
+    --out "benchmarks/results/eval-memory-$name.json" || echo "eval_memory failed (see above)"
+else
+  echo "skipping benchmarks/eval_memory.py: pyarrow, scikit-image or PIL is not installed on this machine"
+fi
 out="benchmarks/results/model-throughput-$name.json"
 "$PYTHON" benchmarks/gpu/bench_model.py --device "$DEVICE" --out "$out"
 echo "results: $out"
