@@ -152,7 +152,8 @@ def combined(reports: dict[str, SuiteReport]) -> tuple[dict[str, float], dict[st
         for key, value in report.summary.items():
             metric = report.metric_protocols[key]
             same = (
-                metric in first.protocols and differing_field(first.protocols[metric], report.protocols[metric]) is None
+                metric in first.protocols
+                and differing_field(first.protocols[metric], report.protocols[metric], ignore=()) is None
             )
             if not same:
                 protocols[f"{name}.{metric}"] = report.protocols[metric]

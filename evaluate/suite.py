@@ -158,13 +158,14 @@ def shared_network(kind: str, path: str | None = None):
     """One copy per process of each frozen feature network: a baseline scored after the tokenizer reuses it."""
     from atoken.evaluate.metrics import fid, i3d, lpips
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # at 50k samples the networks are most of the time
     if kind == "inception":
-        return fid.InceptionFeatures()
+        return fid.InceptionFeatures(device=device)
     if kind == "i3d":
-        return i3d.load_i3d(i3d.default_i3d_path())
+        return i3d.load_i3d(i3d.default_i3d_path()).to(device)
     if kind == "i3d_torchscript":
-        return i3d.TorchscriptI3D(path)
-    return lpips.LPIPS(path) if kind == "lpips" else lpips.PerceptualStandIn()
+        return i3d.TorchscriptI3D(path).to(device)
+    return (lpips.LPIPS(path) if kind == "lpips" else lpips.PerceptualStandIn()).to(device)
 
 
 def perceptual_distances(network: torch.nn.Module, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[float]:
@@ -180,6 +181,8 @@ def perceptual_distances(network: torch.nn.Module, pairs: list[tuple[np.ndarray,
             torch.from_numpy(np.stack([pairs[i][side] for i in indices])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
             for side in (0, 1)
         )  # (B, 3, H, W) each
+        device = next(network.parameters(), torch.empty(0)).device
+        x, y = x.to(device), y.to(device)
         for index, value in zip(indices, network(x, y).tolist(), strict=True):
             out[index] = float(value)
     return out
@@ -222,6 +225,7 @@ class Suite:
         self.rows = RowLog()
         self.skipped: dict[str, str] = {}
         self.failed: set[str] = set()
+        self.sample_failures: dict[str, list] = {}  # modality → [count, the first sample's key and reason]
         # per modality: what each sample was, its pooled embedding (understanding) and (source, caption)
         self.identity = {"image": DataIdentity(), "video": DataIdentity(), "3d": DataIdentity()}
         self.embeddings: dict[str, list[torch.Tensor]] = {"image": [], "video": []}
@@ -245,6 +249,14 @@ class Suite:
             for name in names:
                 self.failed.add(name)
                 self.skipped[name] = reason
+
+    def sample_failed(self, modality: str, sample: dict, exc: Exception) -> None:
+        """A sample no metric could score: counted under `<modality> samples` with the first key and reason."""
+        entry = self.sample_failures.setdefault(modality, [0, f"{sample.get('__key__')}: {type(exc).__name__}: "
+                                                              f"{(str(exc).splitlines() or [''])[0]}"[:300]])
+        entry[0] += 1
+        self.skipped[f"{modality} samples"] = f"{entry[0]} not scored (first: {entry[1]})"
+        log.warning("evaluation: %s sample %s not scored: %s", modality, sample.get("__key__"), exc)
 
     def record(self, metric: str, values: dict[str, float], fields: dict[str, Any]) -> None:
         self.protocols[metric] = fields
@@ -405,7 +417,8 @@ class Suite:
             feature_network_sha256=fields["weights_sha256" if stand_in else "backbone_sha256"],
             implementation=chain(lpips.__file__),
             stand_in="EfficientNet-Lite0 features, NOT LPIPS" if stand_in else False,
-            definition={k: v for k, v in fields.items() if k not in ("weights", "backbone_file")},
+            # file paths differ between machines and environments; their sha256 fields identify the files
+            definition={k: v for k, v in fields.items() if k not in ("weights", "backbone_file", "heads")},
         )
 
     def _rfid(self, samples: Iterable[dict], common: dict, resolution: str) -> None:
@@ -455,7 +468,7 @@ class Suite:
         from atoken.train.data import decode_media
 
         fvd_limit = self.settings.fvd_clips if self.settings.fvd_clips is not None else float("inf")
-        fvd_used, too_short, frame_counts = 0, {}, set()
+        fvd_used, too_short, frame_counts, fvd_identity, fvd_frames = 0, {}, set(), DataIdentity(), set()
         perceptual = None
         if self.on("video_lpips", "lpips"):
             with self.guard("video_lpips"):
@@ -468,10 +481,14 @@ class Suite:
         grid: list[list[np.ndarray]] = []
         pending: list[tuple[torch.Tensor, dict]] = []
         for sample in tqdm(samples, desc="evaluate: clips", unit="clip", disable=not self.progress, leave=False):
-            clip = decode_media(sample)  # (T, 3, H, W)
-            (decoded,) = self.adapter.reconstruct(self.to_device([clip]))
-            reference = np.stack([to_uint8(frame) for frame in clip])  # (T, H, W, 3)
-            reconstruction = np.stack([to_uint8(frame.cpu()) for frame in decoded])  # (T, H, W, 3)
+            try:  # one clip that cannot be decoded or coded is counted with its reason; the others go on
+                clip = decode_media(sample)  # (T, 3, H, W)
+                (decoded,) = self.adapter.reconstruct(self.to_device([clip]))
+                reference = np.stack([to_uint8(frame) for frame in clip])  # (T, H, W, 3)
+                reconstruction = np.stack([to_uint8(frame.cpu()) for frame in decoded])  # (T, H, W, 3)
+            except Exception as exc:  # noqa: BLE001 - recorded, never silent
+                self.sample_failed("video", sample, exc)
+                continue
             self.identity["video"].add(sample)
             frame_counts.add(len(reference))
             row = {"key": sample["__key__"], "modality": "video", "source": sample_meta(sample).get("source", ""),
@@ -494,6 +511,8 @@ class Suite:
                     with self.guard("rfvd"):
                         accumulator.update([reference], [reconstruction])
                         fvd_used += 1
+                        fvd_identity.add(sample)
+                        fvd_frames.add(len(reference))
             if len(grid) < 2:
                 grid += [list(reference[::4]), list(reconstruction[::4])]
             pending.append((clip, sample))
@@ -543,7 +562,8 @@ class Suite:
                     "rfvd",
                     {"eval_rfvd": accumulator.compute()},
                     protocol(
-                        **common | {"samples": fvd_used},
+                        **common | {"samples": fvd_used, "data": fvd_identity.digest(), "frames": (
+                            min(fvd_frames) if len(fvd_frames) == 1 else json.dumps(sorted(fvd_frames)))},
                         feature_network=fields["network"],
                         feature_network_sha256=fields["weights_sha256"],
                         implementation=chain(fvd.__file__, i3d.__file__, frechet.__file__, to_uint8, decode_media,
@@ -689,23 +709,38 @@ class Suite:
         from atoken.evaluate.metrics import render3d
         from atoken.preprocess.objects import load_object_sample
 
-        perceptual = self._perceptual()
+        perceptual = None
+        with self.guard("render_3d perceptual"):  # without it, PSNR and SSIM are still scored
+            perceptual = self._perceptual()
         per_view: list[dict[str, float]] = []
         eval_views = 0
         for sample in tqdm(samples, desc="evaluate: 3D", disable=not self.progress, leave=False):
-            arrays = load_object_sample(sample["npz"])
+            try:  # one asset that cannot be scored (no evaluation views, a bad file) is counted with its reason
+                arrays = load_object_sample(sample["npz"])
+                reason = render3d.unscorable(arrays)
+                if reason is not None:
+                    raise ValueError(reason)
+                views = render3d.render_metrics(self.adapter.decode_gaussians, arrays, self.settings.held_out_views,
+                                                perceptual=perceptual[1] if perceptual else None)
+            except Exception as exc:  # noqa: BLE001 - recorded, never silent
+                self.sample_failed("3d", sample, exc)
+                continue
             self.identity["3d"].add(sample)
-            views = render3d.render_metrics(
-                self.adapter.decode_gaussians, arrays, self.settings.held_out_views, perceptual=perceptual[1]
-            )
             eval_views = len(arrays["eval_views"])
             size = "x".join(str(n) for n in arrays["eval_views"].shape[1:3])
             for view in views:
-                row = {"key": f"{sample['__key__']}/eval_view{view['view']}", "modality": "3d", "resolution": size}
-                row |= {"psnr": view["psnr"], "ssim": view["ssim"], perceptual[0]: view["perceptual"]}
+                row = {"key": f"{sample['__key__']}/eval_view{view['view']}", "modality": "3d", "resolution": size,
+                       "psnr": view["psnr"], "ssim": view["ssim"]}
+                if perceptual:
+                    row[perceptual[0]] = view["perceptual"]
                 self.rows.append(row)
-            per_view += [{k: view[k] for k in ("view", "psnr", "ssim", "perceptual")} for view in views]
-        names = ("psnr", "ssim", "perceptual")
+            per_view += [{k: view[k] for k in ("view", "psnr", "ssim", "perceptual") if k in view} for view in views]
+        if not per_view:
+            self.skipped["render_3d"] = f"no 3D sample could be scored ({self.skipped.get('3d samples', '')})"
+            return
+        names = ("psnr", "ssim", "perceptual") if perceptual else ("psnr", "ssim")
+        network = ({k: v for k, v in self._perceptual_fields(perceptual[1]).items() if k != "implementation"}
+                   if perceptual else dict(feature_network="none", feature_network_sha256="none", stand_in=False))
         self.record(
             "render_3d",
             {f"eval_3d_{n if n != 'perceptual' else perceptual[0]}": np.mean([v[n] for v in per_view]) for n in names},
@@ -717,7 +752,7 @@ class Suite:
                 data=self.identity["3d"].digest(),
                 frames=render3d.frames_protocol((v["view"] for v in per_view), eval_views),
                 views=render3d.HELD_OUT,
-                **{k: v for k, v in self._perceptual_fields(perceptual[1]).items() if k != "implementation"},
+                **network,
                 implementation=chain(render3d.__file__, load_object_sample),
                 renderer=render3d.RENDERER,
                 latent=self.adapter.latent,

@@ -466,6 +466,8 @@ def validate(config: PipelineConfig) -> None:
     validate_held_out_views(config)
     from atoken.evaluate.metrics.fvd import PRESETS
 
+    require(config.evaluate.i3d_torchscript is None or Path(config.evaluate.i3d_torchscript).is_file(),
+            "evaluate.i3d_torchscript", f"{config.evaluate.i3d_torchscript} is not a file")
     require(config.evaluate.fvd_preset in PRESETS, "evaluate.fvd_preset",
             f"{config.evaluate.fvd_preset!r} is not an rFVD preset (known: {', '.join(PRESETS)})")
 

@@ -113,7 +113,9 @@ def render_metrics(
     for view, reference, output in zip(views, truth, renders, strict=True):
         row = {"view": view, "psnr": psnr_uint8(reference, output), "ssim": ssim_uint8(reference, output)}
         if perceptual is not None:
-            pair = [torch.from_numpy(x).permute(2, 0, 1)[None].float() / 127.5 - 1.0 for x in (reference, output)]
+            device = next(perceptual.parameters(), torch.empty(0)).device
+            pair = [torch.from_numpy(x).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1.0
+                    for x in (reference, output)]
             row["perceptual"] = float(perceptual(*pair)[0])
         rows.append(row)
     return rows

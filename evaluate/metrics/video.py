@@ -66,7 +66,7 @@ def video_lpips(reference: np.ndarray, reconstruction: np.ndarray, network: torc
     """(T, H, W, 3) uint8 each → the mean over frames of LPIPS; `network(x, y)` on (B, 3, H, W) in [-1, 1] → (B,)
     (lpips.LPIPS, or the declared PerceptualStandIn). Frames go through in chunks: one value per frame either way."""
     check_pair(reference, reconstruction)
-    device = next(network.parameters()).device
+    device = next(network.parameters(), torch.empty(0)).device
     values: list[float] = []
     for start in range(0, len(reference), chunk):
         x = lpips_input(reference[start:start + chunk]).to(device)  # (t, 3, H, W)

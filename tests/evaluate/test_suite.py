@@ -17,7 +17,7 @@ from atoken.evaluate.metrics.psnr import psnr_uint8
 from atoken.evaluate.protocols import COMMON_FIELDS
 from atoken.evaluate.reconstruction import to_uint8
 from atoken.evaluate.report import images, render_markdown
-from atoken.evaluate.suite import SuiteSettings, run_suite
+from atoken.evaluate.suite import SuiteReport, SuiteSettings, run_suite
 from atoken.train.model import ConvVAE, Tokenizer
 
 PHOTOS = Path(importlib.util.find_spec("skimage").origin).parent / "data"
@@ -334,3 +334,24 @@ def test_a_clip_too_short_for_i3d_is_skipped_with_its_reason_and_the_rest_scored
     (decoded,) = adapter.reconstruct([clip])
     expected = video_psnr(np.stack([to_uint8(f) for f in clip]), np.stack([to_uint8(f) for f in decoded]))
     assert video_rows[0]["psnr"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_a_clip_that_cannot_be_decoded_is_counted_and_the_others_scored():
+    clips = [*clip_samples(2), {"__key__": "broken", "npy": b"not a numpy file", "json": b"{}"}]
+    settings = SuiteSettings(metrics=["psnr", "ssim"])
+    report = run_suite(adapter_for_model(tiny_tokenizer(), "atoken"), settings, photo_samples(2), clips)
+    assert report.skipped["video samples"].startswith("1 not scored (first: broken: ")
+    assert [r["key"] for r in report.rows if r["modality"] == "video"] == ["clip_0", "clip_1"]
+    assert report.protocols["video_psnr"]["samples"] == 2 and "eval_psnr" in report.summary
+
+
+def test_the_baseline_keeps_its_own_protocol_when_only_its_latent_differs():
+    from atoken.evaluate.stage import combined
+
+    fields = {"samples": 2, "latent": "FSQ-quantized posterior mean"}
+    first = SuiteReport({"eval_psnr": 20.0}, {"psnr": fields}, {"eval_psnr": "psnr"}, [], [[], []], [])
+    baseline = SuiteReport({"eval_psnr": 19.0}, {"psnr": fields | {"latent": "posterior mean (no sampling)"}},
+                           {"eval_psnr": "psnr"}, [], [[], []], [])
+    _, protocols, metric_protocols = combined({"atoken": first, "baseline": baseline})
+    assert metric_protocols["baseline_eval_psnr"] == "baseline.psnr"
+    assert protocols["baseline.psnr"]["latent"] == "posterior mean (no sampling)"

@@ -216,5 +216,7 @@ def test_a_list_file_lands_with_its_captions_and_the_val_split_of_val_every(loca
     assert [e["key"] for e in errors] == [rocket] and "2000-pixel cap" in errors[0]["error"]
     stats = json.loads(captured.out[captured.out.index("{"):])
     splits = [split for split, _ in expected.values()]
-    assert stats["items"] == 5 and stats["samples_val"] == splits.count("val") and "train" in splits
+    # Which split each key lands in follows the hash of keys that hold this run's tmp path, so all four may land
+    # in one split; the split rule itself (one in val_every, stable) is tested in tests/preprocess/test_writer.py.
+    assert stats["items"] == 5 and stats["samples_val"] == splits.count("val")
     assert stats["samples_train"] == splits.count("train")
