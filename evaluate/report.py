@@ -50,14 +50,6 @@ def group_rows(report: SuiteReport, by: int) -> list[list[Any]]:
     return out
 
 
-def per_resolution_rows(report: SuiteReport) -> list[list[Any]]:
-    return group_rows(report, 1)
-
-
-def per_source_rows(report: SuiteReport) -> list[list[Any]]:
-    return group_rows(report, 2)
-
-
 def sample_count(report: SuiteReport, key: str) -> str:
     """The samples behind a summary number, with a warning where a Fréchet distance used too few to stand beside
     published tables (it is biased upwards at small counts)."""
@@ -146,22 +138,11 @@ def render_markdown(
     skipped = [[n, metric, why] for n in names for metric, why in sorted(reports[n].skipped.items())]
     if skipped:
         lines += ["## Not measured", "", markdown_table(["tokenizer", "metric", "why"], skipped), ""]
-    lines += ["## Per resolution", ""]
-    for name in names:
-        lines += [
-            f"### {name}",
-            "",
-            markdown_table(["modality", "resolution", "samples", *PER_SAMPLE], per_resolution_rows(reports[name])),
-            "",
-        ]
-    lines += ["## Per source", ""]
-    for name in names:
-        lines += [
-            f"### {name}",
-            "",
-            markdown_table(["modality", "source", "samples", *PER_SAMPLE], per_source_rows(reports[name])),
-            "",
-        ]
+    for title, column, by in (("Per resolution", "resolution", 1), ("Per source", "source", 2)):
+        lines += [f"## {title}", ""]
+        for name in names:
+            table = markdown_table(["modality", column, "samples", *PER_SAMPLE], group_rows(reports[name], by))
+            lines += [f"### {name}", "", table, ""]
     lines += ["## Images", ""]
     for name in names:
         for suffix, caption in (
