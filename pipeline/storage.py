@@ -32,7 +32,8 @@ class StorageError(RuntimeError):
         self.permanent = permanent
 
 
-# Tries of an S3 GET whose body is cut mid-way, and the first backoff (doubled after each try).
+# Tries of an S3 GET whose body is cut mid-way, and the first backoff (doubled after each try). A streaming read
+# (open_read) counts only the tries in a row that brought no new byte.
 BODY_ATTEMPTS = 4
 BODY_BACKOFF_S = 0.2
 
@@ -177,11 +178,11 @@ class Storage:
         raise StorageError(f"cannot read {uri}: its body was cut off on {BODY_ATTEMPTS} tries (last: {problem})")
 
     def open_read(self, uri: str) -> BinaryIO:
-        """A streaming reader: the whole object is never held in memory."""
+        """A streaming reader: the whole object is never held in memory. On S3 a body cut mid-way is resumed from
+        the byte it stopped at (see _S3ObjectReader), and a read that cannot be completed raises StorageError:
+        it never ends early."""
         if is_s3(uri):
-            bucket, key = split_s3(uri)
-            with self._s3_errors(uri):
-                return self.client.get_object(Bucket=bucket, Key=key)["Body"]
+            return io.BufferedReader(_S3ObjectReader(self, uri))
         try:
             return open(local_path(uri), "rb")
         except OSError as exc:
@@ -503,6 +504,109 @@ class Storage:
                 return StorageError(f"no such object {uri}", permanent=True)
             return StorageError(f"S3 error {code} for {where}")
         return StorageError(f"storage error for {where}: {type(exc).__name__}: {exc}")
+
+
+class _S3ObjectReader(io.RawIOBase):
+    """One S3 object's body as a stream that outlives a cut connection. botocore retries a GET that fails (5xx,
+    503 SlowDown), not the reading of a body cut after its headers, and its StreamingBody raises mid-read (the
+    IncompleteReadError that stopped training behind a proxy cutting 10% of GETs, issue 19). This reader keeps its
+    byte offset, the first answer's Content-Length and ETag, and on a cut (an error of _body_errors(), or the
+    body ending before the object's size) asks again for the rest, `Range: bytes=<offset>-` and If-Match the
+    ETag: a replaced object fails that GET (412) and raises a permanent StorageError, so the bytes read are one
+    version of the object, never two stitched together. BODY_ATTEMPTS tries in a row that bring no new byte, with
+    backoff, then a StorageError; a try that brings bytes starts the count again, so a long read with the odd cut
+    completes."""
+
+    def __init__(self, storage: Storage, uri: str):
+        super().__init__()
+        self._storage = storage
+        self._uri = uri
+        self._offset = 0
+        self._failures = 0  # tries in a row that brought no new byte
+        self._body = None  # before the first GET, which may raise: close() (run by __del__ too) reads it
+        answer = self._get()
+        self._size: int = answer["ContentLength"]
+        self._etag: str | None = answer.get("ETag")
+        self._body = answer["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        from botocore.exceptions import FlexibleChecksumError
+
+        while len(buffer) > 0 and self._body is not None:
+            problem = "the body ended before its Content-Length"
+            try:
+                count = self._body.readinto(buffer)
+            except _body_errors() as exc:
+                count, problem = 0, type(exc).__name__
+            except FlexibleChecksumError as exc:
+                raise StorageError(f"cannot read {self._uri}: its bytes do not match the checksum S3 sent") from exc
+            if count:
+                self._offset += count
+                self._failures = 0
+                return count
+            if self._offset >= self._size:  # the object's end, read up to the body's own: botocore checked it there
+                self._close_body()
+                return 0
+            self._resume(problem)
+        return 0
+
+    def close(self) -> None:
+        self._close_body()
+        super().close()
+
+    def _resume(self, problem: str) -> None:
+        """A GET for the rest of the object from the current offset, after backoff; raises when BODY_ATTEMPTS
+        tries in a row have brought nothing."""
+        self._close_body()
+        if self._etag is None:  # nothing to hold the rest to the same version: never stitch
+            raise StorageError(f"cannot read {self._uri}: its body was cut off ({problem}) and it has no ETag to "
+                               "resume it by")
+        while True:
+            self._failures += 1
+            if self._failures >= BODY_ATTEMPTS:
+                # No byte counts in the line: callers classify failures by the codes a message names.
+                raise StorageError(f"cannot read {self._uri}: its body was cut off on {BODY_ATTEMPTS} tries in a "
+                                   f"row (last: {problem})")
+            time.sleep(BODY_BACKOFF_S * 2 ** (self._failures - 1))
+            try:
+                answer = self._get(Range=f"bytes={self._offset}-", IfMatch=self._etag)
+            except StorageError as exc:
+                if exc.permanent:
+                    raise
+                problem = str(exc)  # botocore's own retries of this GET were spent: one more try of ours
+                continue
+            if answer.get("ETag") != self._etag:  # a store that ignores If-Match
+                answer["Body"].close()
+                raise self._changed()
+            if not answer.get("ContentRange", "").startswith(f"bytes {self._offset}-"):
+                answer["Body"].close()
+                raise StorageError(f"cannot read {self._uri}: a resumed GET did not answer the range it asked for")
+            self._body = answer["Body"]
+            return
+
+    def _get(self, **extra: Any) -> dict[str, Any]:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(self._uri)
+        with self._storage._s3_errors(self._uri):
+            try:
+                return self._storage.client.get_object(Bucket=bucket, Key=key, **extra)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                    raise self._changed() from exc
+                raise
+
+    def _changed(self) -> StorageError:
+        return StorageError(f"cannot read {self._uri}: the object changed while it was read (its ETag no longer "
+                            "matches), so its rest was not read", permanent=True)
+
+    def _close_body(self) -> None:
+        if self._body is not None:
+            self._body.close()
+            self._body = None
 
 
 def register_webdataset_opener(storage: Storage) -> None:

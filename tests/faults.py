@@ -7,14 +7,17 @@ and retried by it, the answers are moto's, and the faults arrive where they arri
 - `error_5xx`: a 500 InternalError (or `status=503` ServiceUnavailable) with S3's XML error body, instead of
   forwarding (`after=True`: forwarded first, so the store applied it, and only the answer is lost);
 - `throttle`: a 503 SlowDown, S3's answer to too many requests;
-- `cut_get`: the upstream answer's headers (its full Content-Length), half of its body, then the connection
-  closed: a GET cut mid-body;
+- `cut_get`: the upstream answer's headers (its full Content-Length), half of its body (`fraction` of it), then
+  the connection closed: a GET cut mid-body;
+- `slow_get`: the upstream answer's headers, `fraction` of its body, then a pause of `delay` seconds before the
+  rest: a response that stalls (past the client's read timeout, when `delay` is longer);
 - `slow_put`: the PUT held for `delay` seconds before it is forwarded.
 
 A rule fires on every `every`-th request it matches and/or on the listed `at` indices (1-based, counted over
 the requests it matches), at most `limit` times: deterministic for a given request sequence. Rules are set at
 construction or at run time (`proxy.faults = [...]`, `proxy.healthy()`), which resets their counts.
-`proxy.injected[kind]` counts the faults injected and `proxy.requests[method]` the requests seen. Thread safe.
+`proxy.injected[kind]` counts the faults injected, `proxy.requests[method]` the requests seen and
+`proxy.received` holds (method, target, headers) of each, in arrival order. Thread safe.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass, field
 
 from helpers import free_port
 
-KINDS = ("error_5xx", "throttle", "cut_get", "slow_put")
+KINDS = ("error_5xx", "throttle", "cut_get", "slow_get", "slow_put")
 # Not forwarded in either direction: they describe one connection, not the request (RFC 9110 7.6.1); Expect is
 # answered by this proxy (100 Continue), and bodies are forwarded whole, with their length.
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -47,15 +50,18 @@ class Fault:
     limit: int | None = None
     status: int = 500  # error_5xx: 500 InternalError or 503 ServiceUnavailable
     after: bool = False  # error_5xx: forward first, then answer the error
-    delay: float = 1.0  # slow_put: seconds
+    delay: float = 1.0  # slow_put, slow_get: seconds
+    fraction: float = 0.5  # cut_get, slow_get: the share of the body sent before the cut or the pause
     seen: int = field(default=0, compare=False)
     fired: int = field(default=0, compare=False)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r} (one of {KINDS})")
-        if self.kind == "cut_get" and self.method not in (None, "GET"):
-            raise ValueError("cut_get cuts GET bodies")
+        if self.kind in ("cut_get", "slow_get") and self.method not in (None, "GET"):
+            raise ValueError(f"{self.kind} acts on GET bodies")
+        if not 0 <= self.fraction < 1:
+            raise ValueError("fraction is the share of a body sent before the fault: 0 <= fraction < 1")
 
     def matches(self, method: str, target: str) -> bool:
         return (self.method is None or self.method == method) and (self.path is None or self.path in target)
@@ -88,6 +94,7 @@ class FaultProxy:
         self.injected: collections.Counter[str] = collections.Counter()
         self.requests: collections.Counter[str] = collections.Counter()
         self.log: list[tuple[str, str, str]] = []  # (kind, method, target) of every injected fault
+        self.received: list[tuple[str, str, dict[str, str]]] = []  # (method, target, headers) of every request
         self.port = free_port()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self))
         self.server.daemon_threads = True
@@ -123,10 +130,11 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _decide(self, method: str, target: str) -> Fault | None:
+    def _decide(self, method: str, target: str, headers: dict[str, str] | None = None) -> Fault | None:
         """The first matching rule due on this request fires (every matching rule counts the request)."""
         with self._lock:
             self.requests[method] += 1
+            self.received.append((method, target, dict(headers or {})))
             due = [fault for fault in self._faults if fault.matches(method, target) and fault.due()]
             if due:
                 due[0].fired += 1
@@ -170,7 +178,7 @@ def _handler(proxy: FaultProxy):
                 connection.close()
 
         def _reply(self, status: int, reason: str, headers: list[tuple[str, str]], data: bytes,
-                   cut: bool = False) -> None:
+                   fault: Fault | None = None) -> None:
             self.send_response_only(status, reason)
             has_length = False
             for key, value in headers:
@@ -183,11 +191,14 @@ def _handler(proxy: FaultProxy):
             self.end_headers()
             if self.command == "HEAD":
                 return
-            if cut:
-                self.wfile.write(data[:len(data) // 2])
+            if fault is not None:  # cut_get or slow_get: part of the body first
+                self.wfile.write(data[:int(len(data) * fault.fraction)])
                 self.wfile.flush()
-                self.close_connection = True
-                return
+                if fault.kind == "cut_get":
+                    self.close_connection = True
+                    return
+                time.sleep(fault.delay)
+                data = data[int(len(data) * fault.fraction):]
             self.wfile.write(data)
 
         def _error(self, status: int, code: str, message: str) -> None:
@@ -197,7 +208,7 @@ def _handler(proxy: FaultProxy):
 
         def _handle(self) -> None:
             body = self._body()
-            fault = proxy._decide(self.command, self.path)
+            fault = proxy._decide(self.command, self.path, dict(self.headers.items()))
             try:
                 if fault is not None and fault.kind == "throttle":
                     proxy._count(fault, self.command, self.path)
@@ -217,9 +228,11 @@ def _handler(proxy: FaultProxy):
                     return self._error(fault.status, *ERRORS[fault.status])
                 cut = (fault is not None and fault.kind == "cut_get" and self.command == "GET"
                        and 200 <= answer[0] < 300 and len(answer[3]) >= 2)
-                if cut:
+                slow = (fault is not None and fault.kind == "slow_get" and self.command == "GET"
+                        and 200 <= answer[0] < 300)
+                if cut or slow:
                     proxy._count(fault, self.command, self.path)
-                self._reply(*answer, cut=cut)
+                self._reply(*answer, fault=fault if cut or slow else None)
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True  # the client gave up (its read timed out): nothing to answer
 
