@@ -169,6 +169,18 @@ class TrainStageSection:
     latent_channels: int | None = None  # None: train.model.latent_channels
     quantize: bool = False  # stage 4: FSQ on the 48-d latent, fine-tuned end to end
     video_max_tokens: int = 512  # the video task's packed sequence length
+    # The resolution schedule (spec, Table 2; train/loader.py ResolutionSchedule). One size N: every image
+    # square at N (short side resized, centre-cropped). A range [low, high]: each sample's long side drawn in it,
+    # aspect kept, never upscaled, sides multiples of the patch; packed batches only (max_tokens). null: the
+    # shards' own sizes. video_resolution: the same for clips' frames.
+    image_resolution: int | list[int] | None = None
+    video_resolution: int | list[int] | None = None
+    # The loader (train/loader.py). A data stream takes its samples in turn from shard_interleave shards
+    # (cross-shard mixing; part of the data, like data_streams); loader_workers processes per stream and task
+    # decode and resize them (0: the training process; must divide shard_interleave; throughput only).
+    shard_interleave: int = 1
+    loader_workers: int = 0
+    loader_prefetch: int = 4  # prepared samples each loader process keeps ahead
     objects_per_batch: int = 2  # the 3d task's micro-batch
     render_views: int = 4  # input views the 3d task renders its Gaussians at (never a sample's evaluation views)
     render_size: int | None = None  # render (and compare) at this many pixels a side; None: the views' own size
@@ -384,7 +396,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(options[0], value, where)
+        # int | list[int] (one size or a range): the option of the value's shape.
+        shaped = [o for o in options if (typing.get_origin(o) is list) == isinstance(value, list)]
+        return _coerce((shaped or options)[0], value, where)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
@@ -558,6 +572,32 @@ def validate_train(train: TrainSection, resolution: int) -> None:
         if stage.max_tokens is not None:
             require(model.kind == "atoken", f"{where}.max_tokens", "packed batches need train.model.kind: atoken")
             require(stage.max_tokens > 0, f"{where}.max_tokens", "must be > 0")
+        for name in ("image_resolution", "video_resolution"):
+            _validate_resolution(getattr(stage, name), f"{where}.{name}", model.patch_size)
+        low, high = _resolution_range(stage.image_resolution)
+        require(low == high or stage.max_tokens is not None, f"{where}.image_resolution",
+                "a range needs packed batches (max_tokens): batches of batch_size images have one size")
+        require(stage.shard_interleave > 0, f"{where}.shard_interleave", "must be > 0")
+        require(stage.loader_workers >= 0, f"{where}.loader_workers", "must be >= 0")
+        require(stage.loader_workers == 0 or stage.shard_interleave % stage.loader_workers == 0,
+                f"{where}.loader_workers", f"must divide shard_interleave ({stage.shard_interleave})")
+        require(stage.loader_prefetch > 0, f"{where}.loader_prefetch", "must be > 0")
+
+
+def _resolution_range(value: int | list[int] | None) -> tuple[int | None, int | None]:
+    if value is None or isinstance(value, int):
+        return value, value
+    return tuple(value) if len(value) == 2 else (None, -1)
+
+
+def _validate_resolution(value: int | list[int] | None, where: str, patch: int) -> None:
+    if value is None:
+        return
+    valid = isinstance(value, int) or (isinstance(value, list) and len(value) == 2
+                                       and all(isinstance(v, int) for v in value))
+    _require(valid, where, "must be one size or a [low, high] range of pixels")
+    low, high = _resolution_range(value)
+    _require(patch <= low <= high, where, f"must be a size (or range) of at least one patch ({patch} px), low <= high")
 
 
 TASKS = ("image", "video", "3d")

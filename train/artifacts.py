@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from atoken.pipeline.tracking import grid_png
-from atoken.train.data import ShardStream
 from atoken.train.model.tokens import VIDEO, split_samples, unpatchify
+from atoken.train.streams import task_batches
 
 TURNTABLE_FRAMES = 12
 
@@ -55,8 +55,7 @@ def log_stage_artifacts(job, model: torch.nn.Module, tasks: dict, samples: int =
     device = next(model.parameters()).device
     shards = {"image": job.shards.image, "video": job.shards.video, "3d": job.shards.objects}
     for name, task in tasks.items():
-        stream = ShardStream(shards[name], job.storage, job.seed)
-        batch, _ = next(task.batches(stream, 0))
+        batch, _ = next(task_batches(task, shards[name], job.storage, job.seed))
         batch = batch.to(device)
         if name == "image" and hasattr(batch, "pixels"):
             pixels = batch.pixels[:samples]

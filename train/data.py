@@ -21,7 +21,6 @@ import webdataset as wds
 from PIL import Image
 
 from atoken.pipeline.storage import Storage, StorageError, register_webdataset_opener
-from atoken.train.model.tokens import PackedBatch
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,9 @@ def read_shard(storage: Storage, uri: str, attempts: int = 3) -> list[dict]:
             return list(dataset)
         except (OSError, StorageError, ValueError) as exc:
             if attempt == attempts:
-                raise StorageError(f"cannot read shard {uri} after {attempts} attempts: {exc}") from exc
+                # webdataset appends its stream and URL to the exception's args: the first is the message.
+                reason = exc.args[0] if exc.args else exc
+                raise StorageError(f"cannot read shard {uri} after {attempts} attempts: {reason}") from exc
             time.sleep(0.5 * attempt)
     raise AssertionError("unreachable")
 
@@ -59,7 +60,7 @@ def caption_of(sample: dict) -> str:
 
 def decode_media(sample: dict) -> torch.Tensor:
     """An image sample → (1, 3, H, W); a clip sample (mp4 or npy) → (T, 3, H, W); values in [-1, 1]."""
-    if "png" in sample:
+    if image_member(sample) is not None:
         return decode_image(sample)[None]
     from atoken.preprocess.videos import decode_clip
 
@@ -68,9 +69,21 @@ def decode_media(sample: dict) -> torch.Tensor:
     return frames.permute(0, 3, 1, 2) / 127.5 - 1.0  # (T, 3, H, W)
 
 
+# The image encodings a shard may hold (ingest.encoding: png lossless; jpg or webp at a stated quality).
+IMAGE_MEMBERS = ("png", "jpg", "webp")
+
+
+def image_member(sample: dict) -> str | None:
+    """The extension of the sample's image, or None for a clip or a 3D asset."""
+    return next((extension for extension in IMAGE_MEMBERS if extension in sample), None)
+
+
 def decode_image(sample: dict) -> torch.Tensor:
-    """PNG bytes → (3, H, W) float in [-1, 1]."""
-    array = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    """PNG, JPEG or WebP bytes → (3, H, W) float in [-1, 1]."""
+    member = image_member(sample)
+    if member is None:
+        raise ValueError(f"sample {sample.get('__key__')} holds no image ({', '.join(IMAGE_MEMBERS)})")
+    array = np.asarray(Image.open(io.BytesIO(sample[member])).convert("RGB"), dtype=np.float32)  # (H, W, 3)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0  # (3, H, W)
 
 
@@ -130,36 +143,3 @@ class ShardStream:
                 base = shard_end
             position = 0
             epoch += 1
-
-    def packed_batches(self, max_tokens: int, position: int = 0, patch: int = 16,
-                       temporal: int = 4) -> Iterator[tuple[PackedBatch, int]]:
-        """Images and clips packed greedily, in stream order, into sequences of at most `max_tokens` tokens
-        (no padding to the largest sample). Yields (batch, position after it): resuming from that
-        position yields exactly the batches that would have followed."""
-        from atoken.train.model.tokens import pack, patchify_video
-
-        stream = self.samples(position)
-        pending: list = []
-        captions: list[str] = []
-        tokens = 0
-        for sample in stream:
-            item = patchify_video(decode_media(sample), patch, temporal)
-            count = item[0].shape[0]
-            if count > max_tokens:
-                raise ValueError(f"sample {sample['__key__']} has {count} tokens, more than the {max_tokens}-token "
-                                 "budget: raise the budget or lower the resolution")
-            if tokens + count > max_tokens:
-                position += len(pending)
-                batch = pack(pending)
-                batch.captions = captions
-                yield batch, position
-                pending, captions, tokens = [], [], 0
-            pending.append(item)
-            captions.append(caption_of(sample))
-            tokens += count
-
-    def batches(self, batch_size: int, position: int = 0) -> Iterator[torch.Tensor]:
-        """(B, 3, H, W) batches; batch n starts at sample position + n * batch_size."""
-        stream = self.samples(position)
-        while True:
-            yield torch.stack([decode_image(next(stream)) for _ in range(batch_size)])

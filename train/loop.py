@@ -29,7 +29,7 @@ from atoken.train.frozen import Frozen
 from atoken.train.model import build_model
 from atoken.train.optim import EMA, learning_rate, parameter_groups
 from atoken.train.parallel import distribute, gradient_sync
-from atoken.train.streams import TaskStreams, worker_streams
+from atoken.train.streams import TaskStreams, loader_settings, worker_streams
 from atoken.train.tasks import TaskShards, build_tasks, micro_batch
 
 
@@ -136,7 +136,8 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
     raw_model = initial_model(job, runtime)
     model = distribute(raw_model, runtime, stage)
     embeds = hasattr(raw_model, "embed")
-    tasks = build_tasks(stage, job.losses, embeds=embeds)
+    patch = job.model.patch_size if job.model.kind == "atoken" else 16
+    tasks = build_tasks(stage, job.losses, embeds=embeds, patch=patch)
     semantic = embeds and job.losses.semantic > 0
     perceptual = ("image" in tasks and job.losses.lpips + job.losses.gram + job.losses.clip_perceptual > 0) or \
         ("3d" in tasks and job.losses.render_lpips > 0)
@@ -160,13 +161,17 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
         if state.get("data_streams", data_streams) != data_streams:
             raise ValueError(f"{stage.name}'s checkpoint was written with {state['data_streams']} data streams, this "
                              f"run has {data_streams}: keep train.stages[].data_streams to resume it")
+        if state.get("shard_interleave", 1) != stage.shard_interleave:
+            raise ValueError(f"{stage.name}'s checkpoint was written with shard_interleave "
+                             f"{state.get('shard_interleave', 1)}, this run has {stage.shard_interleave}: keep "
+                             "train.stages[].shard_interleave to resume it")
         if rank == 0:
             workers = "" if restored.saved_world_size == world_size else \
                 f" (written by {restored.saved_world_size} workers, resharded to {world_size})"
             runtime.progress(stage.name, state["step"], stage.steps,
                              note=f"resuming at step {state['step']} from its last checkpoint{workers}")
     streams = TaskStreams(tasks, job.shards, job.storage, job.seed, worker_streams(data_streams, rank, world_size),
-                          data_streams, state["positions"])
+                          data_streams, state["positions"], loader_settings(stage, device))
     # The per-micro-batch exchange of captions and counts (host objects) on gloo: it never waits on the GPU.
     objects_group = None
     if world_size > 1:
@@ -233,7 +238,8 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
             positions = gather_positions(streams.positions, world_size)
             checkpointer.save(step, model, optimizer, ema.weights if ema else None,
                               shared_state={"step": step, "positions": positions, "stage": stage.name,
-                                            "data_streams": data_streams},
+                                            "data_streams": data_streams,
+                                            "shard_interleave": stage.shard_interleave},
                               rank_state={}, rank_tensors=rng_tensors())
     checkpointer.wait()  # the last commit is done (and an asynchronous write's failure raised) before the end
     # EMA gathered on every rank (a collective under FSDP) like the weights.

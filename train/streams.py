@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from atoken.pipeline.storage import Storage
-from atoken.train.data import ShardStream
+from atoken.train.loader import LoaderSettings, PreparedSamples, prepared_samples
 from atoken.train.model.tokens import PackedBatch
 
 if TYPE_CHECKING:
@@ -137,14 +137,29 @@ def worker_streams(data_streams: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank * per_worker, (rank + 1) * per_worker))
 
 
+def loader_settings(stage, device: torch.device) -> LoaderSettings:
+    """The stage's loader; tensors pinned when they go to a GPU."""
+    return LoaderSettings(stage.shard_interleave, stage.loader_workers, stage.loader_prefetch,
+                          pin_memory=device.type == "cuda" and stage.loader_workers > 0)
+
+
+def task_batches(task, shards: list, storage: Storage, seed: int, stream: int = 0, data_streams: int = 1,
+                 position: int = 0, loader: LoaderSettings | None = None) -> Iterator[tuple[object, int]]:
+    """One data stream's micro-batches of a task, from `position` on, each with the position after it."""
+    loader = loader or LoaderSettings()
+    samples = PreparedSamples(shards, storage, seed, stream, data_streams, task.prepare, position, loader.interleave)
+    return task.batches(prepared_samples(samples, loader), position)
+
+
 class TaskStreams:
     """Every task's streams on this worker: `next(task)` gives one micro-batch (its streams' batches merged)
     and advances their positions, keyed `task/stream` (world-size independent)."""
 
     def __init__(self, tasks: dict[str, object], shards: TaskShards, storage: Storage, seed: int,
-                 streams: list[int],
-                 data_streams: int, positions: dict[str, int]):
+                 streams: list[int], data_streams: int, positions: dict[str, int],
+                 loader: LoaderSettings | None = None):
         sources = {"image": shards.image, "video": shards.video, "3d": shards.objects}
+        loader = loader or LoaderSettings()
         self.tasks, self.streams = tasks, streams
         self.positions = {stream_key(name, s): positions.get(stream_key(name, s), 0) for name in tasks for s in streams}
         self.iterators: dict[str, Iterator] = {}
@@ -152,10 +167,10 @@ class TaskStreams:
             if not sources[name]:
                 raise ValueError(f"the {name} task has no training shards (its ingest stage wrote none)")
             for stream in streams:
-                # Distinct seeds per task: the same seed would walk two modalities' shards in lockstep.
-                source = ShardStream(sources[name], storage, seed + 1000 * offset, stream, data_streams)
                 key = stream_key(name, stream)
-                self.iterators[key] = task.batches(source, self.positions[key])
+                # Distinct seeds per task: the same seed would walk two modalities' shards in lockstep.
+                self.iterators[key] = task_batches(task, sources[name], storage, seed + 1000 * offset, stream,
+                                                   data_streams, self.positions[key], loader)
 
     def next(self, name: str) -> tuple[object, list[StreamPart]]:
         batches, parts = [], []

@@ -21,8 +21,15 @@ import numpy as np
 import torch
 
 from atoken.pipeline.config import LossSection, TrainStageSection
-from atoken.train.data import ShardInfo, ShardStream, caption_of, decode_image
+from atoken.train.data import ShardInfo, caption_of, decode_media
 from atoken.train.frozen import Frozen
+from atoken.train.loader import (
+    ResolutionSchedule,
+    group_samples,
+    pack_samples,
+    resize_frames,
+    scheduled_image,
+)
 from atoken.train.losses.perceptual import resize_for_features
 from atoken.train.losses.render import composite_views, gaussian_render_loss, render_views, resize_views
 from atoken.train.losses.semantic import caption_matches, distillation_loss, sigmoid_loss
@@ -32,6 +39,7 @@ from atoken.train.model.tokens import (
     PackedBatch,
     concat_packed,
     pack,
+    patchify_video,
     to_device,
     tokens_per_sample,
     unpatchify,
@@ -90,6 +98,30 @@ class ObjectBatch:
     @property
     def samples(self) -> int:
         return self.packed.num_samples
+
+
+@dataclass
+class PreparedImage:
+    """An image or clip as a loader process leaves it: its pixels (batch path) or its patches (packed path)."""
+    key: str
+    caption: str
+    pixels: torch.Tensor | None  # (3, H, W) in [-1, 1]
+    tokens: tuple | None  # patchify_video's (patches, coords, layout)
+
+    def pin_memory(self) -> PreparedImage:  # DataLoader(pin_memory=True) calls it
+        tokens = None if self.tokens is None else (self.tokens[0].pin_memory(), self.tokens[1].pin_memory(),
+                                                   self.tokens[2])
+        return PreparedImage(self.key, self.caption, None if self.pixels is None else self.pixels.pin_memory(),
+                             tokens)
+
+
+@dataclass
+class PreparedObject:
+    """A 3D asset as a loader process leaves it: voxel tokens and input views (target, c2w, intrinsics)."""
+    key: str
+    caption: str
+    tokens: tuple
+    views: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -219,24 +251,43 @@ def _packed_images(batch: PackedBatch, patches: torch.Tensor) -> list[torch.Tens
     return images
 
 
+def packed_batches(samples: Iterator[tuple[int, PreparedImage]], max_tokens: int, position: int
+                   ) -> Iterator[tuple[PackedBatch, int]]:
+    """Prepared images and clips packed to `max_tokens`, with the stream position after each batch."""
+    for group, after in pack_samples(samples, max_tokens, position, lambda item: item.tokens[0].shape[0],
+                                     lambda item: item.key):
+        batch = pack([item.tokens for item in group])
+        batch.captions = [item.caption for item in group]
+        yield batch, after
+
+
 # -- the tasks ---------------------------------------------------------------------------------------------
 
 class ImageTask:
     name = "image"
 
-    def __init__(self, stage: TrainStageSection, losses: LossSection, embeds: bool = True):
-        self.stage, self.losses = stage, losses
+    def __init__(self, stage: TrainStageSection, losses: LossSection, embeds: bool = True, patch: int = 16):
+        self.stage, self.losses, self.patch = stage, losses, patch
         self.embeds = embeds  # the AToken tokenizer; the convolutional baselines have no embedding
+        self.schedule = ResolutionSchedule.of(stage.image_resolution, patch)
 
-    def batches(self, stream: ShardStream, position: int) -> Iterator[tuple[ImageBatch | PackedBatch, int]]:
+    def prepare(self, sample: dict, draw_key: tuple[int, int, int]) -> PreparedImage:
+        """In a loader process: decode, resize to this draw of the stage's schedule, patchify when packed."""
+        pixels = scheduled_image(sample, self.schedule, draw_key)  # (3, H, W)
+        tokens = patchify_video(pixels[None], self.patch) if self.stage.max_tokens else None
+        return PreparedImage(sample["__key__"], caption_of(sample), pixels, tokens)
+
+    def batches(self, samples: Iterator[tuple[int, PreparedImage]], position: int
+                ) -> Iterator[tuple[ImageBatch | PackedBatch, int]]:
         if self.stage.max_tokens:  # variable-size images packed to a token budget
-            yield from stream.packed_batches(self.stage.max_tokens, position=position)
+            yield from packed_batches(samples, self.stage.max_tokens, position)
             return
-        samples = stream.samples(position)
-        while True:
-            chunk = [next(samples) for _ in range(self.stage.batch_size)]
-            position += len(chunk)
-            yield ImageBatch(torch.stack([decode_image(s) for s in chunk]), [caption_of(s) for s in chunk]), position
+        for group, after in group_samples(samples, self.stage.batch_size, position):
+            sizes = {tuple(item.pixels.shape) for item in group}
+            if len(sizes) > 1:
+                raise ValueError(f"images of {len(sizes)} sizes in one batch ({group[0].key}, ...): set the stage's "
+                                 "image_resolution to one size, or max_tokens to pack them")
+            yield ImageBatch(torch.stack([item.pixels for item in group]), [item.caption for item in group]), after
 
     def merge(self, batches: list) -> ImageBatch | PackedBatch:
         if isinstance(batches[0], PackedBatch):
@@ -276,11 +327,22 @@ class ImageTask:
 class VideoTask:
     name = "video"
 
-    def __init__(self, stage: TrainStageSection, losses: LossSection):
-        self.stage, self.losses = stage, losses
+    def __init__(self, stage: TrainStageSection, losses: LossSection, patch: int = 16):
+        self.stage, self.losses, self.patch = stage, losses, patch
+        self.schedule = ResolutionSchedule.of(stage.video_resolution, patch)
 
-    def batches(self, stream: ShardStream, position: int) -> Iterator[tuple[PackedBatch, int]]:
-        yield from stream.packed_batches(self.stage.video_max_tokens, position=position)
+    def prepare(self, sample: dict, draw_key: tuple[int, int, int]) -> PreparedImage:
+        """In a loader process: decode the clip (or image), resize to this draw of the schedule, patchify."""
+        media = decode_media(sample)  # (T, 3, H, W) in [-1, 1]
+        if self.schedule is not None:
+            width, height = self.schedule.size(media.shape[3], media.shape[2], draw_key)
+            frames = ((media + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (T, 3, H, W)
+            media = resize_frames(frames, width, height, self.schedule.square).float() / 127.5 - 1.0
+        return PreparedImage(sample["__key__"], caption_of(sample), None, patchify_video(media, self.patch))
+
+    def batches(self, samples: Iterator[tuple[int, PreparedImage]], position: int
+                ) -> Iterator[tuple[PackedBatch, int]]:
+        yield from packed_batches(samples, self.stage.video_max_tokens, position)
 
     def merge(self, batches: list[PackedBatch]) -> PackedBatch:
         return concat_packed(batches)
@@ -306,33 +368,31 @@ class ObjectTask:
     def __init__(self, stage: TrainStageSection, losses: LossSection, patch_dim: int = 3072):
         self.stage, self.losses, self.patch_dim = stage, losses, patch_dim
 
-    def batches(self, stream: ShardStream, position: int) -> Iterator[tuple[ObjectBatch, int]]:
+    def prepare(self, sample: dict, draw_key: tuple[int, int, int]) -> PreparedObject:
+        """In a loader process: the asset's voxel tokens and its input views."""
         from atoken.preprocess.objects import load_object_sample
 
-        samples = stream.samples(position)
-        while True:
-            chunk = [next(samples) for _ in range(self.stage.objects_per_batch)]
-            position += len(chunk)
-            tokens, views = [], []
-            for sample in chunk:
-                arrays = load_object_sample(sample["npz"])
-                if "views" not in arrays:
-                    raise ValueError(f"3D sample {sample['__key__']} carries no views: preprocess it with its views "
-                                     "kept (the render loss needs them)")
-                features = torch.from_numpy(arrays["features"].astype(np.float32))  # (V, 768) in [-1, 1]
-                tokens.append(voxel_tokens(torch.from_numpy(arrays["voxels"].astype(np.int64)), features,
-                                           self.patch_dim))
-                # `views`/`c2w`: the input views. A sample's eval_views/eval_c2w stay unread (RENDER_LOSS_VIEWS).
-                c2w = torch.from_numpy(arrays["c2w"]).float()  # (N, 4, 4)
-                intrinsics = torch.from_numpy(arrays["intrinsics"]).float()  # (3, 3): one camera model for all
-                target = composite_views(arrays["views"])  # (N, H, W, 3)
-                if self.stage.render_size and self.stage.render_size != target.shape[2]:
-                    target, intrinsics = resize_views(target, intrinsics, self.stage.render_size)
-                views.append({"target": target, "c2w": c2w,
-                              "intrinsics": intrinsics.expand(c2w.shape[0], 3, 3).contiguous()})
-            packed = pack(tokens)
-            packed.captions = [caption_of(s) for s in chunk]
-            yield ObjectBatch(packed, views), position
+        arrays = load_object_sample(sample["npz"])
+        if "views" not in arrays:
+            raise ValueError(f"3D sample {sample['__key__']} carries no views: preprocess it with its views "
+                             "kept (the render loss needs them)")
+        features = torch.from_numpy(arrays["features"].astype(np.float32))  # (V, 768) in [-1, 1]
+        tokens = voxel_tokens(torch.from_numpy(arrays["voxels"].astype(np.int64)), features, self.patch_dim)
+        # `views`/`c2w`: the input views. A sample's eval_views/eval_c2w stay unread (RENDER_LOSS_VIEWS).
+        c2w = torch.from_numpy(arrays["c2w"]).float()  # (N, 4, 4)
+        intrinsics = torch.from_numpy(arrays["intrinsics"]).float()  # (3, 3): one camera model for all
+        target = composite_views(arrays["views"])  # (N, H, W, 3)
+        if self.stage.render_size and self.stage.render_size != target.shape[2]:
+            target, intrinsics = resize_views(target, intrinsics, self.stage.render_size)
+        views = {"target": target, "c2w": c2w, "intrinsics": intrinsics.expand(c2w.shape[0], 3, 3).contiguous()}
+        return PreparedObject(sample["__key__"], caption_of(sample), tokens, views)
+
+    def batches(self, samples: Iterator[tuple[int, PreparedObject]], position: int
+                ) -> Iterator[tuple[ObjectBatch, int]]:
+        for group, after in group_samples(samples, self.stage.objects_per_batch, position):
+            packed = pack([item.tokens for item in group])
+            packed.captions = [item.caption for item in group]
+            yield ObjectBatch(packed, [item.views for item in group]), after
 
     def merge(self, batches: list[ObjectBatch]) -> ObjectBatch:
         return ObjectBatch(concat_packed([b.packed for b in batches]), [v for b in batches for v in b.views])
@@ -377,14 +437,18 @@ class ObjectTask:
         return _combine(rec, sem, _kl(out, share), self.losses, {"l1": self.losses.l1, **render_weights})
 
 
-def build_tasks(stage: TrainStageSection, losses: LossSection, embeds: bool = True) -> dict[str, object]:
-    """One task per distinct name of the stage's round-robin; `embeds`: the model has an understanding head."""
+def build_tasks(stage: TrainStageSection, losses: LossSection, embeds: bool = True, patch: int = 16
+                ) -> dict[str, object]:
+    """One task per distinct name of the stage's round-robin; `embeds`: the model has an understanding head;
+    `patch`: the model's patch size (packed samples are cut into it)."""
     tasks: dict[str, object] = {}
     for name in dict.fromkeys(stage.tasks):
         if name == "image":
-            tasks[name] = ImageTask(stage, losses, embeds)
+            tasks[name] = ImageTask(stage, losses, embeds, patch)
+        elif name == "video":
+            tasks[name] = VideoTask(stage, losses, patch)
         else:
-            tasks[name] = {"video": VideoTask, "3d": ObjectTask}[name](stage, losses)
+            tasks[name] = ObjectTask(stage, losses)
     return tasks
 
 

@@ -12,8 +12,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from atoken.pipeline.config import LossSection, TrainStageSection
 from atoken.pipeline.storage import Storage, StorageError
 from atoken.train.data import ShardInfo, ShardStream, decode_image, read_shard
+from atoken.train.streams import task_batches
+from atoken.train.tasks import ImageTask
 
 SIZE = 8
 
@@ -153,7 +156,8 @@ def test_batches_start_where_their_position_says(shards):
     stream = ShardStream(shards, Storage(), seed=2)
     samples = list(itertools.islice(stream.samples(), 20))
 
-    batches = ShardStream(shards, Storage(), seed=2).batches(4, position=8)
+    task = ImageTask(TrainStageSection(batch_size=4), LossSection())
+    batches = (batch.pixels for batch, _ in task_batches(task, shards, Storage(), seed=2, position=8))
     first, second = next(batches), next(batches)
 
     assert first.shape == (4, 3, SIZE, SIZE)

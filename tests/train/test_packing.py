@@ -10,8 +10,17 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from atoken.pipeline.config import LossSection, TrainStageSection
 from atoken.pipeline.storage import Storage
-from atoken.train.data import ShardInfo, ShardStream
+from atoken.train.data import ShardInfo
+from atoken.train.streams import task_batches
+from atoken.train.tasks import VideoTask
+
+
+def packed(shards, seed: int, max_tokens: int, position: int = 0):
+    """The video task's packed batches (it packs images and clips alike) of one stream."""
+    task = VideoTask(TrainStageSection(tasks=["video"], video_max_tokens=max_tokens), LossSection())
+    return task_batches(task, shards, Storage(), seed, position=position)
 
 
 def png(height: int, width: int, seed: int) -> bytes:
@@ -45,8 +54,7 @@ def mixed_shards(tmp_path) -> list[ShardInfo]:
 
 
 def test_packed_batches_keep_the_budget_and_every_sample_once(mixed_shards):
-    stream = ShardStream(mixed_shards, Storage(), seed=3)
-    batches = list(itertools.islice(stream.packed_batches(max_tokens=40), 6))
+    batches = list(itertools.islice(packed(mixed_shards, 3, max_tokens=40), 6))
     assert all(batch.patches.shape[0] <= 40 for batch, _ in batches)
     # no padding: each sample's tokens are exactly its grid, images 2x4 or 3x4, clips 2x2x2
     sizes = [int(n) for batch, _ in batches for n in batch.sample_ids.bincount()]
@@ -61,16 +69,14 @@ def test_packed_batches_keep_the_budget_and_every_sample_once(mixed_shards):
 
 
 def test_packed_batches_resume_exactly(mixed_shards):
-    stream = ShardStream(mixed_shards, Storage(), seed=5)
-    straight = list(itertools.islice(stream.packed_batches(max_tokens=40), 8))
+    straight = list(itertools.islice(packed(mixed_shards, 5, max_tokens=40), 8))
     _, position = straight[2]
-    resumed = list(itertools.islice(stream.packed_batches(max_tokens=40, position=position), 5))
+    resumed = list(itertools.islice(packed(mixed_shards, 5, max_tokens=40, position=position), 5))
     for (a, _), (b, _) in zip(straight[3:], resumed, strict=True):
         assert np.array_equal(a.patches.numpy(), b.patches.numpy())
         assert a.layouts == b.layouts
 
 
 def test_a_sample_larger_than_the_budget_is_a_clear_error(mixed_shards):
-    stream = ShardStream(mixed_shards, Storage(), seed=0)
     with pytest.raises(ValueError, match="more than the 6-token budget"):
-        next(stream.packed_batches(max_tokens=6))
+        next(packed(mixed_shards, 0, max_tokens=6))

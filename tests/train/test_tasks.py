@@ -163,12 +163,13 @@ def test_the_3d_render_loss_sees_input_views_only(shards, monkeypatch):
     views, and the task says so (the run's atoken.3d_render_loss tag)."""
     import atoken.train.tasks as tasks_module
     from atoken.preprocess.objects import load_object_sample
-    from atoken.train.data import ShardStream, read_shard
+    from atoken.train.data import read_shard
     from atoken.train.losses.render import composite_views
+    from atoken.train.streams import task_batches
 
     stage = TrainStageSection(tasks=["3d"], objects_per_batch=2, render_views=4)
     task = ObjectTask(stage, LossSection(render_lpips=0.0))
-    batch, _ = next(task.batches(ShardStream(shards.objects[:1], Storage(), 0), 0))
+    batch, _ = next(task_batches(task, shards.objects[:1], Storage(), 0))
     samples = [load_object_sample(sample["npz"]) for sample in read_shard(Storage(), shards.objects[0].uri)]
     assert all(len(arrays["eval_views"]) > 0 for arrays in samples)  # the fixture's samples hold evaluation views
     for view, arrays in zip(batch.views, samples, strict=True):  # one shard, read in order

@@ -1,0 +1,198 @@
+"""The training loader: a data stream's samples decoded, resized and patchified off the training thread.
+
+A data stream (train/streams.py) reads `interleave` shard streams at once and takes their samples in turn:
+stream index k is sample k // interleave of shard stream k % interleave. Each shard stream is a `ShardStream`
+(train/data.py) over its own shards, shuffled within the shard, so consecutive samples, and so every
+micro-batch, come from `interleave` different shards (cross-shard mixing). A shuffle buffer would mix more, but
+its contents would have to go into every checkpoint; the interleave's state is the stream position alone, so a
+resumed run yields exactly the samples that would have followed.
+
+The work on each sample (`prepare`: decode, the resolution draw, resize, patchify) runs in `workers` torch
+DataLoader processes. Loader worker j yields the stream indices k with k ≡ position + j (mod workers) and
+reads only the shard streams those fall on (`workers` divides `interleave`, so no shard is read twice);
+DataLoader hands results out round-robin over its workers, so the training thread receives stream index
+position, position + 1, ... in order: the same samples, in the same order, on 0 workers (in the training
+process) or any number that divides the interleave. The training thread only groups prepared samples into
+micro-batches (`group_samples`, `pack_samples`).
+
+Why a DataLoader and not Ray Data's streaming iterator: the Ray Train workers already own their data streams and
+their exact positions (checkpointed per stream); Ray Data's iterator has no mid-epoch position to resume from
+(its `iter_torch_batches` restarts its dataset), and it would move every sample through the object store.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from atoken.pipeline.storage import Storage
+from atoken.preprocess.images import resize_center_crop
+from atoken.train.data import ShardInfo, ShardStream, image_member
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    interleave: int = 1  # shard streams a data stream takes samples from in turn (part of the data's definition)
+    workers: int = 0  # loader processes per data stream and task; 0: prepare in the training process
+    prefetch: int = 4  # prepared samples each loader process keeps ahead
+    pin_memory: bool = False  # page-locked tensors, for copies to the GPU that do not block
+
+
+def shard_stream_start(position: int, shard_stream: int, interleave: int) -> int:
+    """The index, within shard stream `shard_stream`, of its first sample at stream index >= position."""
+    first = position + (shard_stream - position) % interleave  # the first stream index >= position it serves
+    return first // interleave
+
+
+class PreparedSamples(IterableDataset):
+    """One data stream's prepared samples from `position` on, as (stream index, prepared sample), forever.
+    `prepare(sample, draw_key)`: draw_key = (seed, stream, stream index) seeds whatever it draws per sample."""
+
+    def __init__(self, shards: list[ShardInfo], storage: Storage, seed: int, stream: int, data_streams: int,
+                 prepare: Callable[[dict, int], Any], position: int, interleave: int = 1):
+        self.shards, self.storage, self.seed = shards, storage, seed
+        self.stream, self.data_streams, self.interleave = stream, data_streams, interleave
+        self.prepare, self.position = prepare, position
+        self.shard_stream(0)  # a stream that cannot be fed says so here, not inside a loader process
+
+    def shard_stream(self, index: int) -> ShardStream:
+        # The streams' shard streams split the shards as data_streams x interleave ranks would.
+        return ShardStream(self.shards, self.storage, self.seed, self.stream * self.interleave + index,
+                           self.data_streams * self.interleave)
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        first = self.position + worker  # this loader worker's stream indices: first, first + workers, ...
+        mine = {index: self.shard_stream(index).samples(shard_stream_start(self.position, index, self.interleave))
+                for index in range(self.interleave) if (index - first) % workers == 0}
+        stream_index = first
+        while True:
+            sample = next(mine[stream_index % self.interleave])
+            yield stream_index, self.prepare(sample, (self.seed, self.stream, stream_index))
+            stream_index += workers
+
+
+def prepared_samples(dataset: PreparedSamples, settings: LoaderSettings) -> Iterator[tuple[int, Any]]:
+    """The dataset's samples in stream order, prepared in `settings.workers` processes (or here, with 0)."""
+    if settings.workers == 0:
+        yield from dataset
+        return
+    if dataset.interleave % settings.workers:
+        raise ValueError(f"{settings.workers} loader workers cannot share {dataset.interleave} interleaved shard "
+                         "streams: loader_workers must divide shard_interleave")
+    # forkserver, not fork: the Ray Train worker that owns this loader runs threads (Ray's, gloo's), and a fork
+    # copies whatever locks they hold.
+    loader = DataLoader(dataset, batch_size=None, num_workers=settings.workers, prefetch_factor=settings.prefetch,
+                        pin_memory=settings.pin_memory, multiprocessing_context="forkserver")
+    expected = dataset.position
+    for stream_index, item in loader:
+        if stream_index != expected:  # the round-robin order this module relies on, checked on every sample
+            raise RuntimeError(f"the loader gave stream index {stream_index}, expected {expected}")
+        expected += 1
+        yield stream_index, item
+
+
+def group_samples(samples: Iterator[tuple[int, Any]], count: int, position: int
+                  ) -> Iterator[tuple[list[Any], int]]:
+    """Groups of `count` prepared samples, each with the stream position after it."""
+    while True:
+        group = [next(samples)[1] for _ in range(count)]
+        position += count
+        yield group, position
+
+
+def pack_samples(samples: Iterator[tuple[int, Any]], max_tokens: int, position: int,
+                 tokens_of: Callable[[Any], int], key_of: Callable[[Any], str]) -> Iterator[tuple[list[Any], int]]:
+    """Prepared samples packed greedily, in stream order, into groups of at most `max_tokens` tokens (no padding
+    to the largest sample). Yields (group, position after it): resuming from that position yields exactly the
+    groups that would have followed."""
+    pending: list[Any] = []
+    tokens = 0
+    for _, item in samples:
+        count = tokens_of(item)
+        if count > max_tokens:
+            raise ValueError(f"sample {key_of(item)} has {count} tokens, more than the {max_tokens}-token budget: "
+                             "raise the budget or lower the resolution")
+        if tokens + count > max_tokens:
+            position += len(pending)
+            yield pending, position
+            pending, tokens = [], 0
+        pending.append(item)
+        tokens += count
+
+
+# -- the resolution schedule -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResolutionSchedule:
+    """A stage's image (or frame) size per sample (spec, Table 2: e.g. stage 1 at 64→512 px).
+
+    `low == high`: every sample square at that size (short side resized, centre-cropped), as batches of one size
+    need. `low < high`: the long side drawn uniformly in [low, high] per sample, from a generator seeded by
+    (seed, stream, stream index), so a resumed run draws the same; aspect kept, never upscaled past the sample's
+    own size, both sides rounded to multiples of the patch. None (no schedule): the sample's own size."""
+    low: int
+    high: int
+    patch: int = 16
+
+    @classmethod
+    def of(cls, value: int | list[int] | None, patch: int = 16) -> ResolutionSchedule | None:
+        if value is None:
+            return None
+        low, high = (value, value) if isinstance(value, int) else value
+        return cls(int(low), int(high), patch)
+
+    @property
+    def square(self) -> bool:
+        return self.low == self.high
+
+    def size(self, width: int, height: int, draw_key: tuple[int, int, int]) -> tuple[int, int]:
+        """(width, height) for a sample of that size; draw_key: (seed, stream, stream index)."""
+        if self.square:
+            return self.low, self.low
+        drawn = np.random.default_rng([*draw_key, 2]).integers(self.low, self.high + 1)
+        scale = min(drawn, max(width, height)) / max(width, height)
+        return (max(self.patch, round(width * scale / self.patch) * self.patch),
+                max(self.patch, round(height * scale / self.patch) * self.patch))
+
+
+def scheduled_image(sample: dict, schedule: ResolutionSchedule | None, draw_key: tuple[int, int, int]
+                    ) -> torch.Tensor:
+    """An image sample → (3, H, W) float in [-1, 1] at the schedule's size for this draw."""
+    member = image_member(sample)
+    if member is None:
+        raise ValueError(f"sample {sample.get('__key__')} holds no image")
+    image = Image.open(io.BytesIO(sample[member]))
+    if schedule is not None:
+        width, height = schedule.size(*image.size, draw_key)
+        if schedule.square:
+            image = resize_center_crop(image.convert("RGB"), width)
+        elif (width, height) != image.size:
+            image.draft("RGB", (width, height))  # JPEG: decode at the smallest DCT scale still >= the target
+            image = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0  # (3, H, W)
+
+
+def resize_frames(frames: torch.Tensor, width: int, height: int, square: bool) -> torch.Tensor:
+    """(T, 3, H, W) uint8 → (T, 3, height, width) uint8: antialiased bilinear; `square`: short side to the size,
+    then centre-cropped (the batch path's one size)."""
+    _, _, source_height, source_width = frames.shape
+    if square:
+        scale = width / min(source_height, source_width)
+        scaled = (max(width, round(source_height * scale)), max(width, round(source_width * scale)))
+    else:
+        scaled = (height, width)
+    if scaled != (source_height, source_width):
+        frames = torch.nn.functional.interpolate(frames.float(), size=scaled, mode="bilinear", antialias=True,
+                                                 align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+    top, left = (frames.shape[2] - height) // 2, (frames.shape[3] - width) // 2
+    return frames[:, :, top:top + height, left:left + width]  # (T, 3, height, width)
