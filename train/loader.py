@@ -166,7 +166,7 @@ class ResolutionSchedule:
 
 def scheduled_image(sample: dict, schedule: ResolutionSchedule | None, draw_key: tuple[int, int, int]
                     ) -> torch.Tensor:
-    """An image sample → (3, H, W) float in [-1, 1] at the schedule's size for this draw."""
+    """An image sample → (3, H, W) uint8 at the schedule's size for this draw."""
     member = image_member(sample)
     if member is None:
         raise ValueError(f"sample {sample.get('__key__')} holds no image")
@@ -178,8 +178,22 @@ def scheduled_image(sample: dict, schedule: ResolutionSchedule | None, draw_key:
         elif (width, height) != image.size:
             image.draft("RGB", (width, height))  # JPEG: decode at the smallest DCT scale still >= the target
             image = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0  # (3, H, W)
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # (3, H, W)
+
+
+def scheduled_frames(sample: dict, schedule: ResolutionSchedule | None, draw_key: tuple[int, int, int]
+                     ) -> torch.Tensor:
+    """A clip (mp4 or npy) or image sample → (T, 3, H, W) uint8 at the schedule's size for this draw."""
+    if image_member(sample) is not None:
+        return scheduled_image(sample, schedule, draw_key)[None]
+    from atoken.preprocess.videos import decode_clip
+
+    extension = "mp4" if "mp4" in sample else "npy"
+    frames = torch.from_numpy(decode_clip(sample[extension], extension)).permute(0, 3, 1, 2)  # (T, 3, H, W)
+    if schedule is None:
+        return frames
+    width, height = schedule.size(frames.shape[3], frames.shape[2], draw_key)
+    return resize_frames(frames, width, height, schedule.square)
 
 
 def resize_frames(frames: torch.Tensor, width: int, height: int, square: bool) -> torch.Tensor:

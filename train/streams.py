@@ -19,7 +19,7 @@ import torch
 
 from atoken.pipeline.storage import Storage
 from atoken.train.loader import LoaderSettings, PreparedSamples, prepared_samples
-from atoken.train.model.tokens import PackedBatch
+from atoken.train.model.tokens import FramePack, PackedBatch
 
 if TYPE_CHECKING:
     from atoken.train.tasks import TaskShards
@@ -34,10 +34,12 @@ class StreamPart:
 
 
 def batch_samples(batch) -> int:
-    return batch.num_samples if isinstance(batch, PackedBatch) else batch.samples
+    return batch.num_samples if isinstance(batch, PackedBatch | FramePack) else batch.samples
 
 
 def batch_tokens(batch) -> int:
+    if isinstance(batch, FramePack):
+        return batch.token_count
     return batch.patches.shape[0] if isinstance(batch, PackedBatch) else batch.tokens
 
 

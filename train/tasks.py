@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from atoken.pipeline.config import LossSection, TrainStageSection
-from atoken.train.data import ShardInfo, caption_of, decode_media
+from atoken.train.data import ShardInfo, caption_of
 from atoken.train.frozen import Frozen
 from atoken.train.loader import (
     ResolutionSchedule,
     group_samples,
     pack_samples,
-    resize_frames,
+    scheduled_frames,
     scheduled_image,
 )
 from atoken.train.losses.perceptual import resize_for_features
@@ -36,10 +36,12 @@ from atoken.train.losses.semantic import caption_matches, distillation_loss, sig
 from atoken.train.model.quantizers import KLHead
 from atoken.train.model.tokens import (
     IMAGE,
+    FramePack,
     PackedBatch,
+    SampleLayout,
     concat_packed,
+    frame_layout,
     pack,
-    patchify_video,
     to_device,
     tokens_per_sample,
     unpatchify,
@@ -66,11 +68,14 @@ class TaskShards:
 
 @dataclass
 class ImageBatch:
-    pixels: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    pixels: torch.Tensor  # (B, 3, H, W): float in [-1, 1], or uint8 on the host (made float by `to`)
     captions: list[str]
 
     def to(self, device: torch.device) -> ImageBatch:
-        return ImageBatch(to_device(self.pixels, device), self.captions)
+        pixels = to_device(self.pixels, device)
+        if pixels.dtype == torch.uint8:  # from the loader: converted where the model runs
+            pixels = pixels.float() / 127.5 - 1.0  # (B, 3, H, W)
+        return ImageBatch(pixels, self.captions)
 
     @property
     def tokens(self) -> int:
@@ -102,17 +107,19 @@ class ObjectBatch:
 
 @dataclass
 class PreparedImage:
-    """An image or clip as a loader process leaves it: its pixels (batch path) or its patches (packed path)."""
+    """An image or clip as a loader process leaves it: uint8 frames, cropped to the patch when packed."""
     key: str
     caption: str
-    pixels: torch.Tensor | None  # (3, H, W) in [-1, 1]
-    tokens: tuple | None  # patchify_video's (patches, coords, layout)
+    frames: torch.Tensor  # (T, 3, H, W) uint8; T = 1 for an image
+    layout: SampleLayout | None  # its tokens' layout (packed); None on the batch path
 
-    def pin_memory(self) -> PreparedImage:  # DataLoader(pin_memory=True) calls it
-        tokens = None if self.tokens is None else (self.tokens[0].pin_memory(), self.tokens[1].pin_memory(),
-                                                   self.tokens[2])
-        return PreparedImage(self.key, self.caption, None if self.pixels is None else self.pixels.pin_memory(),
-                             tokens)
+    @property
+    def tokens(self) -> int:
+        grid_t, grid_h, grid_w = self.layout.grid
+        return grid_t * grid_h * grid_w
+
+    def pin_memory(self) -> PreparedImage:  # DataLoader(pin_memory=True) calls it, on its pinning thread
+        return PreparedImage(self.key, self.caption, self.frames.pin_memory(), self.layout)
 
 
 @dataclass
@@ -234,9 +241,9 @@ def _packed_reconstruction(batch: PackedBatch, out: dict, share: WorldShare) -> 
     return (error * real).sum() / real_values(batch) * share.scale("values")
 
 
-def real_values(batch: PackedBatch) -> int:
+def real_values(batch: PackedBatch | FramePack) -> int:
     """Pixel values the packed L1 compares (host arithmetic, no device sync)."""
-    per_token = batch.patches.shape[1]
+    per_token = batch.patch_dim
     return sum(count * (per_token // 4 if layout.modality == IMAGE else per_token)
                for count, layout in zip(tokens_per_sample(batch), batch.layouts, strict=True))
 
@@ -251,14 +258,12 @@ def _packed_images(batch: PackedBatch, patches: torch.Tensor) -> list[torch.Tens
     return images
 
 
-def packed_batches(samples: Iterator[tuple[int, PreparedImage]], max_tokens: int, position: int
-                   ) -> Iterator[tuple[PackedBatch, int]]:
-    """Prepared images and clips packed to `max_tokens`, with the stream position after each batch."""
-    for group, after in pack_samples(samples, max_tokens, position, lambda item: item.tokens[0].shape[0],
-                                     lambda item: item.key):
-        batch = pack([item.tokens for item in group])
-        batch.captions = [item.caption for item in group]
-        yield batch, after
+def frame_packs(samples: Iterator[tuple[int, PreparedImage]], max_tokens: int, position: int, patch: int
+                ) -> Iterator[tuple[FramePack, int]]:
+    """Prepared images and clips packed to `max_tokens`, with the stream position after each pack."""
+    for group, after in pack_samples(samples, max_tokens, position, lambda item: item.tokens, lambda item: item.key):
+        yield FramePack([item.frames for item in group], [item.layout for item in group],
+                        [item.caption for item in group], patch), after
 
 
 # -- the tasks ---------------------------------------------------------------------------------------------
@@ -272,32 +277,34 @@ class ImageTask:
         self.schedule = ResolutionSchedule.of(stage.image_resolution, patch)
 
     def prepare(self, sample: dict, draw_key: tuple[int, int, int]) -> PreparedImage:
-        """In a loader process: decode, resize to this draw of the stage's schedule, patchify when packed."""
-        pixels = scheduled_image(sample, self.schedule, draw_key)  # (3, H, W)
-        tokens = patchify_video(pixels[None], self.patch) if self.stage.max_tokens else None
-        return PreparedImage(sample["__key__"], caption_of(sample), pixels, tokens)
+        """In a loader process: decode and resize to this draw of the stage's schedule (uint8)."""
+        frames = scheduled_image(sample, self.schedule, draw_key)[None]  # (1, 3, H, W)
+        if not self.stage.max_tokens:
+            return PreparedImage(sample["__key__"], caption_of(sample), frames, None)
+        frames, layout = frame_layout(frames, self.patch)
+        return PreparedImage(sample["__key__"], caption_of(sample), frames, layout)
 
     def batches(self, samples: Iterator[tuple[int, PreparedImage]], position: int
-                ) -> Iterator[tuple[ImageBatch | PackedBatch, int]]:
+                ) -> Iterator[tuple[ImageBatch | FramePack, int]]:
         if self.stage.max_tokens:  # variable-size images packed to a token budget
-            yield from packed_batches(samples, self.stage.max_tokens, position)
+            yield from frame_packs(samples, self.stage.max_tokens, position, self.patch)
             return
         for group, after in group_samples(samples, self.stage.batch_size, position):
-            sizes = {tuple(item.pixels.shape) for item in group}
+            sizes = {tuple(item.frames.shape) for item in group}
             if len(sizes) > 1:
                 raise ValueError(f"images of {len(sizes)} sizes in one batch ({group[0].key}, ...): set the stage's "
                                  "image_resolution to one size, or max_tokens to pack them")
-            yield ImageBatch(torch.stack([item.pixels for item in group]), [item.caption for item in group]), after
+            yield ImageBatch(torch.cat([item.frames for item in group]), [item.caption for item in group]), after
 
-    def merge(self, batches: list) -> ImageBatch | PackedBatch:
-        if isinstance(batches[0], PackedBatch):
-            return concat_packed(batches)
+    def merge(self, batches: list) -> ImageBatch | FramePack:
+        if isinstance(batches[0], FramePack):
+            return FramePack.concat(batches)
         return ImageBatch(torch.cat([b.pixels for b in batches]), [c for b in batches for c in b.captions])
 
     def counts(self, batch, parts: list[StreamPart]) -> dict[str, int]:
         counts = {"samples": batch_samples(batch), "tokens": batch_tokens(batch),
                   "perceptual": len(_perceptual_choice(parts, self.losses.perceptual_samples))}
-        if isinstance(batch, PackedBatch):
+        if isinstance(batch, PackedBatch | FramePack):
             counts["values"] = real_values(batch)
         return counts
 
@@ -332,22 +339,18 @@ class VideoTask:
         self.schedule = ResolutionSchedule.of(stage.video_resolution, patch)
 
     def prepare(self, sample: dict, draw_key: tuple[int, int, int]) -> PreparedImage:
-        """In a loader process: decode the clip (or image), resize to this draw of the schedule, patchify."""
-        media = decode_media(sample)  # (T, 3, H, W) in [-1, 1]
-        if self.schedule is not None:
-            width, height = self.schedule.size(media.shape[3], media.shape[2], draw_key)
-            frames = ((media + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (T, 3, H, W)
-            media = resize_frames(frames, width, height, self.schedule.square).float() / 127.5 - 1.0
-        return PreparedImage(sample["__key__"], caption_of(sample), None, patchify_video(media, self.patch))
+        """In a loader process: decode the clip (or image) and resize to this draw of the schedule (uint8)."""
+        frames, layout = frame_layout(scheduled_frames(sample, self.schedule, draw_key), self.patch)
+        return PreparedImage(sample["__key__"], caption_of(sample), frames, layout)
 
     def batches(self, samples: Iterator[tuple[int, PreparedImage]], position: int
-                ) -> Iterator[tuple[PackedBatch, int]]:
-        yield from packed_batches(samples, self.stage.video_max_tokens, position)
+                ) -> Iterator[tuple[FramePack, int]]:
+        yield from frame_packs(samples, self.stage.video_max_tokens, position, self.patch)
 
-    def merge(self, batches: list[PackedBatch]) -> PackedBatch:
-        return concat_packed(batches)
+    def merge(self, batches: list[FramePack]) -> FramePack:
+        return FramePack.concat(batches)
 
-    def counts(self, batch: PackedBatch, parts: list[StreamPart]) -> dict[str, int]:
+    def counts(self, batch: FramePack, parts: list[StreamPart]) -> dict[str, int]:
         return {"samples": batch.num_samples, "tokens": batch_tokens(batch), "values": real_values(batch)}
 
     def losses_of(self, model, micro: MicroBatch, frozen: Frozen):

@@ -137,7 +137,7 @@ def test_a_class_per_folder_ingest_mixes_classes_in_a_micro_batch(tmp_path):
     assert len(train) >= 2
     task = ImageTask(TrainStageSection(batch_size=8), LossSection())
     batches = list(itertools.islice(task_batches(task, train, Storage(), seed=0), 4))
-    grey = [((batch.pixels.mean(dim=(1, 2, 3)) + 1) * 127.5).tolist() for batch, _ in batches]  # per image
+    grey = [batch.pixels.float().mean(dim=(1, 2, 3)).tolist() for batch, _ in batches]  # per image, uint8
     classes = [{int(level // 50) for level in levels} for levels in grey]
     assert all(len(c) >= 2 for c in classes), classes
 
@@ -161,14 +161,15 @@ def test_packed_images_follow_the_schedule_and_resume_with_the_same_draws(tmp_pa
     stage = TrainStageSection(max_tokens=256, image_resolution=[32, 160])
     task = ImageTask(stage, LossSection())
     loader = LoaderSettings(interleave=2, workers=2, prefetch=2)
-    straight = list(itertools.islice(task_batches(task, shards, Storage(), seed=1, loader=loader), 8))
+    straight = [(batch.to("cpu"), after)
+                for batch, after in itertools.islice(task_batches(task, shards, Storage(), seed=1, loader=loader), 8)]
     grids = {layout.grid[1:] for batch, _ in straight for layout in batch.layouts}
     assert len(grids) > 3  # sizes drawn per sample, not one per batch
     for batch, _ in straight:
         assert batch.patches.shape[0] <= 256
     _, position = straight[3]
-    resumed = list(itertools.islice(task_batches(task, shards, Storage(), seed=1, position=position,
-                                                 loader=LoaderSettings(interleave=2)), 4))
+    resumed = [(batch.to("cpu"), after) for batch, after in itertools.islice(
+        task_batches(task, shards, Storage(), seed=1, position=position, loader=LoaderSettings(interleave=2)), 4)]
     for (a, after_a), (b, after_b) in zip(straight[4:], resumed, strict=True):
         assert torch.equal(a.patches, b.patches) and a.layouts == b.layouts and after_a == after_b
 
@@ -180,7 +181,8 @@ def test_images_of_several_sizes_in_one_batch_need_a_size_or_packing(tmp_path):
         next(task_batches(task, shards, Storage(), seed=0))
     square = ImageTask(TrainStageSection(batch_size=4, image_resolution=32), LossSection())
     batch, _ = next(task_batches(square, shards, Storage(), seed=0))
-    assert batch.pixels.shape == (4, 3, 32, 32)
+    assert batch.pixels.shape == (4, 3, 32, 32) and batch.pixels.dtype == torch.uint8  # float on the device
+    assert batch.to("cpu").pixels.dtype == torch.float32
 
 
 def test_the_schedule_and_loader_are_validated_naming_the_field(tmp_path):

@@ -7,6 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -20,7 +21,8 @@ from atoken.train.tasks import VideoTask
 def packed(shards, seed: int, max_tokens: int, position: int = 0):
     """The video task's packed batches (it packs images and clips alike) of one stream."""
     task = VideoTask(TrainStageSection(tasks=["video"], video_max_tokens=max_tokens), LossSection())
-    return task_batches(task, shards, Storage(), seed, position=position)
+    return ((batch.to("cpu"), after) for batch, after in task_batches(task, shards, Storage(), seed,
+                                                                      position=position))
 
 
 def png(height: int, width: int, seed: int) -> bytes:
@@ -80,3 +82,22 @@ def test_packed_batches_resume_exactly(mixed_shards):
 def test_a_sample_larger_than_the_budget_is_a_clear_error(mixed_shards):
     with pytest.raises(ValueError, match="more than the 6-token budget"):
         next(packed(mixed_shards, 0, max_tokens=6))
+
+
+def test_a_frame_pack_patchifies_to_the_packed_batch_of_the_float_frames():
+    """The loader ships uint8 frames and patchifies where the model runs: the batch is value for value the one
+    `pack(patchify_video(float frames))` makes, temporal padding and centre crop included."""
+    from atoken.train.model.tokens import FramePack, frame_layout, pack, patchify_video
+
+    rng = np.random.default_rng(0)
+    clips = [torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8))
+             for shape in [(1, 3, 40, 56), (6, 3, 32, 48), (4, 3, 17, 33)]]  # an image, 6 frames (padded), cropped
+    cropped = [frame_layout(clip) for clip in clips]
+    frames = FramePack([c for c, _ in cropped], [layout for _, layout in cropped], ["a", "b", "c"])
+    reference = pack([patchify_video(clip.float() / 127.5 - 1.0) for clip in clips])
+    batch = frames.to("cpu")
+    assert torch.equal(batch.patches, reference.patches) and torch.equal(batch.coords, reference.coords)
+    assert torch.equal(batch.sample_ids, reference.sample_ids) and batch.layouts == reference.layouts
+    assert frames.token_count == batch.patches.shape[0] and batch.captions == ["a", "b", "c"]
+    both = FramePack.concat([frames, frames]).to("cpu")
+    assert both.num_samples == 6 and torch.equal(both.patches[: batch.patches.shape[0]], batch.patches)
