@@ -67,7 +67,12 @@ class RaySection:
 class SourceSection:
     # builtin: `name` is one of preprocess.sources.BUILTIN_SOURCES; folder: `path` is a local folder;
     # s3: `path` is an s3:// prefix; list: `path` is a parquet/CSV/JSONL table (local or s3://) with a `path`
-    # or `url` column and optional `caption` and `key` columns.
+    # or `url` column and optional `caption` and `key` columns. folder and s3 read a caption beside each file
+    # (`<stem>.txt`, or `<stem>.json` with `caption` or `text`), as img2dataset writes them.
+    # webdataset: `path` is a .tar, a folder, an s3:// prefix or a glob (`shards/*.tar`) of WebDataset shards
+    # (img2dataset / video2dataset output): one item per image (or, under videos, video) member, captioned by
+    # its sample's txt or json. parquet: `path` is a parquet file, folder, s3:// prefix or glob (a Hugging Face
+    # data set): one item per row, its bytes in `image_column`, its caption in `caption_column`.
     kind: str = "builtin"
     name: str = "skimage-photos"
     path: str | None = None
@@ -75,12 +80,25 @@ class SourceSection:
     # auto: every val_every-th item of the sources left on auto is validation; train or val: every item of this
     # source (a held-out set kept apart from the training data, e.g. an ImageNet val folder beside the training one).
     split: str = "auto"
+    # parquet only: the column of encoded bytes (binary, or Hugging Face's {bytes, path} struct), and the caption
+    # column (the default `caption` falls back to `text`, then to no caption; another name must be there).
+    image_column: str = "image"
+    caption_column: str = "caption"
 
 
 @dataclass
 class IngestSection:
     sources: list[SourceSection] = field(default_factory=lambda: [SourceSection()])
-    resolution: int = 64  # pixels a side: the short side resized to it, then centre-cropped square
+    # Square mode: the short side resized to `resolution` pixels, then centre-cropped square (the quickstart).
+    # Native mode (resolution: null): aspect kept, no crop, the `resize` side (long or short) capped at
+    # `max_resolution`, never upscaled; sides need not be patch multiples (the trainer resizes per its schedule).
+    resolution: int | None = 64
+    max_resolution: int | None = None
+    resize: str = "long"
+    # The train split's image encoding: png (lossless), jpg or webp at `quality` (Pillow's 1-100; jpg is baseline
+    # with 4:2:0 chroma). The validation split is always PNG: eval shards keep a lossless copy.
+    encoding: str = "png"
+    quality: int = 95
     samples_per_shard: int = 64  # images per part (one Ray task, one shard) on average: parts are hash ranges
     val_every: int = 10  # one item in val_every (by a hash of its key) goes to the validation split
     max_pixels: int = 89_478_485  # PIL's decompression-bomb cap
@@ -92,7 +110,10 @@ class IngestSection:
 class VideoIngestSection:
     # No sources: no video stage. Kinds as for images; builtin names from preprocess.sources.BUILTIN_VIDEO_SOURCES.
     sources: list[SourceSection] = field(default_factory=list)
-    resolution: int = 64  # pixels a side (short side resized, centre-cropped square); a multiple of 16
+    resolution: int | None = 64  # pixels a side (short side resized, centre-cropped square); a multiple of 16
+    # Native mode (resolution: null): frames keep their aspect, the long side capped at max_resolution (never
+    # upscaled, no crop), both sides then even (H.264's 4:2:0).
+    max_resolution: int | None = None
     clip_frames: int = 16  # frames per clip (the tokenizer's temporal tile is 16)
     stride_frames: int = 16  # frames between clip starts, at the output rate (= clip_frames: no overlap)
     fps: float = 8.0  # output frame rate; frames are picked by timestamp, never interpolated
@@ -242,6 +263,10 @@ class EvaluateSection:
     # val clips), zero_shot and retrieval (through the frozen text encoder), render_3d (the run's 3D val assets).
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])
     max_samples: int | None = None
+    # Every image metric's input: short side → image_size (PIL bicubic, antialiased), centre crop image_size², before
+    # the tokenizer; the published ImageNet protocol is 256. null: the validation shards' own size (square at
+    # ingest.resolution; native aspect when that is null, where rFID's Inception input is each image's centre square).
+    image_size: int | None = None
     grid_samples: int = 8
     fid_samples: int | None = None  # images (first N) feeding rFID; its protocol records the count
     fvd_clips: int | None = None  # clips (first N) feeding rFVD
@@ -279,7 +304,7 @@ class PipelineConfig:
 
 
 KNOWN_METRICS = ("psnr", "ssim", "lpips", "rfid", "rfvd", "zero_shot", "retrieval", "render_3d")
-SOURCE_KINDS = ("builtin", "folder", "s3", "list")
+SOURCE_KINDS = ("builtin", "folder", "s3", "list", "webdataset", "parquet")
 SOURCE_SPLITS = ("auto", "train", "val")
 KNOWN_MODELS = ("patch_autoencoder", "atoken", "conv_vae")
 ATOKEN_PRESETS = ("tiny", "small", "base", "so400m")
@@ -311,7 +336,7 @@ def resolve_local_paths(config: PipelineConfig) -> PipelineConfig:
     config.run.root = absolute(config.run.root)
     config.run.local_dir = absolute(config.run.local_dir)
     for source in [*config.ingest.sources, *config.videos.sources]:
-        if source.path and source.kind in ("folder", "list"):
+        if source.path and source.kind in ("folder", "list", "webdataset", "parquet"):
             source.path = absolute(source.path)
     return config
 
@@ -470,6 +495,9 @@ def validate(config: PipelineConfig) -> None:
                 f"unknown metric {metric!r} (known: {', '.join(KNOWN_METRICS)})")
     require(config.evaluate.max_samples is None or config.evaluate.max_samples > 0, "evaluate.max_samples",
             "must be > 0")
+    image_size, patch = config.evaluate.image_size, config.train.model.patch_size
+    require(image_size is None or (image_size > 0 and image_size % max(patch, 1) == 0), "evaluate.image_size",
+            f"must be > 0 and a multiple of train.model.patch_size ({patch}), or null (the shards' own size)")
     for name in ("fid_samples", "fvd_clips", "baseline_steps"):
         require(getattr(config.evaluate, name) is None or getattr(config.evaluate, name) > 1, f"evaluate.{name}",
                 "must be > 1")
@@ -517,6 +545,11 @@ def _validate_sources(sources: list[SourceSection], where: str, builtin: dict) -
             require(str(source.path).startswith("s3://"), f"{at}.path", "an s3 source needs an s3:// prefix")
         require(source.limit is None or source.limit > 0, f"{at}.limit", "must be > 0")
         require(source.split in SOURCE_SPLITS, f"{at}.split", f"must be one of {', '.join(SOURCE_SPLITS)}")
+        for name, default in (("image_column", "image"), ("caption_column", "caption")):
+            value = getattr(source, name)
+            require(bool(value.strip()), f"{at}.{name}", "must not be empty")
+            require(source.kind == "parquet" or value == default, f"{at}.{name}",
+                    f"only a parquet source reads columns (this one is {source.kind})")
 
 
 def validate_ingest(ingest: IngestSection, where: str = "ingest") -> None:
@@ -525,8 +558,10 @@ def validate_ingest(ingest: IngestSection, where: str = "ingest") -> None:
     require = _require
     require(len(ingest.sources) > 0, f"{where}.sources", "needs at least one source")
     _validate_sources(ingest.sources, f"{where}.sources", BUILTIN_SOURCES)
-    require(ingest.resolution >= 8 and ingest.resolution % 8 == 0, f"{where}.resolution",
-            "must be a multiple of 8, at least 8")
+    _validate_size_mode(ingest.resolution, ingest.max_resolution, where, 8)
+    require(ingest.resize in ("long", "short"), f"{where}.resize", "must be long or short")
+    require(ingest.encoding in ("png", "jpg", "webp"), f"{where}.encoding", "must be png, jpg or webp")
+    require(1 <= ingest.quality <= 100, f"{where}.quality", "must be in [1, 100]")
     require(ingest.samples_per_shard > 0, f"{where}.samples_per_shard", "must be > 0")
     require(ingest.val_every >= 2, f"{where}.val_every", "must be >= 2")
     require(ingest.parallelism >= 1, f"{where}.parallelism", "must be >= 1")
@@ -538,24 +573,38 @@ def validate_videos(videos: VideoIngestSection) -> None:
 
     require = _require
     _validate_sources(videos.sources, "videos.sources", BUILTIN_VIDEO_SOURCES)
-    for name in ("resolution", "clip_frames", "stride_frames", "max_clips", "videos_per_shard", "parallelism"):
+    for name in ("clip_frames", "stride_frames", "max_clips", "videos_per_shard", "parallelism"):
         require(getattr(videos, name) > 0, f"videos.{name}", "must be > 0")
     require(videos.val_every >= 2, "videos.val_every", "must be >= 2")
     for name in ("max_item_mb", "spool_mb", "decode_timeout_s"):
         require(getattr(videos, name) > 0, f"videos.{name}", "must be > 0")
     require(videos.fps > 0, "videos.fps", "must be > 0")
     require(videos.encoding in ("mp4", "npy"), "videos.encoding", "must be mp4 or npy")
-    require(videos.resolution % 16 == 0, "videos.resolution", "must be a multiple of 16 (the patch size)")
+    _validate_size_mode(videos.resolution, videos.max_resolution, "videos", 16)
 
 
-def validate_train(train: TrainSection, resolution: int) -> None:
+def _validate_size_mode(resolution: int | None, max_resolution: int | None, where: str, multiple: int) -> None:
+    """One of the two size modes: a square `resolution` (a multiple of `multiple`) or a native `max_resolution`."""
+    _require((resolution is None) != (max_resolution is None), f"{where}.max_resolution" if max_resolution
+             else f"{where}.resolution", "set exactly one of resolution (square crop) and max_resolution (native "
+             "aspect): resolution: null for native mode")
+    if resolution is not None:
+        _require(resolution >= multiple and resolution % multiple == 0, f"{where}.resolution",
+                 f"must be a multiple of {multiple}, at least {multiple}")
+    else:
+        _require(max_resolution >= 16, f"{where}.max_resolution", "must be >= 16")
+
+
+def validate_train(train: TrainSection, resolution: int | None) -> None:
+    """`resolution`: ingest's square size; None for native-aspect shards, whose sizes the trainer resizes to
+    patch multiples (train/loader.py ResolutionSchedule) and the evaluation crops to them."""
     require = _require
     model = train.model
     require(model.kind in KNOWN_MODELS, "train.model.kind", f"unknown model (known: {', '.join(KNOWN_MODELS)})")
     if model.kind == "atoken":
         require(model.preset in ATOKEN_PRESETS, "train.model.preset", f"must be one of {', '.join(ATOKEN_PRESETS)}")
-    require(model.patch_size > 0 and resolution % model.patch_size == 0, "train.model.patch_size",
-            f"must divide ingest.resolution ({resolution})")
+    require(model.patch_size > 0 and (resolution is None or resolution % model.patch_size == 0),
+            "train.model.patch_size", f"must divide ingest.resolution ({resolution})")
     require(model.hidden_channels > 0, "train.model.hidden_channels", "must be > 0")
     require(model.latent_channels > 0, "train.model.latent_channels", "must be > 0")
     require(len(train.stages) > 0, "train.stages", "needs at least one stage")

@@ -173,12 +173,17 @@ def resolve(kind: str, args: argparse.Namespace) -> StandaloneJob:
 
 
 def parse_source(text: str) -> dict[str, Any]:
-    """SOURCE → the mapping a config's `sources:` entry holds: builtin:NAME, a list file, s3://..., or a folder.
+    """SOURCE → the mapping a config's `sources:` entry holds: builtin:NAME, webdataset:PATH (tars, e.g.
+    img2dataset's), parquet:PATH (a table of image bytes), a .tar (webdataset), a list file, s3://..., or a folder.
     Local paths are made absolute, as load_config makes them (Ray workers run elsewhere)."""
     if text.startswith("builtin:"):
         return {"kind": "builtin", "name": text.removeprefix("builtin:")}
+    kind = next((k for k in ("webdataset", "parquet") if text.startswith(f"{k}:")), None)
+    text = text.removeprefix(f"{kind}:") if kind else text
     s3 = text.startswith("s3://")
     path = text if s3 else str(Path(text.removeprefix("file://")).resolve())
+    if kind or Path(text).suffix.lower() == ".tar":
+        return {"kind": kind or "webdataset", "path": path}
     if Path(text).suffix.lower() in LIST_SUFFIXES:
         return {"kind": "list", "path": path}
     return {"kind": "s3" if s3 else "folder", "path": path}

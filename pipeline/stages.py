@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import sys
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -188,6 +189,7 @@ def run_train(ctx: StageContext, index: int, previous: str | None) -> dict[str, 
         shards.video = _shards(ctx.storage, ctx.inputs["ingest_videos"].output, "train")
     if "ingest_3d" in ctx.inputs:
         shards.objects = _shards(ctx.storage, ctx.inputs["ingest_3d"].output, "train")
+    caption_tags = check_captions(ctx, section)
     init_weights = None if previous is None else join(ctx.inputs[previous].output, "model.safetensors")
     siglip2 = ctx.config.train.model.init_from
     # The first stage starts from SigLIP2 when train.model.init_from names it; later ones from the stage before.
@@ -197,7 +199,8 @@ def run_train(ctx: StageContext, index: int, previous: str | None) -> dict[str, 
                                       **({"atoken.3d_render_loss": ObjectTask.RENDER_LOSS_VIEWS}
                                          if "3d" in section.tasks else {}),
                                       "atoken.batches": f"packed, {section.max_tokens} tokens"
-                                      if section.max_tokens else f"{section.batch_size} images"})
+                                      if section.max_tokens else f"{section.batch_size} images",
+                                      **caption_tags})
     job = StageJob(section, ctx.config.train.stage_model(index), shards, ctx.output, init_weights, ctx.storage,
                    ctx.tracker, ctx.run_id, ctx.config.run.seed, ctx.config.train.losses)
     run_train_stage(job, ctx.config.run.local_dir, ctx.config.ray.train_resources)
@@ -208,6 +211,50 @@ def run_train(ctx: StageContext, index: int, previous: str | None) -> dict[str, 
     # The last log step's loss and rate, for the stage's end line.
     summary |= final.get("last_metrics", {})
     return summary
+
+
+CAPTION_INPUTS = {"image": "ingest", "video": "ingest_videos", "3d": "ingest_3d"}
+
+
+def captionless(storage, ingest_output: str) -> tuple[int, int]:
+    """(training samples whose caption is empty or their own key, training samples), from the manifest a batch of
+    rows at a time in Arrow (10M rows are never held): such a sample's caption is its key (data.py caption_of)."""
+    import pyarrow.compute as pc
+
+    manifest = pq.ParquetFile(io.BytesIO(storage.read_bytes(join(ingest_output, "manifest.parquet"))))
+    columns = ["key", "caption", "split"]
+    if not set(columns) <= set(manifest.schema_arrow.names):
+        return 0, 0
+    missing = total = 0
+    for batch in manifest.iter_batches(columns=columns, batch_size=65536):
+        train = batch.filter(pc.equal(batch.column("split"), "train"))
+        caption = pc.fill_null(train.column("caption"), "")
+        missing += int(pc.sum(pc.or_(pc.equal(caption, ""), pc.equal(caption, train.column("key")))).as_py() or 0)
+        total += train.num_rows
+    return missing, total
+
+
+def check_captions(ctx: StageContext, section) -> dict[str, str]:
+    """Tags saying how many of each task's training samples have a caption; a task whose captions are all empty
+    or keys says so in one console line, since its understanding losses would align samples with file names."""
+    from atoken.pipeline import console
+
+    tags = {}
+    for task in dict.fromkeys(section.tasks):
+        missing, total = captionless(ctx.storage, ctx.inputs[CAPTION_INPUTS[task]].output)
+        if not total:
+            continue
+        tags[f"atoken.captions.{task}"] = f"{total - missing} of {total} training samples captioned"
+        if missing == total and ctx.config.train.losses.semantic > 0:
+            line = (f"[train_{section.name}] warning: all {total} {task} training captions are empty or the "
+                    "sample's key, so its understanding losses align samples with file names (give captions: "
+                    "key.txt / key.json sidecars, a caption column)")
+            active = console.active()
+            if active is not None:
+                active.say(line)
+            else:
+                print(line, file=sys.stderr, flush=True)
+    return tags
 
 
 def baseline_config(config: PipelineConfig) -> PipelineConfig:

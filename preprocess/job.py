@@ -50,7 +50,9 @@ from atoken.preprocess.sources import (
     ItemSpec,
     list_file,
     list_folder,
+    list_parquet,
     list_s3_prefix,
+    list_webdataset,
 )
 from atoken.preprocess.videos import ClipSettings
 from atoken.preprocess.writer import (
@@ -117,6 +119,10 @@ def iter_source(source, storage: Storage, videos: bool) -> Iterator[ItemSpec]:
         listed = list_folder(source.path, source.limit, suffixes)
     elif source.kind == "s3":
         listed = list_s3_prefix(storage, source.path, source.limit, suffixes)
+    elif source.kind == "webdataset":
+        listed = list_webdataset(storage, source.path, source.limit, suffixes)
+    elif source.kind == "parquet":
+        listed = list_parquet(storage, source.path, source.limit, source.image_column, source.caption_column)
     else:
         listed = list_file(source.path, storage, source.limit)
     if source.split != "auto":
@@ -156,19 +162,31 @@ def list_items(section: IngestSection | VideoIngestSection, storage: Storage | N
 
 def run_image_job(section: IngestSection, storage: Storage, output: str, progress: bool = True,
                   resources: dict[str, float] | None = None, redo: bool = False) -> dict[str, Any]:
-    settings = ImageSettings(section.resolution, section.max_pixels, section.max_item_mb << 20)
+    settings = ImageSettings(section.resolution, section.max_pixels, section.max_item_mb << 20,
+                             section.max_resolution, section.resize, section.encoding, section.quality)
     return run_ingest_job(iter_items(section, storage), settings, storage, output, kind="images",
                           items_per_part=section.samples_per_shard, val_every=section.val_every,
                           parallelism=section.parallelism, progress=progress, description="ingest images",
-                          unit="img", resources=resources, redo=redo,
-                          settings_record={"resolution": section.resolution, "max_pixels": section.max_pixels,
-                                           "val_every": section.val_every})
+                          unit="img", resources=resources, redo=redo, settings_record=image_settings_record(section))
+
+
+def image_settings_record(section: IngestSection) -> dict[str, Any]:
+    """The image settings that shape a sample, as `_ingest.json` records them. A setting at the value every
+    output had before it existed (square crop, PNG) is left out, so an output made before it still matches
+    (a missing setting reads as None; a rerun then refuses only a real change, not a new config field)."""
+    record: dict[str, Any] = {"resolution": section.resolution, "max_pixels": section.max_pixels,
+                              "val_every": section.val_every}
+    if section.resolution is None:
+        record |= {"max_resolution": section.max_resolution, "resize": section.resize}
+    if section.encoding != "png":
+        record |= {"encoding": section.encoding, "quality": section.quality}
+    return record
 
 
 def run_video_job(section: VideoIngestSection, storage: Storage, output: str, progress: bool = True,
                   resources: dict[str, float] | None = None, redo: bool = False) -> dict[str, Any]:
     clips = ClipSettings(section.clip_frames, section.stride_frames, section.fps, section.resolution,
-                         section.max_clips, section.encoding)
+                         section.max_clips, section.encoding, max_resolution=section.max_resolution)
     settings = VideoSettings(clips, section.max_item_mb << 20, section.spool_mb << 20, section.decode_timeout_s)
     return run_ingest_job(iter_items(section, storage), settings, storage, output, kind="videos",
                           items_per_part=section.videos_per_shard, val_every=section.val_every,

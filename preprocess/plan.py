@@ -12,6 +12,12 @@ changes exactly the one part that holds it:
   from the previous run while the average stays within [1/4, 2] x `items_per_part` (hysteresis: a growing
   listing does not re-cut every part on every run). When it changes, the new parts reuse the old parts'
   samples (preprocess/writer.py), so nothing is decoded twice.
+- groups: an item that names a group (`ItemSpec.group`: a parquet row group) takes its part hash from the group,
+  not its key, so a part holds whole row groups and reads each one's column chunk once instead of once per item
+  (parts are hash ranges of keys: a part of 64 items would otherwise touch 64 row groups). The split stays the
+  key's. A group is a function of the source (file and row group), so the listing's changes still move only the
+  parts of the groups they touch. A part holds at least one group, so a split never has more parts than about
+  its groups and ungrouped items (`Planner.units`): 8 row groups of 250 rows make 8 parts, not 32 mostly empty.
 
 The listing is never held by the driver: items stream into sorted spill files on local disk (`Planner.add`),
 then come back part by part in one merged pass (`Planner.parts`). Measured in benchmarks/plan_ingest.py.
@@ -38,7 +44,8 @@ CURSOR_ROWS = 8192  # rows of a spill chunk the merge holds at a time
 HASH_BITS = 63  # hashes are non-negative int64 (parquet statistics and numpy both compare them natively)
 SPILL_SCHEMA = pa.schema([
     ("split", pa.int8()), ("hash", pa.int64()), ("key", pa.string()), ("source", pa.string()),
-    ("locator", pa.string()), ("caption", pa.string()), ("fingerprint", pa.string()),
+    ("locator", pa.string()), ("caption", pa.string()), ("fingerprint", pa.string()), ("group", pa.string()),
+    ("key_hash", pa.int64()),  # the key's own hash, when `hash` is its group's: what check_unique compares
 ])
 
 
@@ -91,7 +98,7 @@ class PartPlan:
     def __reduce__(self):
         # Items travel to Ray workers as plain tuples: Ray's cloudpickle runs a Python hook for every object
         # that is not a plain str/tuple/list, which made pickling the plans most of the driver's CPU time.
-        items = [(i.key, i.source, i.locator, i.caption, "", i.fingerprint) for i in self.items]
+        items = [(i.key, i.source, i.locator, i.caption, "", i.fingerprint, i.group) for i in self.items]
         return _part_plan, (self.name, self.split, items)
 
 
@@ -108,17 +115,25 @@ class Planner:
     spill_folder: Path | None = None
     chunk_items: int = 131_072  # ~50 MB of Python objects at the peak, then written out sorted
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    # What a split's parts can be cut to: its ungrouped items and its groups, each group counted once (a source
+    # lists a group's items together, so a change of group in the stream is a new one: no set of groups held).
+    units: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    _last_group: dict[str, str] = field(default_factory=dict)
     _rows: list[tuple] = field(default_factory=list)
     _chunks: list[Path] = field(default_factory=list)
     _temporary: tempfile.TemporaryDirectory | None = None
 
     def add(self, items: Iterable[ItemSpec]) -> None:
         for item in items:
-            part_hash, split_hash = key_hashes(item.key)
+            key_hash, split_hash = key_hashes(item.key)
+            part_hash = key_hashes(item.group)[0] if item.group else key_hash
             split = split_of(item, split_hash, self.val_every)
             self.counts[split] += 1
+            if not item.group or self._last_group.get(split) != item.group:
+                self.units[split] += 1
+                self._last_group[split] = item.group
             self._rows.append((SPLITS.index(split), part_hash, item.key, item.source, item.locator, item.caption,
-                               item.fingerprint))
+                               item.fingerprint, item.group, key_hash))
             if len(self._rows) >= self.chunk_items:
                 self._spill()
 
@@ -127,9 +142,9 @@ class Planner:
         return sum(self.counts.values())
 
     def bits(self, previous: dict[str, int] | None = None) -> dict[str, int]:
-        """log2 of each split's part count (0 parts for a split without items)."""
+        """log2 of each split's part count (0 parts for a split without items), at most about its units."""
         previous = previous or {}
-        return {split: part_bits(count, self.items_per_part, previous.get(split))
+        return {split: min(part_bits(count, self.items_per_part, previous.get(split)), part_bits(self.units[split], 1))
                 for split, count in self.counts.items() if count}
 
     def parts(self, bits: dict[str, int]) -> Iterator[PartPlan]:
@@ -143,8 +158,8 @@ class Planner:
             for index in range(2 ** bits[split]):
                 _, high = hash_range(bits[split], index)
                 rows = heapq.merge(*(cursor.take(split, high) for cursor in cursors))
-                items = [ItemSpec(key, source, locator, caption, split, fingerprint)
-                         for _, key, source, locator, caption, fingerprint in rows]
+                items = [ItemSpec(key, source, locator, caption, split, fingerprint, group)
+                         for _, key, source, locator, caption, fingerprint, group in rows]
                 for first, second in zip(items, items[1:], strict=False):
                     if first.key == second.key:
                         raise ValueError(f"ingest.sources: item key {first.key!r} is listed twice ({first.source}, "
@@ -159,7 +174,7 @@ class Planner:
             return
         import pyarrow.compute as pc
 
-        hashes = np.concatenate([pq.read_table(path, columns=["hash"]).column("hash").to_numpy()
+        hashes = np.concatenate([pq.read_table(path, columns=["key_hash"]).column("key_hash").to_numpy()
                                  for path in self._chunks])
         hashes.sort()
         repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
@@ -168,8 +183,8 @@ class Planner:
         seen: dict[str, str] = {}
         wanted = pa.array(repeated, pa.int64())
         for path in self._chunks:
-            table = pq.read_table(path, columns=["hash", "key", "source"])
-            rows = table.filter(pc.is_in(table.column("hash"), value_set=wanted))
+            table = pq.read_table(path, columns=["key_hash", "key", "source"])
+            rows = table.filter(pc.is_in(table.column("key_hash"), value_set=wanted))
             for key, source in zip(rows.column("key").to_pylist(), rows.column("source").to_pylist(), strict=True):
                 if key in seen:
                     raise ValueError(f"ingest.sources: item key {key!r} is listed twice ({seen[key]}, {source}): a "
@@ -201,7 +216,7 @@ class Planner:
 class _ChunkCursor:
     """Reads one sorted spill chunk forward, a batch at a time, handing out rows below a (split, hash)."""
 
-    COLUMNS = ("hash", "key", "source", "locator", "caption", "fingerprint")
+    COLUMNS = ("hash", "key", "source", "locator", "caption", "fingerprint", "group")
 
     def __init__(self, path: Path):
         # One row group at a time, read by hand: iter_batches reads ahead (measured: ~10 MB a cursor held at
@@ -214,7 +229,7 @@ class _ChunkCursor:
         self.offset = 0
 
     def take(self, split: str, high: int) -> list[tuple]:
-        """Rows of `split` with hash < high, as (hash, key, source, locator, caption, fingerprint)."""
+        """Rows of `split` with hash < high, as (hash, key, source, locator, caption, fingerprint, group)."""
         taken: list[tuple] = []
         order = SPLITS.index(split)
         while True:

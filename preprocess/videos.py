@@ -1,5 +1,9 @@
 """One video in, its clips out: decode with PyAV, resample to a frame rate, cut clips, resize, encode.
 
+Frames are resized as images are (preprocess/images.py): square (`resolution`: short side, centre crop) or native
+aspect (`max_resolution`: the long side capped, never upscaled, no crop), each side then even, as H.264's 4:2:0
+chroma needs (npy clips follow the same rule, so a change of encoding changes nothing else).
+
 A plain function (no Ray): preprocess/job.py maps it. Each clip keeps its timing (start, end, fps) and
 its source, so a clip can always be traced back to the seconds of the video it came from.
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -18,7 +23,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from atoken.preprocess.images import ItemError, resize_center_crop
+from atoken.preprocess.images import ItemError, capped_size, resize_center_crop
 
 
 @dataclass(frozen=True)
@@ -26,10 +31,11 @@ class ClipSettings:
     clip_frames: int = 16  # frames per clip (the tokenizer's temporal tile is 16)
     stride_frames: int = 16  # frames between clip starts, at the output rate (= clip_frames: no overlap)
     fps: float = 8.0  # output frame rate; frames are picked by timestamp, never interpolated
-    resolution: int = 64
+    resolution: int | None = 64  # square: short side resized to it, centre-cropped; None: native (max_resolution)
     max_clips: int = 8  # per video, from its start
     encoding: str = "mp4"  # mp4 (H.264) or npy (raw uint8 frames, lossless)
     max_pixels: int = 3840 * 2160
+    max_resolution: int | None = None  # native aspect: the long side capped at it (resolution None)
 
 
 @dataclass(frozen=True)
@@ -88,18 +94,19 @@ class DecodeTimeout(ItemError):
 
 def clip_video(data: bytes | Path, key: str, settings: ClipSettings, timeout_s: float | None = None
                ) -> list[ClipSample]:
-    """Cut a video (bytes or a local file) into clips of `clip_frames` frames at `fps`, resized and centre-cropped."""
+    """Cut a video (bytes or a local file) into clips of `clip_frames` frames at `fps`, resized (square or native
+    aspect, see the module docstring)."""
     wanted = (settings.max_clips - 1) * settings.stride_frames + settings.clip_frames
     frames, source = decode_frames(data, settings.fps, wanted, settings.max_pixels, timeout_s)
     if len(frames) < settings.clip_frames:
         raise ItemError(f"only {len(frames)} frames at {settings.fps} fps, a clip needs {settings.clip_frames}")
+    resize = frame_resizer(frames[0].shape[1], frames[0].shape[0], settings)
     clips = []
     for index, start in enumerate(range(0, len(frames) - settings.clip_frames + 1, settings.stride_frames)):
         if index >= settings.max_clips:
             break
-        window = [resize_center_crop(Image.fromarray(f), settings.resolution) for f in
-                  frames[start:start + settings.clip_frames]]
-        array = np.stack([np.asarray(image) for image in window])  # (T, H, W, 3) uint8
+        array = np.stack([np.asarray(resize(Image.fromarray(f))) for f in
+                          frames[start:start + settings.clip_frames]])  # (T, H, W, 3) uint8
         payload = encode_clip(array, settings.fps) if settings.encoding == "mp4" else _npy(array)
         meta = {
             **source,
@@ -110,12 +117,26 @@ def clip_video(data: bytes | Path, key: str, settings: ClipSettings, timeout_s: 
             "end_seconds": (start + settings.clip_frames) / settings.fps,
             "fps": settings.fps,
             "frames": settings.clip_frames,
-            "width": settings.resolution,
-            "height": settings.resolution,
+            "width": array.shape[2],
+            "height": array.shape[1],
             "sha256": hashlib.sha256(payload).hexdigest(),
         }
         clips.append(ClipSample(meta["key"], payload, settings.encoding, meta))
     return clips
+
+
+def frame_resizer(width: int, height: int, settings: ClipSettings) -> Callable[[Image.Image], Image.Image]:
+    """The resize of every frame of a (width x height) video: square crop at `resolution`, or native aspect with
+    the long side capped at `max_resolution` and both sides even (never upscaled; an odd side loses one pixel)."""
+    if settings.resolution is not None:
+        return lambda image: resize_center_crop(image, settings.resolution)
+    size = capped_size(width, height, settings.max_resolution, "long", multiple=2)
+    if size == (width, height):
+        return lambda image: image
+    if capped_size(width, height, settings.max_resolution, "long") == (width, height):
+        # Within the cap: no resampling, only the odd row or column dropped (from the bottom and right).
+        return lambda image: image.crop((0, 0, *size))
+    return lambda image: image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 # x264 settings that make a clip's bytes a function of its frames alone (issue 15): x264's output depends on its

@@ -32,6 +32,7 @@ Plain functions: preprocess/job.py maps them over Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -148,14 +149,26 @@ class ShardSample:
 
 @dataclass(frozen=True)
 class ImageSettings:
-    resolution: int
+    resolution: int | None  # square crop at this size; None: native aspect (max_resolution)
     max_pixels: int
     max_item_bytes: int | None = 256 << 20  # ingest.max_item_mb
+    max_resolution: int | None = None  # ingest.max_resolution: the `resize` side capped, aspect kept
+    resize: str = "long"  # ingest.resize
+    encoding: str = "png"  # ingest.encoding, of the train split (for_split)
+    quality: int = 95  # ingest.quality (jpg, webp)
+
+    def for_split(self, split: str) -> ImageSettings:
+        """The settings a part of `split` is made with: the validation split keeps a lossless PNG copy whatever
+        the training encoding, so its reconstruction metrics score the tokenizer, not JPEG's artefacts."""
+        if split == "train" or self.encoding == "png":
+            return self
+        return dataclasses.replace(self, encoding="png")
 
     def process(self, data: bytes | Path, item: ItemSpec) -> list[ShardSample]:
         data = data if isinstance(data, bytes) else data.read_bytes()
-        sample = process_image(data, item.key, self.resolution, self.max_pixels)
-        return [ShardSample(sample.key, {"png": sample.png}, sample.meta)]
+        sample = process_image(data, item.key, self.resolution, self.max_pixels, max_resolution=self.max_resolution,
+                               resize=self.resize, encoding=self.encoding, quality=self.quality)
+        return [ShardSample(sample.key, {sample.extension: sample.data}, sample.meta)]
 
 
 @dataclass(frozen=True)
@@ -223,6 +236,8 @@ def write_part(plan: PartPlan, storage: Storage, output: str, settings, previous
     samples of these items (this part's own name, and the parts of another part count whose hash ranges
     overlap this one's)."""
     started = time.perf_counter()
+    if isinstance(settings, ImageSettings):
+        settings = settings.for_split(plan.split)
     identities = [item_identity(item, plan.split) for item in plan.items]
     digest = planned_digest(identities)
     records = {name: PartRecord.read(storage, record_uri(output, name)) for name in dict.fromkeys(previous)

@@ -88,9 +88,10 @@ def sizes_and_paths(tmp_path: Path) -> list[str]:
     vgg = write_vgg16(tmp_path / "vgg16.safetensors")
     overrides = {
         "run.root": f"s3://{BUCKET}/runs/base", "run.local_dir": str(tmp_path / "local"),
-        "ingest.sources.0.path": str(write_images(tmp_path / "images")), "ingest.resolution": "32",
+        "ingest.sources.0.path": str(write_images(tmp_path / "images")),
+        "ingest.max_resolution": "32",  # native mode, JPEG training shards, as the file says: smaller
         "ingest.samples_per_shard": "6", "ingest.val_every": "6", "ingest.parallelism": "2",
-        "videos.sources.0.path": str(write_videos(tmp_path / "videos")), "videos.resolution": "32",
+        "videos.sources.0.path": str(write_videos(tmp_path / "videos")), "videos.max_resolution": "32",
         "videos.clip_frames": "8", "videos.stride_frames": "8", "videos.max_clips": "2",
         "videos.videos_per_shard": "2", "videos.val_every": "6",
         "videos.parallelism": "2",
@@ -108,11 +109,15 @@ def sizes_and_paths(tmp_path: Path) -> list[str]:
     }
     for index in range(len(STAGES)):
         prefix = f"train.stages.{index}"
+        # Packed images as the file says, at 16-32 px drawn per sample, from 2 interleaved shards (the small
+        # data set has few), prepared in 1 loader process per stream and task (the DataLoader path).
         overrides |= {f"{prefix}.steps": "2", f"{prefix}.batch_size": "2", f"{prefix}.warmup_steps": "1",
                       f"{prefix}.checkpoint_every": "1", f"{prefix}.log_every": "1", f"{prefix}.num_workers": "2",
-                      f"{prefix}.use_gpu": "false"}
+                      f"{prefix}.use_gpu": "false", f"{prefix}.max_tokens": "16",
+                      f"{prefix}.image_resolution": "[16, 32]", f"{prefix}.shard_interleave": "2",
+                      f"{prefix}.loader_workers": "1"}
         if index > 0:
-            overrides[f"{prefix}.video_max_tokens"] = "16"
+            overrides |= {f"{prefix}.video_max_tokens": "16", f"{prefix}.video_resolution": "[16, 32]"}
         if index > 1:
             overrides |= {f"{prefix}.objects_per_batch": "1", f"{prefix}.render_views": "2"}
     return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]

@@ -128,6 +128,14 @@ def error_for(overrides: list[str], path: Path = QUICKSTART) -> str:
      f"must divide ingest.resolution ({RESOLUTION})"),
     ("train.model.kind=vqgan", "train.model.kind", "unknown model"),
     ("ingest.resolution=30", "ingest.resolution", "multiple of 8"),
+    # Issue 19: square (resolution) or native aspect (max_resolution), never both; the train split's encoding.
+    ("ingest.max_resolution=512", "ingest.max_resolution", "set exactly one of resolution (square crop) and"),
+    ("ingest.resolution=null", "ingest.resolution", "set exactly one of resolution (square crop) and"),
+    ("ingest.encoding=gif", "ingest.encoding", "must be png, jpg or webp"),
+    ("ingest.quality=0", "ingest.quality", "must be in [1, 100]"),
+    ("ingest.resize=width", "ingest.resize", "must be long or short"),
+    ("videos.max_resolution=512", "videos.max_resolution", "set exactly one of resolution (square crop) and"),
+    ("videos.resolution=40", "videos.resolution", "must be a multiple of 16"),
     ("ingest.sources.0.name=imagenet", "ingest.sources[0].name", "unknown built-in set 'imagenet'"),
     (f"train.stages.0.warmup_steps={STAGES[0]['steps'] + 1}", "train.stages[0].warmup_steps", "must be in [0, steps]"),
     (f"train.stages.{len(STAGES)}.steps=1", f"train.stages.{len(STAGES)}",
@@ -236,3 +244,14 @@ def test_an_unknown_rfvd_preset_is_refused_naming_the_presets(tmp_path):
         load_config(path)
     path.write_text("run:\n  name: x\nevaluate:\n  fvd_preset: stylegan-v\n")
     assert load_config(path).evaluate.fvd_preset == "stylegan-v"
+
+
+def test_native_resolution_mode_validates_without_the_square_patch_rule():
+    """resolution: null + max_resolution: sides need not be patch multiples (the trainer resizes per its schedule,
+    the evaluation crops to the patch grid), so patch_size need not divide anything ingest writes."""
+    config = load_config(QUICKSTART, ["ingest.resolution=null", "ingest.max_resolution=100", "ingest.encoding=webp",
+                                      "ingest.quality=90", "videos.resolution=null", "videos.max_resolution=90",
+                                      f"train.model.patch_size={RESOLUTION + 1}"])
+    assert (config.ingest.resolution, config.ingest.max_resolution, config.ingest.resize) == (None, 100, "long")
+    assert (config.ingest.encoding, config.ingest.quality) == ("webp", 90)
+    assert (config.videos.resolution, config.videos.max_resolution) == (None, 90)

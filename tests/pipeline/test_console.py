@@ -67,6 +67,7 @@ def test_verbose_echoes_worker_output_and_notes_are_lines(tmp_path, capsys):
 
 def test_library_logging_goes_to_the_log_file_and_is_restored(tmp_path, capsys):
     ray_logger = logging.getLogger("ray")
+    ray_logger.setLevel(logging.INFO)  # an earlier ray.init(logging_level="ERROR") in this process raised it
     before = list(ray_logger.handlers)
     root_level = logging.getLogger().level
     with Console(tmp_path / "run.log"):

@@ -88,8 +88,11 @@ def test_a_field_added_to_the_section_becomes_a_flag_without_touching_the_cli():
 
 def test_each_flag_sets_its_field_and_the_others_keep_the_dataclass_defaults(tmp_path):
     defaults = IngestSection()
-    # Twice each default: an integer (resolution stays a multiple of 8) that validate_ingest accepts.
-    doubled = {name: getattr(defaults, name) * 2 for name in scalar_fields(IngestSection)}
+    # Twice each numeric default (resolution stays a multiple of 8) and another valid choice for the others, all
+    # of which validate_ingest accepts; max_resolution (unset: square mode) cannot be set beside a resolution.
+    others = {"resize": "short", "encoding": "jpg", "quality": 50}
+    doubled = {name: others.get(name, getattr(defaults, name) * 2) for name in scalar_fields(IngestSection)
+               if name != "max_resolution"}
     flags = [part for name, value in doubled.items() for part in (f"--{name.replace('_', '-')}", str(value))]
     section = resolved("images", str(tmp_path), str(tmp_path / "out"), *flags).section
     assert section == IngestSection(sources=[SourceSection(kind="folder", path=str(tmp_path))], **doubled)
@@ -105,6 +108,10 @@ def test_source_takes_every_kind_a_config_takes(tmp_path, monkeypatch):
     for name in ("items.csv", "items.jsonl", "items.parquet"):
         assert parse_source(name) == {"kind": "list", "path": str(tmp_path / name)}
     assert parse_source("builtin:fashion-mnist") == {"kind": "builtin", "name": "fashion-mnist"}
+    assert parse_source("webdataset:s3://bucket/laion/") == {"kind": "webdataset", "path": "s3://bucket/laion/"}
+    assert parse_source("shards/00000.tar") == {"kind": "webdataset", "path": str(tmp_path / "shards/00000.tar")}
+    assert parse_source("parquet:hf/train") == {"kind": "parquet", "path": str(tmp_path / "hf/train")}
+    assert parse_source("parquet:s3://bucket/t.parquet") == {"kind": "parquet", "path": "s3://bucket/t.parquet"}
     # Several SOURCEs are several sources, in order; --limit applies to each.
     section = resolved("images", "builtin:skimage-photos", "items.csv", "out", "--limit", "3").section
     assert section.sources == [SourceSection(kind="builtin", name="skimage-photos", limit=3),

@@ -4,8 +4,10 @@ pass; other settings refused; a part that fails is recorded while the others com
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import json
 import os
 import signal
 import socket
@@ -300,6 +302,35 @@ def test_other_settings_are_refused_naming_the_setting_and_redo_rebuilds(local_r
     stats = run_image_job(section_for(folder, resolution=32), Storage(), str(output), progress=False, redo=True)
     assert stats["items_made"] == 8 and {r["width"] for r in manifest(output)} == {32}
     assert {p.stem for p in (output / "shards").glob("*.tar")} == {r["shard"] for r in manifest(output)}
+
+
+def test_encoding_and_quality_are_recorded_so_a_change_is_refused_and_redo_rebuilds(local_ray, tmp_path):
+    """ingest.encoding/quality shape every training sample: a rerun asking for others refuses, naming the setting;
+    an output made before they existed (PNG) still matches its own settings."""
+    folder = image_folder(tmp_path / "in", 20)
+    output = tmp_path / "out"
+    native = dataclasses.replace(section_for(folder), resolution=None, max_resolution=20)
+    run_image_job(native, Storage(), str(output), progress=False)
+    assert {(r["width"], r["height"]) for r in manifest(output)} == {(20, 20)}, "28 px capped at 20, in the manifest"
+    assert "encoding" not in json.loads((output / "_ingest.json").read_text())["settings"], "PNG: as before"
+
+    jpeg = dataclasses.replace(native, encoding="jpg", quality=95)
+    with pytest.raises(OutputMismatch, match="made with encoding=None, this run asks for encoding=jpg"):
+        run_image_job(jpeg, Storage(), str(output), progress=False)
+    stats = run_image_job(jpeg, Storage(), str(output), progress=False, redo=True)
+    assert stats["items_made"] == 20
+    extensions = {split: set() for split in ("train", "val")}
+    for path in (output / "shards").glob("*.tar"):
+        with tarfile.open(path) as tar:
+            extensions[path.name.split("-")[0]] |= {m.name.rsplit(".", 1)[1] for m in tar.getmembers()}
+    assert extensions == {"train": {"json", "jpg"}, "val": {"json", "png"}}, "the val split stays lossless"
+    recorded = json.loads((output / "_ingest.json").read_text())["settings"]
+    assert (recorded["encoding"], recorded["quality"], recorded["max_resolution"]) == ("jpg", 95, 20)
+
+    with pytest.raises(OutputMismatch, match="made with quality=95, this run asks for quality=80"):
+        run_image_job(dataclasses.replace(jpeg, quality=80), Storage(), str(output), progress=False)
+    again = run_image_job(jpeg, Storage(), str(output), progress=False)
+    assert again["parts_skipped"] == again["parts"], "the same settings: nothing made again"
 
 
 def test_a_part_that_fails_is_recorded_the_others_commit_and_a_rerun_completes_it(local_ray, tmp_path):

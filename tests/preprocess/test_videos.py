@@ -167,3 +167,39 @@ def test_a_video_over_the_size_cap_or_the_decode_time_limit_fails_with_its_kind(
     assert slow.samples == 0 and "decoding took longer than" in slow.error_rows[0]["error"]
     assert (slow.error_rows[0]["kind"], slow.error_rows[0]["stage"]) == ("transient", "timeout")
     assert slow.retryable == 1, "a timeout may pass: tried again on the next run"
+
+
+def odd_sized_video(width: int, height: int, frames: int = 8, fps: int = 4) -> bytes:
+    """A lossless FFV1 video of odd sides (H.264 could not hold them), a moving gradient."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="matroska") as container:
+        stream = container.add_stream("ffv1", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "bgr0"
+        x = np.linspace(0, 255, width)[None, :, None]
+        for index in range(frames):
+            pixels = np.broadcast_to((x + 20 * index) % 256, (height, width, 3)).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_native_clips_keep_the_aspect_with_the_long_side_capped_and_even_sides():
+    native = ClipSettings(clip_frames=8, fps=4.0, resolution=None, max_resolution=100, max_clips=1)
+    (clip,) = clip_video(BIKES, "bikes", native)
+    frames = decode_clip(clip.data, "mp4")
+    assert frames.shape == (8, 42, 100, 3), "640x272 → 100x42.5, rounded to even"
+    assert (clip.meta["width"], clip.meta["height"]) == (100, 42)
+    assert abs(100 / 42 - 640 / 272) < 2 * (640 / 272) / 42, "aspect within one even step"
+    # Below the cap: not upscaled, the source's own size.
+    (full,) = clip_video(BIKES, "bikes", ClipSettings(clip_frames=8, fps=4.0, resolution=None, max_resolution=1024,
+                                                      max_clips=1, encoding="npy"))
+    assert decode_clip(full.data, "npy").shape == (8, 272, 640, 3)
+    # Odd sides lose their last row or column (no resampling) for H.264's 4:2:0.
+    (odd,) = clip_video(odd_sized_video(33, 21), "odd", ClipSettings(clip_frames=8, fps=4.0, resolution=None,
+                                                                    max_resolution=64, max_clips=1, encoding="npy"))
+    assert decode_clip(odd.data, "npy").shape == (8, 20, 32, 3)
+    (mp4,) = clip_video(odd_sized_video(33, 21), "odd", ClipSettings(clip_frames=8, fps=4.0, resolution=None,
+                                                                    max_resolution=64, max_clips=1))
+    assert decode_clip(mp4.data, "mp4").shape == (8, 20, 32, 3)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from atoken.pipeline.config import StorageSection
 from atoken.pipeline.storage import Storage
@@ -335,3 +336,28 @@ def test_tar_sink_is_read_back_by_tarfile_and_webdataset_and_copies_byte_ranges(
         scan_tar(io.BytesIO(bytes(data)))
     with pytest.raises(RuntimeError, match="truncated"):
         scan_tar(io.BytesIO((tmp_path / "a.tar").read_bytes()[:spans[3][1] + 100]))
+
+
+def test_native_jpeg_training_shards_keep_a_lossless_png_validation_copy(photo_folder, tmp_path):
+    """encoding: jpg writes the train split's samples as .jpg, the val split's as .png (lossless for the
+    evaluation), both at native aspect with their sizes in the sample JSON and the manifest."""
+    items = [i for i in list_folder(str(photo_folder)) if stem_of(i.key) not in BAD]
+    storage, output = Storage(), str(tmp_path / "out")
+    settings = ImageSettings(resolution=None, max_pixels=89_478_485, max_resolution=128, encoding="jpg", quality=90)
+    val = "val-000000-of-000001"
+    for split, name, extension in (("train", PART, "jpg"), ("val", val, "png")):
+        result = write_part(PartPlan(name, split, items), storage, output, settings, [name])
+        members = tar_members(storage.read_bytes(shard_uri(output, result.shard)))
+        assert {n.rsplit(".", 1)[1] for n in members} == {"json", extension}, split
+        manifest = {row["key"]: row for row in read_parquet(storage, manifest_uri(output, result.shard))}
+        for key, row in manifest.items():
+            image = Image.open(io.BytesIO(members[f"{key}.{extension}"]))
+            meta = json.loads(members[f"{key}.json"])
+            assert image.format == {"jpg": "JPEG", "png": "PNG"}[extension]
+            assert image.size == (row["width"], row["height"]) == (meta["width"], meta["height"])
+            assert max(image.size) == min(128, max(row["original_width"], row["original_height"]))
+            ratio = row["original_width"] / row["original_height"]
+            assert abs(image.width / image.height - ratio) < ratio / min(image.size), "aspect within rounding"
+        chelsea = next(row for key, row in manifest.items() if stem_of(key) == "chelsea")
+        assert (chelsea["original_width"], chelsea["original_height"], chelsea["width"], chelsea["height"]) == \
+            (451, 300, 128, 85)
