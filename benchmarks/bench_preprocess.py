@@ -285,7 +285,8 @@ def main() -> None:
         "ray_worker_niceness": os.environ["RAY_worker_niceness"],
         "goal_job": "job on 1 worker <= 1.2x the plain loop (issue 5)",
         "images_tiny": {"set": f"fashion-mnist test, first {args.images} (28 px)",
-                        "settings": "64 px PNG, 1,000 samples per shard (configs/base.yaml)", **tiny},
+                        "settings": "64 px PNG, 1,000 samples per shard (configs/base.yaml's shard size; base.yaml "
+                                    "itself ingests at native resolution)", **tiny},
         "images_tiny_small_shards": {"set": f"fashion-mnist test, first {args.images // 2} (28 px)",
                                      "settings": "64 px PNG, 250 samples per shard", **tiny_small_shards},
         "images_photos": {"set": f"scikit-image's {len(photo_items) // args.photo_copies} photos x {args.photo_copies}",

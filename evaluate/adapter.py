@@ -30,6 +30,9 @@ class TokenizerAdapter:
     decode_gaussians: Callable[[np.ndarray, np.ndarray], dict[str, torch.Tensor]] | None = None
     latent: str = "posterior mean (no sampling)"  # what `decode` receives: a protocol field of every metric
     device: str = "cpu"  # where the suite puts media before encode and embed; outputs come back to the CPU
+    # The pixel multiple the tokenizer codes (its patch, or its total stride): the suite centre-crops each image
+    # and frame whose sides are not multiples of it (native-aspect shards) and records the crop in the protocols.
+    multiple: int = 1
 
     @torch.no_grad()
     def reconstruct(self, media: list[Media]) -> list[Media]:
@@ -48,17 +51,26 @@ def image_model_adapter(model: nn.Module, name: str) -> TokenizerAdapter:
     A video is its frames, each coded as an image (what a per-frame 2D VAE does); the posterior mean is used,
     never a sample, so evaluation is deterministic."""
 
-    def encode(media: list[Media]) -> tuple[torch.Tensor, list[int]]:
-        lengths = [m.shape[0] for m in media]
-        mean, _ = model.encode(torch.cat(media).to(device))  # (ΣT, C, h, w)
-        return mean, lengths
+    def encode(media: list[Media]) -> list[tuple[list[int], torch.Tensor, list[int]]]:
+        # One batch per frame size (native-aspect shards mix sizes): (indices, mean, frames of each).
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for index, m in enumerate(media):
+            by_size.setdefault(tuple(m.shape[1:]), []).append(index)
+        groups = []
+        for indices in by_size.values():
+            mean, _ = model.encode(torch.cat([media[i] for i in indices]).to(device))  # (ΣT, C, h, w)
+            groups.append((indices, mean, [media[i].shape[0] for i in indices]))
+        return groups
 
-    def decode(latent: tuple[torch.Tensor, list[int]]) -> list[Media]:
-        mean, lengths = latent
-        return list(model.decode(mean).cpu().split(lengths))  # each (T, 3, H, W)
+    def decode(latent: list[tuple[list[int], torch.Tensor, list[int]]]) -> list[Media]:
+        out: dict[int, Media] = {}
+        for indices, mean, lengths in latent:
+            out.update(zip(indices, model.decode(mean).cpu().split(lengths), strict=True))  # each (T, 3, H, W)
+        return [out[i] for i in range(len(out))]
 
     device = model_device(model)
-    return TokenizerAdapter(name, encode, decode, device=str(device))
+    multiple = getattr(model, "compression", None) or getattr(model, "patch_size", 1)  # conv_vae: 16x; patches
+    return TokenizerAdapter(name, encode, decode, device=str(device), multiple=int(multiple))
 
 
 def atoken_adapter(model: nn.Module, name: str, quantize: bool = False) -> TokenizerAdapter:
@@ -106,7 +118,7 @@ def atoken_adapter(model: nn.Module, name: str, quantize: bool = False) -> Token
         return {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in gaussians.items()}
 
     latent = "FSQ-quantized posterior mean" if quantize else "posterior mean (no sampling)"
-    return TokenizerAdapter(name, encode, decode, embed, decode_gaussians, latent, str(device))
+    return TokenizerAdapter(name, encode, decode, embed, decode_gaussians, latent, str(device), multiple=patch)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -17,10 +17,13 @@ KEY_PARAMS = (
     "train.model.preset",
     "train.model.latent_channels",
     "ingest.resolution",
+    "ingest.max_resolution",
+    "ingest.encoding",
     "train.stages.0.steps",
     "train.stages.1.steps",
     "evaluate.baseline.kind",
     "evaluate.fid_samples",
+    "evaluate.image_size",
     "run.seed",
     "checkpoint",
 )

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
+
 from atoken.evaluate.suite import SuiteReport
 from atoken.pipeline.tracking import grid_png
 
@@ -64,18 +66,37 @@ def sample_count(report: SuiteReport, key: str) -> str:
     return str(samples)
 
 
+def padded_tiles(rows: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+    """Rows of (H, W, 3) uint8 images of any sizes → the same images, each centred on white in a tile of the
+    largest height and width among them: grid_png sizes every tile as the first image, and native-aspect shards'
+    images of other sizes or aspects would be squashed to it. Padded, never resized or cropped: each tile shows
+    the pixels that were scored."""
+    height = max(image.shape[0] for row in rows for image in row)
+    width = max(image.shape[1] for row in rows for image in row)
+    out = []
+    for row in rows:
+        tiles = []
+        for image in row:
+            tile = np.full((height, width, 3), 255, dtype=np.uint8)  # (H_max, W_max, 3)
+            top, left = (height - image.shape[0]) // 2, (width - image.shape[1]) // 2
+            tile[top:top + image.shape[0], left:left + image.shape[1]] = image
+            tiles.append(tile)
+        out.append(tiles)
+    return out
+
+
 def images(reports: dict[str, SuiteReport]) -> dict[str, bytes]:
-    """PNG files of the report, by file name."""
+    """PNG files of the report, by file name; tiles padded to one size (padded_tiles), never squashed."""
     files: dict[str, bytes] = {}
     for name, report in reports.items():
         if report.grid and report.grid[0]:
-            files[f"{name}_reconstructions.png"] = grid_png(report.grid)
+            files[f"{name}_reconstructions.png"] = grid_png(padded_tiles(report.grid))
         if report.worst:
-            files[f"{name}_worst.png"] = grid_png(
+            files[f"{name}_worst.png"] = grid_png(padded_tiles(
                 [[w["original"] for w in report.worst], [w["reconstruction"] for w in report.worst]]
-            )
+            ))
         if report.video_grid:
-            files[f"{name}_clips.png"] = grid_png(report.video_grid)
+            files[f"{name}_clips.png"] = grid_png(padded_tiles(report.video_grid))
     return files
 
 
@@ -146,7 +167,8 @@ def render_markdown(
     lines += ["## Images", ""]
     for name in names:
         for suffix, caption in (
-            ("reconstructions", "originals (top), reconstructions (bottom)"),
+            ("reconstructions", "originals (top), reconstructions (bottom); tiles of other sizes padded on white, "
+                                "never resized"),
             ("worst", f"the {len(reports[name].worst)} lowest-PSNR images"),
             ("clips", "clip frames 0, 4, 8, 12: original, reconstruction"),
         ):

@@ -61,6 +61,7 @@ def suite_settings(section: EvaluateSection) -> SuiteSettings:
         lpips_backbone=section.lpips_backbone,
         text_encoder=section.text_encoder,
         held_out_views=None if section.held_out_views is None else list(section.held_out_views),
+        image_size=section.image_size,
     )
 
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from atoken.evaluate.adapter import TokenizerAdapter
 from atoken.evaluate.protocols import DataIdentity, implementation_version, protocol
-from atoken.evaluate.reconstruction import to_uint8
+from atoken.evaluate.reconstruction import resize_short_side_crop, short_side_resize_description, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ class SuiteSettings:
     fvd_preset: str = "tokenbench"  # evaluate/metrics/fvd.py PRESETS: "tokenbench" or "stylegan-v"
     i3d_torchscript: str | None = None  # StyleGAN-V's i3d_torchscript.pt, the published tables' detector
     batch_size: int = 32
+    # Every image metric's input (and the pooled embedding's): short side → image_size, centre crop, before the
+    # tokenizer (the published ImageNet protocol at 256). None: the validation shards' own size.
+    image_size: int | None = None
 
 
 class RowLog:
@@ -188,6 +191,19 @@ def perceptual_distances(network: torch.nn.Module, pairs: list[tuple[np.ndarray,
     return out
 
 
+def crop_to_multiple(media: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(T, 3, H, W) → its centre (T, 3, H', W') with H', W' the largest multiples of `multiple` (the same centre
+    as train/model/tokens.py patchify_video keeps); unchanged when already multiples."""
+    height, width = media.shape[-2:]
+    crop_h, crop_w = height // multiple * multiple, width // multiple * multiple
+    if crop_h == 0 or crop_w == 0:
+        raise ValueError(f"a {height}x{width} image is smaller than the tokenizer's {multiple}-px patch")
+    if (crop_h, crop_w) == (height, width):
+        return media
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    return media[..., top:top + crop_h, left:left + crop_w]  # (T, 3, H', W')
+
+
 def sample_meta(sample: dict) -> dict[str, Any]:
     return json.loads(sample["json"]) if "json" in sample else {}
 
@@ -230,6 +246,10 @@ class Suite:
         self.identity = {"image": DataIdentity(), "video": DataIdentity(), "3d": DataIdentity()}
         self.embeddings: dict[str, list[torch.Tensor]] = {"image": [], "video": []}
         self.meta: dict[str, list[tuple[str, str]]] = {"image": [], "video": []}
+        # per modality: whether some sample was cropped to the tokenizer's multiple / was stored non-square (native
+        # shards; judged before evaluate.image_size's resize)
+        self.cropped = {"image": False, "video": False}
+        self.non_square = {"image": False, "video": False}
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
 
@@ -249,6 +269,41 @@ class Suite:
             for name in names:
                 self.failed.add(name)
                 self.skipped[name] = reason
+
+    def fit(self, media: torch.Tensor, modality: str) -> torch.Tensor:
+        """(T, 3, H, W) → the centre crop the tokenizer codes (sides multiples of adapter.multiple), noted for the
+        protocols: native-aspect shards' sides need not be patch multiples, and the AToken patchify would crop
+        (and decode) a smaller image than the reference otherwise."""
+        cropped = crop_to_multiple(media, self.adapter.multiple)
+        self.cropped[modality] |= cropped.shape != media.shape
+        self.non_square[modality] |= media.shape[-1] != media.shape[-2]
+        return cropped
+
+    def prepare_image(self, sample: dict) -> torch.Tensor:
+        """A validation image sample → the (1, 3, H, W) every image metric scores and the tokenizer codes: decoded,
+        resized on its short side and centre-cropped to evaluate.image_size (when set), on the patch grid."""
+        from atoken.train.data import decode_image
+
+        image = decode_image(sample)[None]  # (1, 3, H, W) as stored
+        if self.settings.image_size is None:
+            return self.fit(image, "image")
+        self.non_square["image"] |= image.shape[-1] != image.shape[-2]
+        return self.fit(resize_short_side_crop(image, self.settings.image_size), "image")  # (1, 3, s', s')
+
+    def preprocess_field(self) -> str:
+        """The image protocols' `preprocess`: what every image went through before the tokenizer and the metrics."""
+        if self.settings.image_size is None:
+            return "none: the validation shards' own size"
+        return short_side_resize_description(self.settings.image_size)
+
+    def crop_field(self, modality: str) -> str:
+        """The protocols' `crop`: what ingest did to the samples' sizes and what the suite cut off."""
+        if self.cropped[modality]:
+            return (f"centre crop of each side down to a multiple of {self.adapter.multiple} px (the tokenizer's "
+                    "patch grid); ingest: native aspect, long side capped")
+        if self.non_square[modality]:
+            return "none (ingest: native aspect, long side capped)"
+        return "none (ingest: short side → resolution, centre crop)"
 
     def sample_failed(self, modality: str, sample: dict, exc: Exception) -> None:
         """A sample no metric could score: counted under `<modality> samples` with the first key and reason."""
@@ -332,7 +387,8 @@ class Suite:
         resolution = ", ".join(sorted({group[1] for group in self.rows.groups if group[0] == "image"}))
         common = dict(
             resize="none: the tokenizer's output at its input size",
-            crop="none (ingest: short side → resolution, centre crop)",
+            preprocess=self.preprocess_field(),
+            crop=self.crop_field("image"),
             colour_range="uint8 [0, 255] RGB",
             samples=count,
             frames=1,
@@ -347,9 +403,8 @@ class Suite:
 
     def _image_batch(self, chunk: list[dict]) -> None:
         from atoken.evaluate.metrics import psnr, ssim
-        from atoken.train.data import decode_image
 
-        media = [decode_image(s)[None] for s in chunk]  # each (1, 3, H, W)
+        media = [self.prepare_image(s) for s in chunk]  # each (1, 3, H, W)
         decoded = [m.cpu() for m in self.adapter.reconstruct(self.to_device(media))]
         pairs = [(to_uint8(original[0]), to_uint8(output[0])) for original, output in zip(media, decoded, strict=True)]
         distances = None
@@ -430,17 +485,21 @@ class Suite:
             self.skipped["rfid"] = f"needs at least 2 images, got {count}"
             return
         data = self.identity["image"].digest(count)
+        # The reference side is the images as resized and cropped for this tokenizer: another evaluate.image_size
+        # or patch grid, other statistics.
+        cache_key = f"{data} | {self.preprocess_field()} | {self.crop_field('image')}"
         reference = self.fid_reference
         if self.fid_speculate:
-            cached_data, cached = REFERENCE_STATS["rfid"]
-            if cached_data == data:
+            cached_key, cached = REFERENCE_STATS["rfid"]
+            if cached_key == cache_key:
                 reference = cached
             else:  # other samples than the cached statistics': read them again for the reference side
                 reference = fid.FrechetStats(fid.FEATURE_DIM)
                 stream = itertools.islice(samples, count)
-                while batch := [to_uint8(decode_image(s)) for s in itertools.islice(stream, self.settings.batch_size)]:
+                while batch := [to_uint8(self.prepare_image(s)[0])
+                                for s in itertools.islice(stream, self.settings.batch_size)]:
                     reference.update(self.inception.features(batch))
-        REFERENCE_STATS["rfid"] = (data, reference)
+        REFERENCE_STATS["rfid"] = (cache_key, reference)
         fields = self.inception.protocol
         self.record(
             "rfid",
@@ -451,7 +510,8 @@ class Suite:
                 feature_network_sha256=fields["network_sha256"],
                 implementation=chain(fid.__file__, frechet.__file__, to_uint8, decode_image),
                 stand_in=False,
-                network_input=f"TF1 bilinear resize to {fid.SIZE}, (x - 128) / 128",
+                network_input=f"centre square (a non-square image cropped to its short side, never squashed), "
+                              f"TF1 bilinear resize to {fid.SIZE}, (x - 128) / 128",
                 resolution=resolution,
                 feature_dim=fid.FEATURE_DIM,
                 distance="Fréchet distance from float64 running sums (unbiased covariance); Tr((Σ1Σ2)^½) from two "
@@ -482,7 +542,7 @@ class Suite:
         pending: list[tuple[torch.Tensor, dict]] = []
         for sample in tqdm(samples, desc="evaluate: clips", unit="clip", disable=not self.progress, leave=False):
             try:  # one clip that cannot be decoded or coded is counted with its reason; the others go on
-                clip = decode_media(sample)  # (T, 3, H, W)
+                clip = self.fit(decode_media(sample), "video")  # (T, 3, H, W)
                 (decoded,) = self.adapter.reconstruct(self.to_device([clip]))
                 reference = np.stack([to_uint8(frame) for frame in clip])  # (T, H, W, 3)
                 reconstruction = np.stack([to_uint8(frame.cpu()) for frame in decoded])  # (T, H, W, 3)
@@ -528,7 +588,7 @@ class Suite:
         resolution = ", ".join(sorted({group[1] for group in self.rows.groups if group[0] == "video"}))
         common = dict(
             resize="none: the tokenizer's output at its input size",
-            crop="none (ingest: short side → resolution, centre crop)",
+            crop=self.crop_field("video"),
             colour_range="uint8 [0, 255] RGB, decoded from the stored clip",
             samples=count,
             frames=frames[0] if len(frames) == 1 else json.dumps(frames),
@@ -643,6 +703,7 @@ class Suite:
                 {f"eval_zero_shot_{k}": v for k, v in accuracy.items()},
                 protocol(
                     **common,
+                    preprocess=self.preprocess_field(),
                     samples=len(chosen),
                     data=self.identity["image"].subset(chosen).digest(),
                     implementation=chain(zero_shot.__file__),
@@ -666,11 +727,12 @@ class Suite:
             self.skipped[f"{modality}_retrieval"] = str(exc)
             return
         values = {f"eval_{key.replace('item', modality).replace('R@', 'r')}": v for key, v in recall.items()}
+        own = {"frames": "whole clip"} if modality == "video" else {"preprocess": self.preprocess_field()}
         self.record(
             f"{modality}_retrieval",
             values,
             protocol(
-                **common | ({"frames": "whole clip"} if modality == "video" else {}),
+                **common | own,
                 samples=len(chosen),
                 data=self.identity[modality].subset(chosen).digest(),
                 implementation=chain(retrieval.__file__),

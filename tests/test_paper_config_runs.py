@@ -104,6 +104,7 @@ def sizes_and_paths(tmp_path: Path) -> list[str]:
         "train.losses.lpips_backbone": str(vgg), "train.losses.vision_tower": str(siglip2),
         "train.losses.teacher": str(siglip2), "train.losses.text_encoder": str(siglip2),
         "train.losses.perceptual_resolution": "32",
+        "evaluate.image_size": "32",  # the protocol's short-side resize and centre crop, at the data's size
         # 5 MiB parts (S3's smallest) so that checkpoints and models go up in several parts
         "storage.multipart_chunk_mb": "5",
     }

@@ -89,8 +89,9 @@ def decode_image(sample: dict) -> torch.Tensor:
 
 class ShardStream:
     """One rank's endless sample stream. With at least as many shards as ranks, each rank reads its own shards;
-    with fewer (a small data set, or a split whose hashed parts left some empty), every rank reads every shard
-    and keeps every world_size-th sample of the epoch, so the ranks still see disjoint samples of equal count."""
+    with fewer (a small data set, or a split whose hashed parts left some empty), each rank takes an equal
+    contiguous block of the epoch's samples across the shards, so the ranks still see disjoint samples of equal
+    count and read only the shards their blocks span."""
 
     def __init__(self, shards: list[ShardInfo], storage: Storage, seed: int, rank: int = 0, world_size: int = 1):
         self.shards = shards
@@ -113,19 +114,23 @@ class ShardStream:
 
     def samples(self, position: int = 0) -> Iterator[dict]:
         """Samples from `position` on (0 = the start of epoch 0), forever."""
-        # This rank's k-th sample of an epoch is sample offset + stride * k of the epoch's shards in order.
-        stride, offset = (1, 0) if self.split_by_shard else (self.world_size, self.rank)
+        # This rank's k-th sample of an epoch is sample first + k of the epoch's shards in order: with shards to
+        # spare, of its own shards (first = 0); with fewer shards than ranks, of every shard, in an equal contiguous
+        # block per rank, so that a rank reads the one or two shards its block spans, not all of them (512 streams
+        # over 150 video shards would otherwise read each shard 512 times an epoch).
         epoch = 0
         while True:
             shards = self._epoch_shards(epoch)
-            epoch_size = sum(s.samples for s in shards) // stride
+            total = sum(s.samples for s in shards)
+            epoch_size = total if self.split_by_shard else total // self.world_size
             if epoch_size == 0:
                 raise ValueError("the training shards hold no samples")
             if position >= epoch_size:
                 position -= epoch_size
                 epoch += 1
                 continue
-            start, end = offset + stride * position, offset + stride * epoch_size  # this rank's, of the epoch's
+            first = 0 if self.split_by_shard else self.rank * epoch_size
+            start, end = first + position, first + epoch_size  # this rank's, of the epoch's
             base = 0  # the epoch index of the shard's first sample
             for index, shard in enumerate(shards):
                 shard_end = base + shard.samples
@@ -136,9 +141,7 @@ class ShardStream:
                 if len(samples) != shard.samples:
                     raise StorageError(f"{shard.uri}: {len(samples)} samples, the manifest says {shard.samples}")
                 order = np.random.default_rng([self.seed, epoch, index]).permutation(len(samples))
-                first = max(start, base)
-                first += (offset - first) % stride
-                for sample_index in range(first, min(shard_end, end), stride):
+                for sample_index in range(max(start, base), min(shard_end, end)):
                     yield samples[order[sample_index - base]]
                 base = shard_end
             position = 0

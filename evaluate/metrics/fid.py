@@ -13,6 +13,11 @@ to the last pixel, no antialiasing); torch-fidelity ("interpolate_bilinear_2d_li
 inception-2015-12-05.pt (affine_grid + grid_sample) reproduce it. pytorch-fid's default F.interpolate
 (half-pixel centres) does not, one of the reasons FID implementations differ: record PROTOCOL with a number.
 The resize runs on uint8 values as floats (not re-quantised), as in the graph.
+
+The graph squashes whatever it is given to 299²; the published protocol hands it 256² centre crops, so it never
+does. A non-square image (native-aspect validation shards scored with evaluate.image_size null) is therefore
+centre-cropped to its short side first (`centre_square`), never squashed: the same square the published
+protocol's crop keeps, at the shards' own size. Square images pass unchanged.
 """
 
 from __future__ import annotations
@@ -48,7 +53,9 @@ PROTOCOL: dict[str, Any] = {
     "resize": "TF1 ResizeBilinear, align_corners=False, half_pixel_centers=False (source = target * in/out, "
               "upper neighbour clamped), no antialias, float, before scaling; as torch-fidelity and NVlabs' "
               "inception-2015-12-05.pt",
-    "images": "taken as given (spec: short side → 256 + centre crop 256 before the tokenizer)",
+    "images": "as the suite hands them (spec: short side → 256 + centre crop 256 before the tokenizer, the "
+              "suite's evaluate.image_size); a non-square one centre-cropped to its short side at "
+              "((h − s) // 2, (w − s) // 2) before the resize, never squashed",
     "feature_dim": FEATURE_DIM,
     "distance": "Fréchet distance from float64 running sums, unbiased covariance, scipy sqrtm as pytorch-fid",
 }
@@ -85,6 +92,14 @@ def tf1_bilinear_weights(size_in: int, size_out: int) -> torch.Tensor:
     return weights
 
 
+def centre_square(image: torch.Tensor) -> torch.Tensor:
+    """(H, W, C) → its centre (s, s, C), s = min(H, W); a square image unchanged."""
+    height, width = image.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return image[top:top + side, left:left + side]  # (s, s, C)
+
+
 def resize_tf1_bilinear(image: torch.Tensor, size: int = SIZE) -> torch.Tensor:
     """(H, W, C) → (size, size, C) float64; bilinear is separable, so two matrix products."""
     rows = tf1_bilinear_weights(image.shape[0], size)  # (size, H)
@@ -109,13 +124,14 @@ class InceptionFeatures:
         self.protocol = {**PROTOCOL, "network_file": str(path), "network_sha256": file_sha256(path)}
 
     def preprocess(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
-        """uint8 (B, H, W, 3), or a list of (H, W, 3) of any sizes → (B, 3, 299, 299) float32 in [-1, 1)."""
+        """uint8 (B, H, W, 3), or a list of (H, W, 3) of any sizes → (B, 3, 299, 299) float32 in [-1, 1): each
+        image's centre square (non-square ones cropped, never squashed), TF1-resized."""
         batch = []
         for image in images:
             image = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
             if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[-1] != 3:
                 raise ValueError(f"rFID takes uint8 RGB images (H, W, 3), got {tuple(image.shape)} {image.dtype}")
-            batch.append(resize_tf1_bilinear(image.cpu()))  # (299, 299, 3) float64 in [0, 255]
+            batch.append(resize_tf1_bilinear(centre_square(image.cpu())))  # (299, 299, 3) float64 in [0, 255]
         x = (torch.stack(batch) - 128.0) / 128.0  # (B, 299, 299, 3)
         return x.permute(0, 3, 1, 2).float().contiguous()  # (B, 3, 299, 299)
 

@@ -109,6 +109,22 @@ def test_preprocess_scales_like_the_tf_graph(network):
         network.preprocess(images.astype(np.float32))
 
 
+def test_a_non_square_image_is_cropped_to_its_centre_square_never_squashed(network):
+    """Native-aspect images (evaluate.image_size null): the Inception input is the centre square, cut here by
+    hand, then the TF1 resize; not the whole image squashed to 299², which the old path did."""
+    rng = np.random.default_rng(1)
+    wide, tall = rng.integers(0, 256, (40, 72, 3), dtype=np.uint8), rng.integers(0, 256, (81, 48, 3), dtype=np.uint8)
+    by_hand = [wide[:, 16:56], tall[16:64]]  # (72 − 40) // 2 columns, (81 − 48) // 2 rows off the front
+    x = network.preprocess([wide, tall])
+    assert torch.equal(x, network.preprocess(by_hand))
+    squashed = (resize_tf1_bilinear(torch.from_numpy(wide)) - 128.0) / 128.0  # (299, 299, 3)
+    assert float((x[0] - squashed.permute(2, 0, 1).float()).abs().mean()) > 0.05
+    square = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # a square one passes unchanged
+    torch.testing.assert_close(network.preprocess([square])[0],
+                               ((resize_tf1_bilinear(torch.from_numpy(square)) - 128) / 128).permute(2, 0, 1).float())
+    assert "never squashed" in PROTOCOL["images"]
+
+
 def test_protocol_pins_the_packaged_network(network):
     path = default_network_path()
     assert file_sha256(path) == NETWORK_SHA256 == network.protocol["network_sha256"]

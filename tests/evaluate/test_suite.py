@@ -355,3 +355,299 @@ def test_the_baseline_keeps_its_own_protocol_when_only_its_latent_differs():
     _, protocols, metric_protocols = combined({"atoken": first, "baseline": baseline})
     assert metric_protocols["baseline_eval_psnr"] == "baseline.psnr"
     assert protocols["baseline.psnr"]["latent"] == "posterior mean (no sampling)"
+
+
+def native_samples() -> list[dict]:
+    """Validation samples as native-aspect ingest writes them: non-square, of two sizes, one of them not a
+    multiple of the 16-px patch (72x40) and one that is (48x80)."""
+    samples = []
+    for index, path in enumerate(sorted(PHOTOS.glob("*.png"))[:4]):
+        size = (72, 40) if index % 2 == 0 else (48, 80)
+        buffer = io.BytesIO()
+        Image.open(path).convert("RGB").resize(size).save(buffer, format="PNG")
+        meta = {"caption": path.stem, "source": "skimage-photos", "width": size[0], "height": size[1]}
+        samples.append({"__key__": f"native_{path.stem}", "png": buffer.getvalue(), "json": json.dumps(meta).encode()})
+    return samples
+
+
+@pytest.mark.parametrize("kind", ["atoken", "conv_vae"])
+def test_non_square_images_of_two_sizes_are_scored_on_the_patch_grid_crop(kind):
+    """Native-aspect shards: each image is centre-cropped to multiples of the tokenizer's patch (AToken's patchify
+    would otherwise decode a smaller image than the reference), both sizes in one batch, and the protocol says so."""
+    from atoken.evaluate.suite import crop_to_multiple
+    from atoken.train.data import decode_image
+
+    torch.manual_seed(0)
+    model = tiny_tokenizer() if kind == "atoken" else ConvVAE(hidden_channels=8, latent_channels=4).eval()
+    adapter = adapter_for_model(model, kind)
+    assert adapter.multiple == 16
+    samples = native_samples()
+    report = run_suite(adapter, SuiteSettings(metrics=["psnr", "ssim"], batch_size=4), samples)
+    rows = [r for r in report.rows if r["modality"] == "image"]
+    assert [r["resolution"] for r in rows] == ["32x64", "80x48", "32x64", "80x48"], "H x W: 72x40 cropped to 64x32"
+    for sample, row in zip(samples, rows, strict=True):  # independently: crop, reconstruct alone, PSNR
+        pixels = crop_to_multiple(decode_image(sample)[None], 16)
+        (decoded,) = adapter.reconstruct([pixels])
+        assert row["psnr"] == pytest.approx(psnr_uint8(to_uint8(pixels[0]), to_uint8(decoded[0])), abs=1e-4)
+    assert report.protocols["psnr"]["crop"].startswith("centre crop of each side down to a multiple of 16 px")
+    assert report.protocols["psnr"]["resolution"] == "32x64, 80x48"
+    # Sizes already on the grid are not cropped, and the protocol says only what ingest did.
+    on_grid = run_suite(adapter, SuiteSettings(metrics=["psnr"]), samples[1::2])
+    assert on_grid.protocols["psnr"]["crop"] == "none (ingest: native aspect, long side capped)"
+
+
+# -- evaluate.image_size: the published short side + centre crop, on native-aspect shards ---------------------
+
+def native_photos(sizes: tuple[tuple[int, int], ...] = ((400, 300), (300, 500))) -> list[dict]:
+    """Native-aspect validation samples larger than the eval size, of two (W, H) sizes, one wide and one tall."""
+    samples = []
+    for index, path in enumerate(sorted(PHOTOS.glob("*.png"))[:4]):
+        size = sizes[index % len(sizes)]
+        buffer = io.BytesIO()
+        Image.open(path).convert("RGB").resize(size, Image.Resampling.LANCZOS).save(buffer, format="PNG")
+        meta = {"caption": path.stem, "source": "skimage-photos", "width": size[0], "height": size[1]}
+        samples.append({"__key__": f"native_{path.stem}", "png": buffer.getvalue(), "json": json.dumps(meta).encode()})
+    return samples
+
+
+def reference_256(sample: dict) -> torch.Tensor:
+    """The published protocol written out by hand for the two sizes of native_photos: PIL bicubic to short side
+    256 (long side int(long · 256 / short)), then the centre 256² at torchvision's CenterCrop offsets."""
+    image = Image.open(io.BytesIO(sample["png"])).convert("RGB")
+    resized, box = {(400, 300): ((341, 256), (42, 0)), (300, 500): ((256, 426), (0, 85))}[image.size]
+    array = np.asarray(image.resize(resized, Image.Resampling.BICUBIC))[box[1]:box[1] + 256, box[0]:box[0] + 256]
+    return torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0  # (1, 3, 256, 256)
+
+
+class Spy:
+    """An Inception stand-in that records the uint8 images it is handed (and returns real features)."""
+
+    def __init__(self):
+        from atoken.evaluate.metrics.fid import InceptionFeatures
+
+        self.network, self.shapes = InceptionFeatures(), []
+        self.protocol = self.network.protocol
+
+    def features(self, images):
+        self.shapes += [tuple(image.shape) for image in images]
+        return self.network.features(images)
+
+
+def test_image_size_256_feeds_every_image_metric_a_256_square_and_the_protocols_say_so(monkeypatch):
+    """Native shards of two non-square sizes: reconstruction, PSNR/SSIM/LPIPS, rFID's Inception, the pooled
+    embedding (zero-shot, retrieval), the grid and the worst-k all see the 256² centre crop of the short-side
+    resize, computed here by hand; every image protocol records it."""
+    import atoken.evaluate.suite as suite
+
+    spy = Spy()
+    real = suite.shared_network
+    monkeypatch.setattr(suite, "shared_network", lambda kind, path=None: spy if kind == "inception" else real(kind))
+    monkeypatch.setattr(suite, "REFERENCE_STATS", {})
+    torch.manual_seed(0)
+    model = Tokenizer.from_preset("tiny", latent_channels=8, patch_size=16, text_dim=384).eval()
+    adapter = adapter_for_model(model, "atoken")
+    seen = {"reconstruct": [], "embed": []}
+    for name in seen:
+        inner = getattr(adapter, name)
+
+        def wrapped(media, inner=inner, name=name):
+            seen[name] += [tuple(m.shape) for m in media]
+            return inner(media)
+
+        setattr(adapter, name, wrapped)
+    distances, real_distances = [], suite.perceptual_distances
+    monkeypatch.setattr(suite, "perceptual_distances",
+                        lambda net, pairs: distances.extend(p[0].shape for p in pairs) or real_distances(net, pairs))
+    samples = native_photos()
+    settings = SuiteSettings(metrics=["psnr", "ssim", "lpips", "rfid", "retrieval"], batch_size=2, image_size=256)
+    report = run_suite(adapter, settings, samples)
+    assert set(seen["reconstruct"]) == set(seen["embed"]) == {(1, 3, 256, 256)}
+    assert set(distances) == {(256, 256, 3)} and set(spy.shapes) == {(256, 256, 3)} and len(spy.shapes) == 8
+    rows = [r for r in report.rows if r["modality"] == "image"]
+    assert {r["resolution"] for r in rows} == {"256x256"}
+    assert {t.shape for row in report.grid for t in row} == {(256, 256, 3)}
+    assert {w["original"].shape for w in report.worst} == {(256, 256, 3)}
+    for sample, row in zip(samples, rows, strict=True):  # the by-hand protocol, reconstructed alone
+        pixels = reference_256(sample)
+        (decoded,) = adapter.reconstruct([pixels])
+        assert row["psnr"] == pytest.approx(psnr_uint8(to_uint8(pixels[0]), to_uint8(decoded[0])), abs=1e-4)
+    wording = "short side 256 (PIL bicubic, antialiased"
+    for metric in ("psnr", "ssim", "perceptual_stand_in", "rfid", "image_retrieval"):
+        assert report.protocols[metric]["preprocess"].startswith(wording), metric
+        assert "centre crop 256" in report.protocols[metric]["preprocess"]
+    assert report.protocols["psnr"]["crop"] == "none (ingest: native aspect, long side capped)"
+    assert report.protocols["psnr"]["resolution"] == "256x256"
+
+
+def test_a_run_at_image_size_256_and_one_at_the_shards_size_refuse_to_compare(monkeypatch):
+    import atoken.evaluate.suite as suite
+    from atoken.evaluate.protocols import ProtocolMismatch, compare_protocols
+
+    monkeypatch.setattr(suite, "REFERENCE_STATS", {})
+    adapter = adapter_for_model(tiny_tokenizer(), "atoken")
+    samples = native_photos()[:3]
+    at_256, native = (run_suite(adapter, SuiteSettings(metrics=["psnr", "rfid"], image_size=size), samples)
+                      for size in (256, None))
+    assert native.protocols["psnr"]["preprocess"] == "none: the validation shards' own size"
+    for metric in ("psnr", "rfid"):
+        compare_protocols(metric, at_256.protocols[metric], at_256.protocols[metric])
+        with pytest.raises(ProtocolMismatch):  # the first differing field named (crop, sorted before preprocess)
+            compare_protocols(metric, at_256.protocols[metric], native.protocols[metric])
+        # The size alone is enough: the same protocol but for `preprocess` is refused, naming it.
+        alone = {**at_256.protocols[metric], "preprocess": native.protocols[metric]["preprocess"]}
+        with pytest.raises(ProtocolMismatch, match="'preprocess' differs"):
+            compare_protocols(metric, at_256.protocols[metric], alone)
+
+
+def test_the_rfid_reference_cache_keys_on_image_size(monkeypatch):
+    """The baseline scored after the tokenizer reuses the reference statistics only at the same image_size: at
+    another size the reference side is read again, and equals a fresh run's."""
+    import atoken.evaluate.suite as suite
+
+    spy = Spy()
+    monkeypatch.setattr(suite, "shared_network", lambda kind, path=None: spy)
+    monkeypatch.setattr(suite, "REFERENCE_STATS", {})
+    adapter = adapter_for_model(tiny_tokenizer(), "atoken")
+    samples = native_photos()[:3]
+    run_suite(adapter, SuiteSettings(metrics=["rfid"], image_size=256), samples)
+    spy.shapes.clear()
+    at_128 = run_suite(adapter, SuiteSettings(metrics=["rfid"], image_size=128), samples).summary["eval_rfid"]
+    assert spy.shapes == [(128, 128, 3)] * 6  # both sides at 128, not the cached 256 statistics
+    monkeypatch.setattr(suite, "REFERENCE_STATS", {})
+    fresh = run_suite(adapter, SuiteSettings(metrics=["rfid"], image_size=128), samples).summary["eval_rfid"]
+    assert at_128 == pytest.approx(fresh, rel=1e-9)
+
+
+def test_rfid_on_non_square_images_at_the_shards_size_scores_the_centre_square_not_a_squash(monkeypatch):
+    """image_size null, native shards (72x40 and 48x80): rFID equals fid.rfid on the centre squares cut here by
+    hand from the patch-grid crops and their reconstructions, and differs from squashing them to 299²."""
+    import atoken.evaluate.suite as suite
+    from atoken.evaluate.metrics import fid
+    from atoken.evaluate.suite import crop_to_multiple
+    from atoken.train.data import decode_image
+
+    monkeypatch.setattr(suite, "REFERENCE_STATS", {})
+    network = fid.InceptionFeatures()
+    monkeypatch.setattr(suite, "shared_network", lambda kind, path=None: network)
+    adapter = adapter_for_model(tiny_tokenizer(), "atoken")
+    samples = native_samples()
+    report = run_suite(adapter, SuiteSettings(metrics=["rfid"], batch_size=4), samples)
+    references, reconstructions = [], []
+    for sample in samples:
+        pixels = crop_to_multiple(decode_image(sample)[None], 16)  # H x W 32x64 or 80x48
+        (decoded,) = adapter.reconstruct([pixels])
+        references.append(to_uint8(pixels[0]))
+        reconstructions.append(to_uint8(decoded[0]))
+    square = {(32, 64): (slice(0, 32), slice(16, 48)), (80, 48): (slice(16, 64), slice(0, 48))}  # (H, W) → box
+    cut = [[image[square[image.shape[:2]]] for image in side] for side in (references, reconstructions)]
+    assert {image.shape for image in cut[0]} == {(32, 32, 3), (48, 48, 3)}
+    expected = fid.rfid(cut[0], cut[1], network=network, progress=False)
+    assert report.summary["eval_rfid"] == pytest.approx(expected, rel=1e-6)
+
+    def squashed(images):
+        x = torch.stack([fid.resize_tf1_bilinear(torch.from_numpy(image)) for image in images])  # (B, 299, 299, 3)
+        return network.network(((x - 128.0) / 128.0).permute(0, 3, 1, 2).float()).double().numpy()
+
+    from atoken.evaluate.metrics.frechet import FrechetStats, frechet_from_stats
+
+    stats = [FrechetStats(fid.FEATURE_DIM) for _ in range(2)]
+    for stat, side in zip(stats, (references, reconstructions), strict=True):
+        stat.update(squashed(side))
+    assert abs(frechet_from_stats(*stats) - report.summary["eval_rfid"]) > 1e-3 * abs(expected)
+    assert "never squashed" in report.protocols["rfid"]["network_input"]
+
+
+def test_the_square_quickstart_path_is_unchanged_by_image_size(monkeypatch):
+    """Negative control: 64-px square shards (the quickstart's) score the same with image_size null as with 64
+    (the resize is then the identity), and as the path before image_size existed, written out here: decode,
+    reconstruct, PSNR per image; rFID with the TF1 resize straight to 299 (no crop: the images are square)."""
+    import atoken.evaluate.suite as suite
+    from atoken.evaluate.metrics import fid
+    from atoken.evaluate.metrics.frechet import FrechetStats, frechet_from_stats
+    from atoken.pipeline.tracking import grid_png
+    from atoken.train.data import decode_image
+
+    monkeypatch.setattr(suite, "REFERENCE_STATS", {})
+    adapter = adapter_for_model(tiny_tokenizer(), "atoken")
+    samples = photo_samples(4)
+    settings = {size: SuiteSettings(metrics=["psnr", "ssim", "rfid"], grid_samples=4, image_size=size)
+                for size in (None, 64)}
+    reports = {size: run_suite(adapter, s, samples) for size, s in settings.items()}
+    assert reports[None].summary == reports[64].summary
+    assert list(reports[None].rows) == list(reports[64].rows)
+    references, reconstructions = [], []
+    for sample in samples:
+        pixels = decode_image(sample)
+        (decoded,) = adapter.reconstruct([pixels[None]])
+        references.append(to_uint8(pixels))
+        reconstructions.append(to_uint8(decoded[0]))
+    rows = [r for r in reports[None].rows if r["modality"] == "image"]
+    assert [r["psnr"] for r in rows] == pytest.approx([psnr_uint8(a, b) for a, b in
+                                                       zip(references, reconstructions, strict=True)], abs=1e-9)
+    network = suite.shared_network("inception")
+    stats = [FrechetStats(fid.FEATURE_DIM) for _ in range(2)]
+    for stat, side in zip(stats, (references, reconstructions), strict=True):
+        x = torch.stack([fid.resize_tf1_bilinear(torch.from_numpy(image)) for image in side])  # (B, 299, 299, 3)
+        stat.update(network.network(((x - 128.0) / 128.0).permute(0, 3, 1, 2).float().to(network.device))
+                    .double().cpu().numpy())
+    assert reports[None].summary["eval_rfid"] == pytest.approx(frechet_from_stats(*stats), rel=1e-6)
+    # Tiles of one size are not padded: the grid is byte for byte what grid_png made of them before.
+    assert images({"a": reports[None]})["a_reconstructions.png"] == grid_png(reports[None].grid)
+
+
+def test_grid_tiles_of_other_sizes_are_padded_on_white_not_squashed():
+    from atoken.evaluate.report import padded_tiles
+
+    rng = np.random.default_rng(0)
+    wide, tall = (rng.integers(0, 255, shape, dtype=np.uint8) for shape in ((32, 64, 3), (80, 48, 3)))
+    report = SuiteReport({}, {}, {}, [], [[wide, tall], [wide, tall]], [])
+    grid = np.asarray(Image.open(io.BytesIO(images({"a": report})["a_reconstructions.png"])))
+    assert grid.shape == (2 * (80 + 2), 2 * (64 + 2), 3)  # tiles of the largest height and width
+    np.testing.assert_array_equal(grid[24:56, 0:64], wide)  # centred: (80 - 32) / 2 rows of white above
+    np.testing.assert_array_equal(grid[0:80, 66 + 8:66 + 56], tall)  # (64 - 48) / 2 columns of white left
+    assert (grid[0:24, 0:64] == 255).all() and (grid[0:80, 66:74] == 255).all()
+    assert [t.shape for t in padded_tiles([[wide], [tall]])[0]] == [(80, 64, 3)]
+
+
+def native_clip_samples() -> list[dict]:
+    """Native-aspect clips of two sizes, 12 frames: 40x72 (H x W, cropped to 32x64 on the 16-px grid) and 48x32."""
+    rng = np.random.default_rng(1)
+    out = []
+    for index, (height, width) in enumerate(((40, 72), (48, 32), (40, 72))):
+        clip = np.clip(np.cumsum(rng.integers(-8, 9, (12, height, width, 3)), axis=0) + 128, 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        np.save(buffer, clip)
+        out.append({"__key__": f"native_clip_{index}", "npy": buffer.getvalue(),
+                    "json": json.dumps({"caption": f"clip {index}", "source": "synthetic"}).encode()})
+    return out
+
+
+def test_non_square_native_clips_reach_rfvd_at_their_size_and_tokenbench_crops_them_to_224(i3d_model, monkeypatch):
+    """Clips are not touched by image_size: coded at their patch-grid crop, handed to rFVD as such, where the
+    TokenBench preset resizes the short side to 224 (ceil of the long side) and centre-crops 224², as written
+    out here; video grid tiles padded, not squashed."""
+    import torch.nn.functional as F
+
+    import atoken.evaluate.suite as suite
+    from atoken.evaluate.metrics import fvd
+
+    real = suite.shared_network
+    monkeypatch.setattr(suite, "shared_network", lambda kind, path=None: i3d_model if kind == "i3d" else real(kind))
+    handed, update = [], fvd.FVDAccumulator.update
+    monkeypatch.setattr(fvd.FVDAccumulator, "update",
+                        lambda self, ref, rec: handed.extend(ref) or update(self, ref, rec))
+    settings = SuiteSettings(metrics=["psnr", "rfvd"], image_size=256)
+    adapter = adapter_for_model(tiny_tokenizer(), "atoken")
+    report = run_suite(adapter, settings, photo_samples(2), native_clip_samples())
+    assert [r["resolution"] for r in report.rows if r["modality"] == "video"] == ["32x64", "48x32", "32x64"]
+    assert [clip.shape for clip in handed] == [(12, 32, 64, 3), (12, 48, 32, 3), (12, 32, 64, 3)]
+    assert np.isfinite(report.summary["eval_rfvd"]) and report.protocols["rfvd"]["preset"] == "tokenbench"
+    assert "centre crop 224" in report.protocols["rfvd"]["network_input"]
+    assert report.protocols["video_psnr"]["crop"].startswith("centre crop of each side down to a multiple of 16")
+    for clip, resized, box in ((handed[0], (224, 448), (0, 112)), (handed[1], (336, 224), (56, 0))):
+        x = torch.from_numpy(clip).permute(0, 3, 1, 2).double() / 255.0  # (T, 3, H, W)
+        x = F.interpolate(x.float(), size=resized, mode="bilinear", align_corners=False)
+        x = x[:, :, box[0]:box[0] + 224, box[1]:box[1] + 224]
+        torch.testing.assert_close(fvd.preprocess(clip), ((x - 0.5) * 2).permute(0, 2, 3, 1), atol=1e-6, rtol=0)
+    grid = np.asarray(Image.open(io.BytesIO(images({"a": report})["a_clips.png"])))
+    assert grid.shape[:2] == (2 * (32 + 2), 3 * (64 + 2))  # the first clip, original and reconstruction, unsquashed
