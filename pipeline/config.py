@@ -198,7 +198,8 @@ class TrainStageSection:
     video_resolution: int | list[int] | None = None
     # The loader (train/loader.py). A data stream takes its samples in turn from shard_interleave shards
     # (cross-shard mixing; part of the data, like data_streams); loader_workers processes per stream and task
-    # decode and resize them (0: the training process; must divide shard_interleave; throughput only).
+    # decode and resize them (0: the training process; must divide shard_interleave; throughput only). A task
+    # with fewer training samples than data_streams x shard_interleave (a few 3D assets) interleaves fewer.
     shard_interleave: int = 1
     loader_workers: int = 0
     loader_prefetch: int = 4  # prepared samples each loader process keeps ahead

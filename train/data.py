@@ -101,7 +101,8 @@ class ShardStream:
         self.world_size = world_size
         self.split_by_shard = len(shards) >= world_size
         if not self.split_by_shard and sum(s.samples for s in shards) < world_size:
-            raise ValueError(f"{sum(s.samples for s in shards)} samples cannot feed {world_size} workers")
+            raise ValueError(f"{sum(s.samples for s in shards)} training samples cannot feed {world_size} data streams "
+                             "(data_streams x shard_interleave): ingest more, or lower them")
 
     def _epoch_shards(self, epoch: int) -> list[ShardInfo]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))

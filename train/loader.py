@@ -22,6 +22,7 @@ their exact positions (checkpointed per stream); Ray Data's iterator has no mid-
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +44,15 @@ class LoaderSettings:
     workers: int = 0  # loader processes per data stream and task; 0: prepare in the training process
     prefetch: int = 4  # prepared samples each loader process keeps ahead
     pin_memory: bool = False  # page-locked tensors, for copies to the GPU that do not block
+
+
+def fitted(settings: LoaderSettings, samples: int, data_streams: int) -> LoaderSettings:
+    """The settings for a task of `samples` training samples: a small modality (a few 3D assets beside millions
+    of images) interleaves fewer shard streams, so that every shard stream keeps at least one sample, and uses the
+    most loader processes up to `workers` that divide its interleave. A function of the data, like the rest."""
+    interleave = max(1, min(settings.interleave, samples // max(1, data_streams)))
+    workers = max((w for w in range(settings.workers + 1) if w == 0 or interleave % w == 0), default=0)
+    return dataclasses.replace(settings, interleave=interleave, workers=workers)
 
 
 def shard_stream_start(position: int, shard_stream: int, interleave: int) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from atoken.pipeline.storage import Storage
-from atoken.train.loader import LoaderSettings, PreparedSamples, prepared_samples
+from atoken.train.loader import LoaderSettings, PreparedSamples, fitted, prepared_samples
 from atoken.train.model.tokens import FramePack, PackedBatch
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ def loader_settings(stage, device: torch.device) -> LoaderSettings:
 def task_batches(task, shards: list, storage: Storage, seed: int, stream: int = 0, data_streams: int = 1,
                  position: int = 0, loader: LoaderSettings | None = None) -> Iterator[tuple[object, int]]:
     """One data stream's micro-batches of a task, from `position` on, each with the position after it."""
-    loader = loader or LoaderSettings()
+    loader = fitted(loader or LoaderSettings(), sum(shard.samples for shard in shards), data_streams)
     samples = PreparedSamples(shards, storage, seed, stream, data_streams, task.prepare, position, loader.interleave)
     return task.batches(prepared_samples(samples, loader), position)
 

@@ -127,7 +127,7 @@ def test_fewer_shards_than_ranks_share_samples_disjointly_and_resume_exactly(sha
 
 
 def test_fewer_samples_than_ranks_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="3 samples cannot feed 4 workers"):
+    with pytest.raises(ValueError, match="3 training samples cannot feed 4 data streams"):
         ShardStream(write_shards(tmp_path / "shards", [2, 1]), Storage(), seed=0, rank=0, world_size=4)
 
 

@@ -199,3 +199,15 @@ def test_the_schedule_and_loader_are_validated_naming_the_field(tmp_path):
                          ("{name: s1, shard_interleave: 3, loader_workers: 2}", "loader_workers")]:
         with pytest.raises(ConfigError, match=rf"train\.stages\[0\]\.{field}"):
             load(stage)
+
+
+def test_a_small_modality_interleaves_fewer_shard_streams():
+    """Two 3D assets beside a large image set: the stage's interleave and loader processes shrink for that task
+    so that every shard stream keeps a sample, and the loader processes still divide the interleave."""
+    from atoken.train.loader import fitted
+
+    settings = LoaderSettings(interleave=8, workers=4)
+    assert fitted(settings, 1_000_000, 64) == settings
+    assert fitted(settings, 2, 2) == LoaderSettings(interleave=1, workers=1)
+    assert fitted(settings, 12, 2) == LoaderSettings(interleave=6, workers=3)
+    assert fitted(LoaderSettings(interleave=8, workers=0), 4, 2).workers == 0
