@@ -84,7 +84,7 @@ def image_task(resolution: list[int], max_tokens: int) -> ImageTask:
 
 def loader_rate(shards, resolution: list[int], workers: int, samples: int, max_tokens: int) -> dict:
     """Samples/s of packed batches arriving at the training thread (nothing else runs)."""
-    loader = LoaderSettings(interleave=max(2, workers), workers=workers, prefetch=8)
+    loader = LoaderSettings(interleave=max(2, workers), workers=workers, prefetch=2)
     batches = task_batches(image_task(resolution, max_tokens), shards, Storage(), seed=0, loader=loader)
     next(batches)  # loader processes started and warm
     started, count, tokens = time.perf_counter(), 0, 0
@@ -102,7 +102,7 @@ def loader_rate(shards, resolution: list[int], workers: int, samples: int, max_t
 
 def wait_share(shards, resolution: list[int], workers: int, steps: int, max_tokens: int, consume) -> dict:
     """Time the training thread waits for its next micro-batch, as a share of the step time."""
-    loader = LoaderSettings(interleave=max(2, workers), workers=workers, prefetch=8)
+    loader = LoaderSettings(interleave=max(2, workers), workers=workers, prefetch=2)
     batches = task_batches(image_task(resolution, max_tokens), shards, Storage(), seed=1, loader=loader)
     consume(next(batches)[0])  # warm-up: loader processes started, the consumer's first step
     waited = consumed = 0.0

@@ -202,7 +202,7 @@ class TrainStageSection:
     # with fewer training samples than data_streams x shard_interleave (a few 3D assets) interleaves fewer.
     shard_interleave: int = 1
     loader_workers: int = 0
-    loader_prefetch: int = 4  # prepared samples each loader process keeps ahead
+    loader_prefetch: int = 2  # chunks (up to 32 samples or 8 MiB) each loader process keeps ahead
     objects_per_batch: int = 2  # the 3d task's micro-batch
     render_views: int = 4  # input views the 3d task renders its Gaussians at (never a sample's evaluation views)
     render_size: int | None = None  # render (and compare) at this many pixels a side; None: the views' own size

@@ -7,13 +7,12 @@ micro-batch, come from `interleave` different shards (cross-shard mixing). A shu
 its contents would have to go into every checkpoint; the interleave's state is the stream position alone, so a
 resumed run yields exactly the samples that would have followed.
 
-The work on each sample (`prepare`: decode, the resolution draw, resize, patchify) runs in `workers` torch
-DataLoader processes. Loader worker j yields the stream indices k with k ≡ position + j (mod workers) and
-reads only the shard streams those fall on (`workers` divides `interleave`, so no shard is read twice);
-DataLoader hands results out round-robin over its workers, so the training thread receives stream index
-position, position + 1, ... in order: the same samples, in the same order, on 0 workers (in the training
-process) or any number that divides the interleave. The training thread only groups prepared samples into
-micro-batches (`group_samples`, `pack_samples`).
+The work on each sample (`prepare`: decode, the resolution draw, resize) runs in `workers` torch DataLoader
+processes. Loader worker j reads and prepares shard streams j, j + workers, ... (`workers` divides `interleave`,
+so no shard is read twice) and sends their samples in chunks of one shard stream; the training thread puts the
+stream back together (stream index k is the next sample of shard stream k % interleave), so it yields the same
+samples in the same order on 0 workers (in the training process) or any number that divides the interleave, and
+only groups prepared samples into micro-batches (`group_samples`, `pack_samples`).
 
 Why a DataLoader and not Ray Data's streaming iterator: the Ray Train workers already own their data streams and
 their exact positions (checkpointed per stream); Ray Data's iterator has no mid-epoch position to resume from
@@ -22,6 +21,7 @@ their exact positions (checkpointed per stream); Ray Data's iterator has no mid-
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 from collections.abc import Callable, Iterator
@@ -42,7 +42,7 @@ from atoken.train.data import ShardInfo, ShardStream, image_member
 class LoaderSettings:
     interleave: int = 1  # shard streams a data stream takes samples from in turn (part of the data's definition)
     workers: int = 0  # loader processes per data stream and task; 0: prepare in the training process
-    prefetch: int = 4  # prepared samples each loader process keeps ahead
+    prefetch: int = 2  # chunks of prepared samples each loader process keeps ahead
     pin_memory: bool = False  # page-locked tensors, for copies to the GPU that do not block
 
 
@@ -77,37 +77,71 @@ class PreparedSamples(IterableDataset):
         return ShardStream(self.shards, self.storage, self.seed, self.stream * self.interleave + index,
                            self.data_streams * self.interleave)
 
-    def __iter__(self) -> Iterator[tuple[int, Any]]:
+    def __iter__(self) -> Iterator[tuple[int, list[Any]]]:
+        """(shard stream, its next prepared samples) chunks, this loader worker's shard streams in turn."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        first = self.position + worker  # this loader worker's stream indices: first, first + workers, ...
-        mine = {index: self.shard_stream(index).samples(shard_stream_start(self.position, index, self.interleave))
-                for index in range(self.interleave) if (index - first) % workers == 0}
-        stream_index = first
+        mine = [index for index in range(self.interleave) if index % workers == worker]
+        local = {index: shard_stream_start(self.position, index, self.interleave) for index in mine}
+        samples = {index: self.shard_stream(index).samples(local[index]) for index in mine}
         while True:
-            sample = next(mine[stream_index % self.interleave])
-            yield stream_index, self.prepare(sample, (self.seed, self.stream, stream_index))
-            stream_index += workers
+            for index in mine:
+                chunk, size = [], 0
+                while len(chunk) < CHUNK_SAMPLES and size < CHUNK_BYTES:
+                    stream_index = local[index] * self.interleave + index
+                    item = self.prepare(next(samples[index]), (self.seed, self.stream, stream_index))
+                    chunk.append(item)
+                    size += getattr(getattr(item, "frames", None), "nbytes", 0)
+                    local[index] += 1
+                yield index, one_storage(chunk)
+
+
+def one_storage(chunk: list[Any]) -> list[Any]:
+    """The chunk's frames as views of one tensor: it crosses to the training process as one shared-memory block
+    instead of one per sample (each costs the receiver a file descriptor and a mapping)."""
+    frames = [getattr(item, "frames", None) for item in chunk]
+    if any(f is None for f in frames):
+        return chunk
+    flat = torch.cat([f.reshape(-1) for f in frames])  # (sum of numel,) uint8
+    offset = 0
+    for item, f in zip(chunk, frames, strict=True):
+        item.frames = flat[offset:offset + f.numel()].view(f.shape)  # (T, 3, H, W), contiguous
+        offset += f.numel()
+    return chunk
+
+
+# Samples cross from a loader process in chunks of one shard stream: one message per sample cost the training
+# thread 0.35 ms a sample (measured, benchmarks/loader.py), 45% of it at base's projected H100 rate on 512-px
+# images. A chunk ends at 32 samples or 8 MiB of frames (a 512-px 16-frame clip is 12 MiB: one a chunk).
+CHUNK_SAMPLES = 32
+CHUNK_BYTES = 8 << 20
 
 
 def prepared_samples(dataset: PreparedSamples, settings: LoaderSettings) -> Iterator[tuple[int, Any]]:
-    """The dataset's samples in stream order, prepared in `settings.workers` processes (or here, with 0)."""
-    if settings.workers == 0:
-        yield from dataset
-        return
-    if dataset.interleave % settings.workers:
+    """The dataset's samples in stream order, prepared in `settings.workers` processes (or here, with 0): stream
+    index k is the next sample of shard stream k % interleave, whichever process prepared it, so the order does
+    not depend on the number of processes or on how their chunks were cut."""
+    if settings.workers and dataset.interleave % settings.workers:
         raise ValueError(f"{settings.workers} loader workers cannot share {dataset.interleave} interleaved shard "
                          "streams: loader_workers must divide shard_interleave")
-    # forkserver, not fork: the Ray Train worker that owns this loader runs threads (Ray's, gloo's), and a fork
-    # copies whatever locks they hold.
-    loader = DataLoader(dataset, batch_size=None, num_workers=settings.workers, prefetch_factor=settings.prefetch,
-                        pin_memory=settings.pin_memory, multiprocessing_context="forkserver")
-    expected = dataset.position
-    for stream_index, item in loader:
-        if stream_index != expected:  # the round-robin order this module relies on, checked on every sample
-            raise RuntimeError(f"the loader gave stream index {stream_index}, expected {expected}")
-        expected += 1
-        yield stream_index, item
+    if settings.workers == 0:
+        chunks: Iterator[tuple[int, list[Any]]] = iter(dataset)
+    else:
+        # forkserver, not fork: the Ray Train worker that owns this loader runs threads (Ray's, gloo's), and a
+        # fork copies whatever locks they hold. Workers take turns (DataLoader's order) and each takes its shard
+        # streams in turn, so every shard stream's buffer here holds at most about two chunks.
+        chunks = iter(DataLoader(dataset, batch_size=None, num_workers=settings.workers,
+                                 prefetch_factor=settings.prefetch, pin_memory=settings.pin_memory,
+                                 multiprocessing_context="forkserver"))
+    buffers: dict[int, collections.deque] = {index: collections.deque() for index in range(dataset.interleave)}
+    stream_index = dataset.position
+    while True:
+        buffer = buffers[stream_index % dataset.interleave]
+        while not buffer:
+            index, chunk = next(chunks)
+            buffers[index].extend(chunk)
+        yield stream_index, buffer.popleft()
+        stream_index += 1
 
 
 def group_samples(samples: Iterator[tuple[int, Any]], count: int, position: int
