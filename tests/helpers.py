@@ -176,3 +176,18 @@ def commit_part(plan, storage, output: str, settings):
     from atoken.preprocess.writer import write_part
 
     return write_part(plan, storage, output, settings, [plan.name])
+
+
+def shard_members(output: Path, extension: str) -> dict[str, bytes]:
+    """key → the bytes of its `extension` member, over every tar under output/shards (a key twice fails)."""
+    import tarfile
+
+    found: dict[str, bytes] = {}
+    for path in sorted((output / "shards").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                key, member_extension = member.name.split(".", 1)
+                if member_extension == extension:
+                    assert key not in found, f"{key} is in two shards"
+                    found[key] = tar.extractfile(member).read()
+    return found

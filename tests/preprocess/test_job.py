@@ -30,6 +30,8 @@ from atoken.preprocess.job import IngestError, OutputMismatch, RunLock, list_ite
 from atoken.preprocess.sources import list_fashion_mnist, read_item_bytes
 from atoken.preprocess.writer import MAX_ATTEMPTS
 
+from helpers import shard_members
+
 PER_PART = 4
 
 
@@ -67,15 +69,7 @@ def shard_files(output: Path) -> dict[str, bytes]:
 
 def samples_on_disk(output: Path) -> dict[str, bytes]:
     """key → PNG bytes of every sample in every tar under shards/ (a key twice fails the test)."""
-    found: dict[str, bytes] = {}
-    for path in sorted((output / "shards").glob("*.tar")):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                key, extension = member.name.split(".", 1)
-                if extension == "png":
-                    assert key not in found, f"{key} is in two shards"
-                    found[key] = tar.extractfile(member).read()
-    return found
+    return shard_members(output, "png")
 
 
 def key_of(folder: Path, name: str, section: IngestSection) -> str:

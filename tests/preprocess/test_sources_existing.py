@@ -32,7 +32,7 @@ from atoken.preprocess.sources import (
 )
 from atoken.preprocess.writer import ImageSettings
 
-from helpers import commit_part
+from helpers import commit_part, shard_members
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +89,7 @@ def manifest(output: Path) -> list[dict]:
 
 def sample_captions(output: Path) -> dict[str, str]:
     """key → the caption in each sample's json member, over every shard (a key twice fails the test)."""
-    found: dict[str, str] = {}
-    for path in sorted((output / "shards").glob("*.tar")):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                key, extension = member.name.split(".", 1)
-                if extension == "json":
-                    assert key not in found, f"{key} is in two shards"
-                    found[key] = json.loads(tar.extractfile(member).read())["caption"]
-    return found
+    return {key: json.loads(data)["caption"] for key, data in shard_members(output, "json").items()}
 
 
 def assert_once_with_captions(output: Path, expected: dict[str, str]) -> None:
