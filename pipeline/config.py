@@ -488,6 +488,7 @@ def validate(config: PipelineConfig) -> None:
     validate_train(config.train, config.ingest.resolution)
     validate_objects(config.objects)
     validate_curriculum(config)
+    validate_sizes(config)
     if config.videos.sources:
         require(any("video" in s.tasks for s in config.train.stages), "videos.sources",
                 "videos are ingested but no training stage trains on them (add video to a stage's tasks)")
@@ -513,6 +514,37 @@ def validate(config: PipelineConfig) -> None:
             "evaluate.i3d_torchscript", f"{config.evaluate.i3d_torchscript} is not a file")
     require(config.evaluate.fvd_preset in PRESETS, "evaluate.fvd_preset",
             f"{config.evaluate.fvd_preset!r} is not an rFVD preset (known: {', '.join(PRESETS)})")
+
+
+def validate_sizes(config: PipelineConfig) -> None:
+    """What the stages' batches will hold, from what ingest keeps: batches of batch_size images need one size,
+    and the largest image or clip a stage can draw must fit its token budget (found here, not hours into a run)."""
+    require = _require
+    patch = config.train.model.patch_size
+    image_cap = config.ingest.resolution or config.ingest.max_resolution
+    video_cap = config.videos.resolution or config.videos.max_resolution
+    for i, stage in enumerate(config.train.stages):
+        where = f"train.stages[{i}]"
+        image_low, image_high = _resolution_range(stage.image_resolution)
+        if "image" in stage.tasks and stage.max_tokens is None:
+            require(config.ingest.resolution is not None or image_low is not None, f"{where}.image_resolution",
+                    "native-resolution images (ingest.resolution: null) in batches of batch_size need one size "
+                    "here, or max_tokens to pack them")
+        for name, (low, _) in (("image_resolution", (image_low, image_high)),
+                               ("video_resolution", _resolution_range(stage.video_resolution))):
+            require(low is None or isinstance(getattr(stage, name), list) or low % patch == 0, f"{where}.{name}",
+                    f"one size must be a multiple of train.model.patch_size ({patch})")
+        if "image" in stage.tasks and stage.max_tokens is not None and image_cap:
+            side = min(image_high or image_cap, image_cap)
+            tokens = (side // patch) ** 2
+            require(tokens <= stage.max_tokens, f"{where}.max_tokens",
+                    f"a {side}-px square image is {tokens} tokens: raise it or lower image_resolution")
+        if "video" in stage.tasks and video_cap:
+            side = min(_resolution_range(stage.video_resolution)[1] or video_cap, video_cap)
+            tokens = -(-config.videos.clip_frames // 4) * (side // patch) ** 2
+            require(tokens <= stage.video_max_tokens, f"{where}.video_max_tokens",
+                    f"a {config.videos.clip_frames}-frame clip at {side} px is {tokens} tokens: raise it or lower "
+                    "video_resolution")
 
 
 def validate_held_out_views(config: PipelineConfig) -> None:

@@ -217,8 +217,9 @@ CAPTION_INPUTS = {"image": "ingest", "video": "ingest_videos", "3d": "ingest_3d"
 
 
 def captionless(storage, ingest_output: str) -> tuple[int, int]:
-    """(training samples whose caption is empty or their own key, training samples), from the manifest a batch of
-    rows at a time in Arrow (10M rows are never held): such a sample's caption is its key (data.py caption_of)."""
+    """(training samples whose caption is empty or their own key, training samples), counted in Arrow a batch of
+    rows at a time (the manifest's bytes are read, its rows never become Python objects): such a sample's
+    caption is its key (train/data.py caption_of)."""
     import pyarrow.compute as pc
 
     manifest = pq.ParquetFile(io.BytesIO(storage.read_bytes(join(ingest_output, "manifest.parquet"))))
@@ -245,7 +246,7 @@ def check_captions(ctx: StageContext, section) -> dict[str, str]:
         if not total:
             continue
         tags[f"atoken.captions.{task}"] = f"{total - missing} of {total} training samples captioned"
-        if missing == total and ctx.config.train.losses.semantic > 0:
+        if missing == total and ctx.config.train.losses.semantic > 0 and ctx.config.train.model.kind == "atoken":
             line = (f"[train_{section.name}] warning: all {total} {task} training captions are empty or the "
                     "sample's key, so its understanding losses align samples with file names (give captions: "
                     "key.txt / key.json sidecars, a caption column)")
@@ -258,9 +259,15 @@ def check_captions(ctx: StageContext, section) -> dict[str, str]:
 
 
 def baseline_config(config: PipelineConfig) -> PipelineConfig:
-    """The run's config with the baseline model and one image stage: stage 1's schedule, baseline_steps steps."""
-    stage = dataclasses.replace(config.train.stages[0], name="baseline", max_tokens=None,
-                                steps=config.evaluate.baseline_steps or config.train.stages[0].steps)
+    """The run's config with the baseline model and one image stage: stage 1's schedule, baseline_steps steps,
+    in batches of one size (a convolutional model packs nothing): the evaluation's image_size, else the top of
+    stage 1's range."""
+    first = config.train.stages[0]
+    size = first.image_resolution
+    if isinstance(size, list) or (size is None and config.ingest.resolution is None):
+        size = config.evaluate.image_size or (size[1] if isinstance(size, list) else config.ingest.max_resolution)
+    stage = dataclasses.replace(first, name="baseline", max_tokens=None, image_resolution=size,
+                                steps=config.evaluate.baseline_steps or first.steps)
     train = dataclasses.replace(config.train, model=config.evaluate.baseline, stages=[stage])
     return dataclasses.replace(config, train=train)
 

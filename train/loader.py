@@ -46,11 +46,14 @@ class LoaderSettings:
     pin_memory: bool = False  # page-locked tensors, for copies to the GPU that do not block
 
 
-def fitted(settings: LoaderSettings, samples: int, data_streams: int) -> LoaderSettings:
-    """The settings for a task of `samples` training samples: a small modality (a few 3D assets beside millions
-    of images) interleaves fewer shard streams, so that every shard stream keeps at least one sample, and uses the
+def fitted(settings: LoaderSettings, shards: list[ShardInfo], data_streams: int) -> LoaderSettings:
+    """The settings for a task's training shards: a small modality (a few 3D assets, a few hundred video shards
+    beside millions of images) interleaves fewer shard streams, so that every shard stream has shards of its own
+    where there are enough (else an equal block of the epoch, train/data.py) and at least one sample, with the
     most loader processes up to `workers` that divide its interleave. A function of the data, like the rest."""
-    interleave = max(1, min(settings.interleave, samples // max(1, data_streams)))
+    data_streams = max(1, data_streams)
+    samples = sum(shard.samples for shard in shards)
+    interleave = max(1, min(settings.interleave, samples // data_streams, max(1, len(shards) // data_streams)))
     workers = max((w for w in range(settings.workers + 1) if w == 0 or interleave % w == 0), default=0)
     return dataclasses.replace(settings, interleave=interleave, workers=workers)
 
@@ -66,15 +69,17 @@ class PreparedSamples(IterableDataset):
     `prepare(sample, draw_key)`: draw_key = (seed, stream, stream index) seeds whatever it draws per sample."""
 
     def __init__(self, shards: list[ShardInfo], storage: Storage, seed: int, stream: int, data_streams: int,
-                 prepare: Callable[[dict, int], Any], position: int, interleave: int = 1):
+                 prepare: Callable[[dict, int], Any], position: int, interleave: int = 1, chunk: int = 32):
         self.shards, self.storage, self.seed = shards, storage, seed
         self.stream, self.data_streams, self.interleave = stream, data_streams, interleave
-        self.prepare, self.position = prepare, position
+        self.prepare, self.position, self.chunk = prepare, position, chunk
         self.shard_stream(0)  # a stream that cannot be fed says so here, not inside a loader process
 
     def shard_stream(self, index: int) -> ShardStream:
-        # The streams' shard streams split the shards as data_streams x interleave ranks would.
-        return ShardStream(self.shards, self.storage, self.seed, self.stream * self.interleave + index,
+        # The streams' shard streams split the shards as data_streams x interleave ranks would, a data stream's
+        # taking every data_streams-th rank: with fewer shards than ranks (equal contiguous blocks of the epoch,
+        # train/data.py) its shard streams' blocks lie apart, in different shards.
+        return ShardStream(self.shards, self.storage, self.seed, index * self.data_streams + self.stream,
                            self.data_streams * self.interleave)
 
     def __iter__(self) -> Iterator[tuple[int, list[Any]]]:
@@ -86,12 +91,10 @@ class PreparedSamples(IterableDataset):
         samples = {index: self.shard_stream(index).samples(local[index]) for index in mine}
         while True:
             for index in mine:
-                chunk, size = [], 0
-                while len(chunk) < CHUNK_SAMPLES and size < CHUNK_BYTES:
+                chunk = []
+                for _ in range(self.chunk):
                     stream_index = local[index] * self.interleave + index
-                    item = self.prepare(next(samples[index]), (self.seed, self.stream, stream_index))
-                    chunk.append(item)
-                    size += getattr(getattr(item, "frames", None), "nbytes", 0)
+                    chunk.append(self.prepare(next(samples[index]), (self.seed, self.stream, stream_index)))
                     local[index] += 1
                 yield index, one_storage(chunk)
 
@@ -112,9 +115,9 @@ def one_storage(chunk: list[Any]) -> list[Any]:
 
 # Samples cross from a loader process in chunks of one shard stream: one message per sample cost the training
 # thread 0.35 ms a sample (measured, benchmarks/loader.py), 45% of it at base's projected H100 rate on 512-px
-# images. A chunk ends at 32 samples or 8 MiB of frames (a 512-px 16-frame clip is 12 MiB: one a chunk).
-CHUNK_SAMPLES = 32
-CHUNK_BYTES = 8 << 20
+# images; chunks of 32 whose frames share one storage cost it 0.03-0.05 ms. Every chunk of a task holds the same
+# number of samples (the task's `chunk_samples`: 32 images, 1 clip or 3D asset), so each round of chunks gives
+# every shard stream as many samples as the training thread takes from it, and the buffers stay within a round.
 
 
 def prepared_samples(dataset: PreparedSamples, settings: LoaderSettings) -> Iterator[tuple[int, Any]]:
@@ -129,7 +132,7 @@ def prepared_samples(dataset: PreparedSamples, settings: LoaderSettings) -> Iter
     else:
         # forkserver, not fork: the Ray Train worker that owns this loader runs threads (Ray's, gloo's), and a
         # fork copies whatever locks they hold. Workers take turns (DataLoader's order) and each takes its shard
-        # streams in turn, so every shard stream's buffer here holds at most about two chunks.
+        # streams in turn, with equal chunks, so no shard stream's buffer here holds more than about two.
         chunks = iter(DataLoader(dataset, batch_size=None, num_workers=settings.workers,
                                  prefetch_factor=settings.prefetch, pin_memory=settings.pin_memory,
                                  multiprocessing_context="forkserver"))
@@ -204,8 +207,11 @@ class ResolutionSchedule:
             return self.low, self.low
         drawn = np.random.default_rng([*draw_key, 2]).integers(self.low, self.high + 1)
         scale = min(drawn, max(width, height)) / max(width, height)
-        return (max(self.patch, round(width * scale / self.patch) * self.patch),
-                max(self.patch, round(height * scale / self.patch) * self.patch))
+        return self._side(width, scale), self._side(height, scale)
+
+    def _side(self, side: int, scale: float) -> int:
+        """side * scale rounded to the patch, never past the source side (rounding up would upscale)."""
+        return max(self.patch, min(round(side * scale / self.patch), side // self.patch) * self.patch)
 
 
 def scheduled_image(sample: dict, schedule: ResolutionSchedule | None, draw_key: tuple[int, int, int]

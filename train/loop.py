@@ -122,6 +122,11 @@ def global_terms(terms: dict[str, torch.Tensor], world_size: int) -> dict[str, f
     return dict(zip(names, values.tolist(), strict=True))
 
 
+# The version of the data order a checkpoint's positions refer to: 2 since the loader's shard streams (train/loader.py)
+# and equal contiguous blocks when shards are fewer than ranks (train/data.py).
+DATA_LAYOUT = 2
+
+
 def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[str, float]:
     """Train one stage to `job.stage.steps`; returns the last logged metrics."""
     runtime = runtime or ray_train_runtime()
@@ -161,6 +166,10 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
         if state.get("data_streams", data_streams) != data_streams:
             raise ValueError(f"{stage.name}'s checkpoint was written with {state['data_streams']} data streams, this "
                              f"run has {data_streams}: keep train.stages[].data_streams to resume it")
+        if state.get("data_layout", 1) != DATA_LAYOUT:
+            raise ValueError(f"{stage.name}'s checkpoint was written by a loader that orders the data differently "
+                             f"(layout {state.get('data_layout', 1)}, this one {DATA_LAYOUT}): its data positions "
+                             "would resume onto other samples; start the stage again")
         if state.get("shard_interleave", 1) != stage.shard_interleave:
             raise ValueError(f"{stage.name}'s checkpoint was written with shard_interleave "
                              f"{state.get('shard_interleave', 1)}, this run has {stage.shard_interleave}: keep "
@@ -239,7 +248,8 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
             checkpointer.save(step, model, optimizer, ema.weights if ema else None,
                               shared_state={"step": step, "positions": positions, "stage": stage.name,
                                             "data_streams": data_streams,
-                                            "shard_interleave": stage.shard_interleave},
+                                            "shard_interleave": stage.shard_interleave,
+                                            "data_layout": DATA_LAYOUT},
                               rank_state={}, rank_tensors=rng_tensors())
     checkpointer.wait()  # the last commit is done (and an asynchronous write's failure raised) before the end
     # EMA gathered on every rank (a collective under FSDP) like the weights.

@@ -148,8 +148,9 @@ def loader_settings(stage, device: torch.device) -> LoaderSettings:
 def task_batches(task, shards: list, storage: Storage, seed: int, stream: int = 0, data_streams: int = 1,
                  position: int = 0, loader: LoaderSettings | None = None) -> Iterator[tuple[object, int]]:
     """One data stream's micro-batches of a task, from `position` on, each with the position after it."""
-    loader = fitted(loader or LoaderSettings(), sum(shard.samples for shard in shards), data_streams)
-    samples = PreparedSamples(shards, storage, seed, stream, data_streams, task.prepare, position, loader.interleave)
+    loader = fitted(loader or LoaderSettings(), shards, data_streams)
+    samples = PreparedSamples(shards, storage, seed, stream, data_streams, task.prepare, position, loader.interleave,
+                              task.chunk_samples)
     return task.batches(prepared_samples(samples, loader), position)
 
 

@@ -270,6 +270,7 @@ def frame_packs(samples: Iterator[tuple[int, PreparedImage]], max_tokens: int, p
 
 class ImageTask:
     name = "image"
+    chunk_samples = 32  # prepared images per loader message (train/loader.py)
 
     def __init__(self, stage: TrainStageSection, losses: LossSection, embeds: bool = True, patch: int = 16):
         self.stage, self.losses, self.patch = stage, losses, patch
@@ -333,6 +334,7 @@ class ImageTask:
 
 class VideoTask:
     name = "video"
+    chunk_samples = 1  # a 512-px 16-frame clip is 12 MiB of uint8 frames
 
     def __init__(self, stage: TrainStageSection, losses: LossSection, patch: int = 16):
         self.stage, self.losses, self.patch = stage, losses, patch
@@ -364,6 +366,7 @@ class VideoTask:
 
 class ObjectTask:
     name = "3d"
+    chunk_samples = 1  # an asset's input views are float (16 x 256² x 3: 12 MiB; TRELLIS's 150 x 512²: 470 MiB)
     # Tagged on the training run (atoken.3d_render_loss). The sample's `views` are its input views; its
     # evaluation views (`eval_views`, what render_3d scores) are never read here, so evaluation stays held out.
     RENDER_LOSS_VIEWS = "input views only (the sample's views, which the voxel features come from); never eval_views"

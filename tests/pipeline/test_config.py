@@ -251,7 +251,23 @@ def test_native_resolution_mode_validates_without_the_square_patch_rule():
     the evaluation crops to the patch grid), so patch_size need not divide anything ingest writes."""
     config = load_config(QUICKSTART, ["ingest.resolution=null", "ingest.max_resolution=100", "ingest.encoding=webp",
                                       "ingest.quality=90", "videos.resolution=null", "videos.max_resolution=90",
-                                      f"train.model.patch_size={RESOLUTION + 1}"])
+                                      f"train.model.patch_size={RESOLUTION + 1}",
+                                      # batches of batch_size images need one size (the trainer's resize)
+                                      *(f"train.stages.{i}.image_resolution={RESOLUTION + 1}" for i in range(4))])
     assert (config.ingest.resolution, config.ingest.max_resolution, config.ingest.resize) == (None, 100, "long")
     assert (config.ingest.encoding, config.ingest.quality) == ("webp", 90)
     assert (config.videos.resolution, config.videos.max_resolution) == (None, 90)
+
+
+def test_stage_sizes_are_checked_against_what_ingest_keeps():
+    """Native images in batches of batch_size without one size, and a schedule whose largest image or clip cannot
+    fit its token budget, are refused naming the field, before any work."""
+    native = ["ingest.resolution=null", "ingest.max_resolution=128"]
+    with pytest.raises(ConfigError, match=r"train\.stages\[0\]\.image_resolution: native-resolution images"):
+        load_config(QUICKSTART, native)
+    with pytest.raises(ConfigError, match=r"train\.stages\[0\]\.max_tokens: a 128-px square image is 64 tokens"):
+        load_config(QUICKSTART, [*native, "train.model.kind=atoken", "train.model.preset=tiny",
+                                 "train.model.patch_size=16", "train.stages.0.max_tokens=32",
+                                 "train.stages.0.image_resolution=[16, 512]"])
+    with pytest.raises(ConfigError, match=r"train\.stages\[0\]\.image_resolution: one size must be a multiple"):
+        load_config(QUICKSTART, ["train.stages.0.image_resolution=60"])

@@ -152,7 +152,7 @@ def test_the_resolution_schedule_keeps_aspect_rounds_to_patches_and_never_upscal
         assert abs(width / height - 2.5) <= 2.5 * (8 / height + 8 / width) + 1e-9  # aspect within the rounding
     assert sizes == [schedule.size(1000, 400, (0, 0, index)) for index in range(200)]  # the same draws again
     assert sizes != [schedule.size(1000, 400, (1, 0, index)) for index in range(200)]  # another seed
-    assert all(max(schedule.size(100, 60, (0, 0, index))) <= 112 for index in range(100))  # never past 100 px
+    assert all(max(schedule.size(100, 60, (0, 0, index))) <= 96 for index in range(100))  # never past 100 px
     assert ResolutionSchedule(32, 32).size(100, 60, (0, 0, 0)) == (32, 32)
 
 
@@ -202,12 +202,50 @@ def test_the_schedule_and_loader_are_validated_naming_the_field(tmp_path):
 
 
 def test_a_small_modality_interleaves_fewer_shard_streams():
-    """Two 3D assets beside a large image set: the stage's interleave and loader processes shrink for that task
-    so that every shard stream keeps a sample, and the loader processes still divide the interleave."""
+    """Two 3D assets, or 150 video shards, beside a large image set: the stage's interleave and loader processes
+    shrink for that task so that every shard stream keeps shards (or a sample) of its own, and the loader
+    processes still divide the interleave."""
     from atoken.train.loader import fitted
 
+    def shards(count: int, samples: int) -> list[ShardInfo]:
+        return [ShardInfo(f"s{index}", samples) for index in range(count)]
+
     settings = LoaderSettings(interleave=8, workers=4)
-    assert fitted(settings, 1_000_000, 64) == settings
-    assert fitted(settings, 2, 2) == LoaderSettings(interleave=1, workers=1)
-    assert fitted(settings, 12, 2) == LoaderSettings(interleave=6, workers=3)
-    assert fitted(LoaderSettings(interleave=8, workers=0), 4, 2).workers == 0
+    assert fitted(settings, shards(2000, 500), 64) == settings
+    assert fitted(settings, shards(150, 64), 64) == LoaderSettings(interleave=2, workers=2)
+    assert fitted(settings, shards(2, 1), 2) == LoaderSettings(interleave=1, workers=1)
+    assert fitted(settings, shards(12, 1), 2) == LoaderSettings(interleave=6, workers=3)
+    assert fitted(LoaderSettings(interleave=8, workers=0), shards(4, 1), 2).workers == 0
+
+
+def test_with_fewer_shards_than_shard_streams_a_streams_shard_streams_read_different_shards(shards):
+    """8 shard streams (4 data streams x 2) over the 8 one-class shards minus two: equal blocks of the epoch. A data
+    stream's two shard streams take blocks far apart, so its micro-batches still mix shards."""
+    six = shards[:6]
+    samples = PreparedSamples(six, Storage(), 0, 0, 4, ImageTask(TrainStageSection(), LossSection()).prepare, 0, 2)
+    classes = [{key.split("_")[0] for key in keys(samples.shard_stream(index).samples(), 6)} for index in range(2)]
+    assert len(classes[0] | classes[1]) >= 2 and not classes[0] & classes[1], classes
+
+
+def test_the_training_thread_buffers_at_most_a_round_of_chunks(tmp_path):
+    """Images of two sizes in four interleaved shard streams: the chunks taken stay within one round (interleave
+    chunks) of what was consumed, however long the stream runs."""
+    shards = class_shards(tmp_path / "shards", sizes=((48, 32), (96, 64)))
+    task = ImageTask(TrainStageSection(), LossSection())
+    taken = []
+
+    class Counted(PreparedSamples):
+        def __iter__(self):
+            for chunk in super().__iter__():
+                taken.append(len(chunk[1]))
+                yield chunk
+
+    samples = Counted(shards, Storage(), 0, 0, 1, task.prepare, 0, 4, chunk=4)
+    stream = prepared_samples(samples, LoaderSettings(interleave=4))
+    for consumed in range(1, 401):
+        next(stream)
+        assert sum(taken) - consumed <= 4 * 4, (consumed, sum(taken))
+
+
+def keys(stream, count: int) -> list[str]:
+    return [sample["__key__"] for sample in itertools.islice(stream, count)]
