@@ -1,7 +1,8 @@
 """The training loader (train/loader.py) on native-resolution JPEG shards under the resolution schedule:
 
 1. samples/s per loader core with the schedule's long side drawn in [64, 256] and in [64, 512] (packed images,
-   patchified, as the training thread receives them), on 1 and 2 loader processes and in-process;
+   as the training thread receives them), on 1 and 2 loader processes and in-process; beside it Ray Data's
+   streaming iterator doing the same preparation on the same 2 cores (what train/loader.py was picked against);
 2. the data-wait share of step time when the consumer is the tiny tokenizer training on CPU (1 torch thread, 1
    loader process: the machine's 2 cores), and the same consumer with the samples prepared in the training
    thread (loader_workers 0) beside it;
@@ -100,6 +101,33 @@ def loader_rate(shards, resolution: list[int], workers: int, samples: int, max_t
             "training_thread_cpu_seconds_per_sample": (time.process_time() - cpu) / count}
 
 
+def ray_data_rate(shards, resolution: list[int], samples: int) -> dict:
+    """The alternative the loader was picked against: Ray Data's streaming iterator over the same shards, the
+    same preparation (ImageTask.prepare) as a map on 2 CPUs, rows taken by the training thread."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        task = image_task(resolution, 4096)
+
+        def prepare(row: dict) -> dict:
+            item = task.prepare({"__key__": row["__key__"], "jpg": row["jpg"]}, (0, 0, 0))
+            return {"frames": item.frames.numpy(), "caption": item.caption}
+
+        rows = iter(ray.data.read_webdataset([s.uri for s in shards], decoder=None).map(prepare).iter_rows())
+        next(rows)  # started
+        started, cpu, count = time.perf_counter(), time.process_time(), 0
+        for _ in range(samples):
+            next(rows)
+            count += 1
+        seconds = time.perf_counter() - started
+        return {"samples": count, "seconds": seconds, "samples_per_second": count / seconds,
+                "training_thread_cpu_seconds_per_sample": (time.process_time() - cpu) / count,
+                "resumes_mid_epoch": False}
+    finally:
+        ray.shutdown()
+
+
 def wait_share(shards, resolution: list[int], workers: int, steps: int, max_tokens: int, consume) -> dict:
     """Time the training thread waits for its next micro-batch, as a share of the step time."""
     loader = LoaderSettings(interleave=max(2, workers), workers=workers, prefetch=2)
@@ -194,6 +222,9 @@ def main() -> None:
             f"base's model FLOPs per micro-batch (bench_model.tokenizer_training_flops) at {MFU_GOAL:.0%} of "
             f"{H100_BF16_DENSE_FLOPS:.4g} FLOP/s; 2 loader processes here stand for {LOADER_CORES_PER_GPU} per GPU "
             "(sleep x 4)")
+        # Last: Ray's processes outlive its shutdown for a while and would load the measurements above.
+        results["ray_data_schedule_64_512"] = ray_data_rate(shards, [64, 512], args.samples)
+        print("ray data", round(results["ray_data_schedule_64_512"]["samples_per_second"], 1), flush=True)
     results["load_average_before_after"] = [load_before[0], os.getloadavg()[0]]
     results["command"] = "python benchmarks/loader.py " + " ".join(sys.argv[1:])
     text = json.dumps(results, indent=1)

@@ -14,9 +14,11 @@ stream back together (stream index k is the next sample of shard stream k % inte
 samples in the same order on 0 workers (in the training process) or any number that divides the interleave, and
 only groups prepared samples into micro-batches (`group_samples`, `pack_samples`).
 
-Why a DataLoader and not Ray Data's streaming iterator: the Ray Train workers already own their data streams and
-their exact positions (checkpointed per stream); Ray Data's iterator has no mid-epoch position to resume from
-(its `iter_torch_batches` restarts its dataset), and it would move every sample through the object store.
+Why a DataLoader and not Ray Data's streaming iterator, measured (benchmarks/loader.py, the same preparation of
+512-px JPEG crops on the same 2 cores): 799 samples/s here against Ray Data's 200, and 0.04 ms against 0.71 ms of
+the training thread's time a sample (Ray Data moves every sample through its object store). And Ray Data's
+iterator has no mid-epoch position to resume from; the Ray Train workers already own their data streams and their
+exact positions (checkpointed per stream).
 """
 
 from __future__ import annotations
