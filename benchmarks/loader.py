@@ -187,6 +187,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=600, help="samples timed per loader-rate run")
     parser.add_argument("--steps", type=int, default=40, help="consumer steps timed per wait-share run")
+    parser.add_argument("--stand-in-processes", type=int, default=2,
+                        help="loader processes feeding the base stand-in (8 on a GPU node: no scaling)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)  # the training thread's core; the loader processes take the others
@@ -212,16 +214,17 @@ def main() -> None:
                        if isinstance(v, dict)}, flush=True)
         results["base_on_h100_stand_in"] = {}
         for low, high, max_tokens in ((64, 256, 4096), (64, 512, 8192)):
-            consume, spent = base_stand_in(2)
-            measured = wait_share(shards, [low, high], 2, args.steps, max_tokens, consume)
+            processes = args.stand_in_processes
+            consume, spent = base_stand_in(processes)
+            measured = wait_share(shards, [low, high], processes, args.steps, max_tokens, consume)
             measured["projected_base_step_seconds_on_h100"] = float(np.mean(spent))
-            measured["stand_in_sleep_scale"] = LOADER_CORES_PER_GPU / 2
+            measured["stand_in_sleep_scale"] = LOADER_CORES_PER_GPU / processes
             results["base_on_h100_stand_in"][f"schedule_{low}_{high}_max_tokens_{max_tokens}"] = measured
             print("base", low, high, round(measured["data_wait_share"], 4), flush=True)
         results["base_on_h100_stand_in"]["assumes"] = (
             f"base's model FLOPs per micro-batch (bench_model.tokenizer_training_flops) at {MFU_GOAL:.0%} of "
-            f"{H100_BF16_DENSE_FLOPS:.4g} FLOP/s; 2 loader processes here stand for {LOADER_CORES_PER_GPU} per GPU "
-            "(sleep x 4)")
+            f"{H100_BF16_DENSE_FLOPS:.4g} FLOP/s; {args.stand_in_processes} loader processes here stand for "
+            f"{LOADER_CORES_PER_GPU} per GPU (sleep x {LOADER_CORES_PER_GPU / args.stand_in_processes:g})")
         # Last: Ray's processes outlive its shutdown for a while and would load the measurements above.
         results["ray_data_schedule_64_512"] = ray_data_rate(shards, [64, 512], args.samples)
         print("ray data", round(results["ray_data_schedule_64_512"]["samples_per_second"], 1), flush=True)

@@ -45,6 +45,10 @@ if "$PYTHON" -c "import pyarrow, skimage, PIL" 2>/dev/null; then
 else
   echo "skipping benchmarks/eval_memory.py: pyarrow, scikit-image or PIL is not installed on this machine"
 fi
+# Issue 19: the training loader on this node's own cores, feeding the base stand-in from 8 loader processes (the
+# budget per GPU, no scaling; the CPU machine has 2 cores and scales the stand-in's sleep instead).
+"$PYTHON" benchmarks/loader.py --stand-in-processes 8 --out "benchmarks/results/loader-$name-node.json" || \
+  echo "loader benchmark failed (see above)"
 out="benchmarks/results/model-throughput-$name.json"
 "$PYTHON" benchmarks/gpu/bench_model.py --device "$DEVICE" --out "$out"
 echo "results: $out"
