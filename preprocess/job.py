@@ -140,18 +140,24 @@ def iter_items(section: IngestSection | VideoIngestSection, storage: Storage | N
 
 def first_items(section: IngestSection | VideoIngestSection, storage: Storage) -> list[ItemSpec]:
     """Each source's first item, or a one-line error naming the source that lists none (a preflight that
-    costs one listing page, not the whole listing)."""
-    from atoken.preprocess.sources import SourceError
+    costs one listing page, not the whole listing; a list file is not listed at all: its footer or first rows
+    say whether it lists an item, and its items are not returned)."""
+    from atoken.preprocess.sources import SourceError, list_file_has_items
 
     videos = isinstance(section, VideoIngestSection)
     firsts = []
     for index, source in enumerate(section.sources):
-        first = next(iter_source(source, storage, videos), None)
+        if source.kind == "list" and source.limit is None:
+            listed = list_file_has_items(source.path, storage)
+            first = True if listed else None
+        else:
+            first = next(iter_source(source, storage, videos), None)
         if first is None:
             what = source.name if source.kind == "builtin" else source.path
             raise SourceError(f"{'videos' if videos else 'ingest'}.sources[{index}] ({source.kind} {what}) "
                               f"lists no {'videos' if videos else 'images'}")
-        firsts.append(first)
+        if first is not True:
+            firsts.append(first)
     return firsts
 
 

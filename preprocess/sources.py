@@ -616,14 +616,12 @@ def list_file(path: str, storage, limit: int | None = None) -> Iterator[ItemSpec
     """A parquet, CSV or JSONL table of items: a `path` or `url` column, optional `caption` and `key`, and
     optional `size` / `mtime` / `etag` / `sha256` columns that say when an item's bytes changed (without them a
     row is its own identity: edit the row to have the item ingested again). Parquet and CSV are read a batch at
-    a time; the file itself is read once into memory (a 10M-row list is ~1 GB as CSV: spooled to disk)."""
+    a time, JSONL a line at a time; an s3:// list is first spooled to local disk (a 10M-row list is ~1 GB as
+    CSV), never held in memory."""
     import pyarrow.csv as pa_csv
-    import pyarrow.json as pa_json
     import pyarrow.parquet as pq
 
-    suffix = Path(path).suffix.lower()
-    if suffix not in (".parquet", ".csv", ".jsonl", ".json"):
-        raise SourceError(f"list source {path}: expected .parquet, .csv or .jsonl")
+    suffix = _list_suffix(path)
     try:
         local = storage.local_copy(path)
     except Exception as exc:  # noqa: BLE001 - a missing list file is a missing data set: one line
@@ -631,12 +629,96 @@ def list_file(path: str, storage, limit: int | None = None) -> Iterator[ItemSpec
     if suffix == ".parquet":
         # A batch at a time; a writer's row group (up to 1M rows by pyarrow's default) is decoded whole.
         batches = pq.ParquetFile(local.path).iter_batches(batch_size=65_536)
+        rows = (row for batch in batches for row in batch.to_pylist())
     elif suffix == ".csv":
-        batches = pa_csv.open_csv(local.path)
+        rows = (row for batch in pa_csv.open_csv(local.path) for row in batch.to_pylist())
     else:
-        batches = iter(pa_json.read_json(local.path).to_batches(max_chunksize=65_536))
-    rows = (row for batch in batches for row in batch.to_pylist())
+        rows = _jsonl_rows(path, local.path)
     return itertools.islice(_list_rows(path, rows, local), limit)
+
+
+def _list_suffix(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".parquet", ".csv", ".jsonl", ".json"):
+        raise SourceError(f"list source {path}: expected .parquet, .csv or .jsonl")
+    return suffix
+
+
+def _jsonl_rows(path: str, file) -> Iterator[dict]:
+    """A JSONL file's rows, a line at a time (pyarrow's read_json holds the whole table). Each row's values are
+    the file's own: a `mtime` string stays that string (pyarrow made ISO times datetimes, integral sizes floats)."""
+    with open(file, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                yield _jsonl_row(path, number, line)
+
+
+def _jsonl_row(path: str, number: int, line: bytes) -> dict:
+    try:
+        row = json.loads(line)
+    except ValueError as exc:
+        raise SourceError(f"list source {path}: line {number} is not JSON ({exc})") from exc
+    if not isinstance(row, dict):
+        raise SourceError(f"list source {path}: line {number} is not a JSON object")
+    return row
+
+
+LIST_HEAD_BYTES = 1 << 16  # what a preflight first reads of a CSV or JSONL list (doubled until a row is whole)
+
+
+def list_file_has_items(path: str, storage) -> bool:
+    """Whether a list file lists an item, reading only what says so: a parquet file's footer (its row count and
+    columns: two ranged reads after a HEAD), the first rows of a CSV or JSONL (ranged reads from its start until
+    the first row is whole). The preflight of `atoken run` asks this of every list source before any stage, so
+    a finished ingest stage downloads nothing of a 10M-row list. A first row without `path` or `url` is the
+    listing's own one-line error."""
+    import contextlib
+
+    suffix = _list_suffix(path)
+    try:
+        size = storage.size(path)
+        if suffix == ".parquet":
+            with RangeFile(storage, path, size) as raw:
+                try:
+                    metadata = parquet_footer(raw)
+                except (OSError, ValueError) as exc:
+                    raise SourceError(f"list source {path}: not a readable parquet file ({exc})") from exc
+            names = metadata.schema.to_arrow_schema().names
+            if "path" not in names and "url" not in names:
+                raise SourceError(f"list source {path}: no `path` or `url` column (it has {names})")
+            return metadata.num_rows > 0
+        row = _first_text_row(path, storage, size, suffix)
+    except Exception as exc:
+        if isinstance(exc, SourceError):
+            raise
+        raise SourceError(f"list source {path}: {exc}") from exc  # missing, unreadable: one line
+    if row is None:
+        return False
+    next(_list_rows(path, iter([row]), contextlib.nullcontext()))  # raises as the listing would on this row
+    return True
+
+
+def _first_text_row(path: str, storage, size: int, suffix: str) -> dict | None:
+    """The first row of a CSV (by its header) or JSONL list, from ranged reads of its start."""
+    import csv
+
+    length = LIST_HEAD_BYTES
+    while True:
+        head = storage.read_range(path, 0, min(length, size))
+        whole = len(head) == size
+        lines = head.splitlines(keepends=True)
+        complete = lines if whole else [line for line in lines if line.endswith((b"\n", b"\r"))]
+        if suffix == ".csv":
+            rows = [r for r in csv.reader(io.StringIO(b"".join(complete).decode("utf-8", errors="replace"))) if r]
+            if len(rows) >= 2:
+                return dict(zip(rows[0], rows[1], strict=False))
+        else:
+            number, line = next(((n, line) for n, line in enumerate(complete, 1) if line.strip()), (0, b""))
+            if line:
+                return _jsonl_row(path, number, line)
+        if whole:
+            return None
+        length *= 2
 
 
 def _list_rows(path: str, rows: Iterator[dict], local) -> Iterator[ItemSpec]:

@@ -227,3 +227,27 @@ def test_a_list_file_lands_with_its_captions_and_the_val_split_of_val_every(loca
     # in one split; the split rule itself (one in val_every, stable) is tested in tests/preprocess/test_writer.py.
     assert stats["items"] == 5 and stats["samples_val"] == splits.count("val")
     assert stats["samples_train"] == splits.count("train")
+
+
+def test_redo_flag_rebuilds_an_output_that_a_settings_change_is_refused_on_in_one_line(local_ray, tmp_path,
+                                                                                      capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(getattr(skimage.data, name)()).resize((40, 32)).save(folder / f"{name}.png")
+    out = tmp_path / "out"
+    common = ["preprocess", "images", str(folder), str(out), "--parallelism", "1", "--no-progress"]
+
+    assert main([*common, "--resolution", "16"]) == 0, capsys.readouterr().err[-3000:]
+    capsys.readouterr()
+    assert main([*common, "--resolution", "32"]) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "resolution=16" in lines[0] and "resolution=32" in lines[0], lines
+    assert "--redo" in lines[0]
+    assert {r["width"] for r in pq.read_table(out / "manifest.parquet").to_pylist()} == {16}, "refused: unchanged"
+
+    assert main([*common, "--resolution", "32", "--redo"]) == 0, capsys.readouterr().err[-3000:]
+    stats = json.loads((captured := capsys.readouterr().out)[captured.index("{"):])
+    assert stats["items_made"] == 3
+    assert {r["width"] for r in pq.read_table(out / "manifest.parquet").to_pylist()} == {32}
+    assert json.loads((out / "_ingest.json").read_text())["settings"]["resolution"] == 32

@@ -502,3 +502,51 @@ def test_the_run_lock_is_never_deleted_or_kept_by_a_driver_that_lost_it(tmp_path
     (tmp_path / "out" / "_lock").write_bytes(b"")  # a driver killed between creating and writing it
     with RunLock(storage, output):
         assert storage.read_json(uri)["pid"] == os.getpid()
+
+
+def test_out_records_the_code_and_decoders_and_a_code_change_goes_to_history_not_refused(local_ray, tmp_path,
+                                                                                       monkeypatch):
+    """_ingest.json says which ingest code and decoder versions made OUT; a rerun by other code (a fix) is not
+    refused: the versions that made OUT before are kept in its `history`, and committed parts stay."""
+    import PIL
+
+    from atoken.pipeline import dag
+    from atoken.preprocess.job import CODE
+
+    folder = image_folder(tmp_path / "in", 8)
+    output = tmp_path / "out"
+    run_image_job(section_for(folder), Storage(), str(output), progress=False)
+    first = json.loads((output / "_ingest.json").read_text())
+    assert first["code"] == dag.code_version(CODE["images"])[:16]
+    assert first["decoders"] == {"pillow": PIL.__version__}
+    assert (first["kind"], first["settings"]["resolution"]) == ("images", 16) and "history" not in first
+
+    monkeypatch.setattr(dag, "code_version", lambda packages: "f" * 64)  # a changed statement in the ingest code
+    stats = run_image_job(section_for(folder), Storage(), str(output), progress=False)
+    assert stats["parts_skipped"] == stats["parts"], "other code: recorded, and committed parts kept"
+    second = json.loads((output / "_ingest.json").read_text())
+    assert second["code"] == "f" * 16
+    assert second["history"] == [{"code": first["code"], "decoders": first["decoders"]}]
+
+    run_image_job(section_for(folder), Storage(), str(output), progress=False)  # the same code again
+    assert json.loads((output / "_ingest.json").read_text())["history"] == second["history"], "once, not per run"
+
+
+def test_the_preflight_reads_a_few_bytes_of_a_large_list_file(tmp_path):
+    """`atoken run` preflights every source before any stage, a finished one too: a 200k-row list file is not
+    read whole to learn that it lists an item; an empty one is still refused in one line."""
+    from atoken.preprocess.job import first_items
+    from atoken.preprocess.sources import SourceError
+
+    big = tmp_path / "items.csv"
+    big.write_text("path,caption\n" + "".join(f"/data/img{index:07d}.png,a photo\n" for index in range(200_000)))
+    storage = Storage()
+    read = []
+    original = storage.read_range
+    storage.read_range = lambda uri, start, length: read.append(length) or original(uri, start, length)
+    assert first_items(IngestSection(sources=[SourceSection(kind="list", path=str(big))]), storage) == []
+    assert 0 < sum(read) <= 1 << 17 < big.stat().st_size // 40
+    empty = tmp_path / "empty.csv"
+    empty.write_text("path,caption\n")
+    with pytest.raises(SourceError, match="lists no images"):
+        first_items(IngestSection(sources=[SourceSection(kind="list", path=str(empty))]), Storage())

@@ -223,3 +223,73 @@ def test_a_server_that_trickles_is_stopped_as_a_transient_failure():
         assert time.monotonic() - started < 5 and failure_kind(raised.value) == "transient"
     finally:
         server.shutdown()
+
+
+def test_a_chunked_body_without_length_is_cut_at_the_cap_not_read_whole(monkeypatch):
+    """No Content-Length to refuse by (chunked transfer): the stream is read only to just past the cap, then the
+    item fails as permanent (a rerun would get the same bytes), and the client stops receiving."""
+    import time
+    import urllib.request
+
+    from atoken.preprocess.sources import ItemTooLarge, read_item
+    from atoken.preprocess.writer import failure_kind
+
+    chunk, body, cap = 1 << 16, 64 << 20, 256 << 10
+    sent = []
+
+    class Chunked(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            total = 0
+            try:
+                while total < body:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (chunk, b"x" * chunk))
+                    total += chunk
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                pass  # the client hung up: the point
+            finally:
+                sent.append(total)
+                self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    received = []
+    opened = urllib.request.urlopen
+
+    def counting(*args, **kwargs):
+        response = opened(*args, **kwargs)
+        assert response.headers.get("Content-Length") is None
+        for name in ("read", "read1"):
+            setattr(response, name, counted_read(getattr(response, name)))
+        return response
+
+    def counted_read(read):
+        def counted(size=-1):
+            data = read(size)
+            received.append(len(data))
+            return data
+        return counted
+
+    monkeypatch.setattr(urllib.request, "urlopen", counting)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Chunked)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ItemTooLarge, match="-byte cap") as raised:
+            read_item(f"http://127.0.0.1:{server.server_port}/big.png", max_bytes=cap)
+        assert failure_kind(raised.value) == "permanent"
+        assert cap < sum(received) <= cap + chunk, f"{sum(received):,} bytes received for a {cap:,}-byte cap"
+        for _ in range(100):  # the handler sees the hang-up once its socket's buffers are full
+            if sent:
+                break
+            time.sleep(0.05)
+        # The server could write what the sockets' buffers held, never the whole 64 MiB body.
+        assert sent and sent[0] < body // 2, f"the server sent {sent[0]:,} of {body:,} bytes"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -199,6 +199,78 @@ def test_a_changed_part_copies_its_unchanged_samples_byte_for_byte_and_makes_onl
     assert len([u for u in storage.list(output) if "/shards/" in u]) == 2
 
 
+class _ShardReads:
+    """What a test's storage and the writer's own file opens read of any shard: whole reads (read_bytes,
+    open_read, local_copy, download) and byte-range reads with their lengths."""
+
+    def __init__(self, monkeypatch, storage: Storage):
+        import builtins
+
+        from atoken.preprocess import writer
+
+        self.whole: list[str] = []
+        self.ranges: list[int] = []
+        def whole_read(call):
+            def whole(uri, *args, **kwargs):
+                if "/shards/" in str(uri):
+                    self.whole.append(str(uri))
+                return call(uri, *args, **kwargs)
+            return whole
+
+        for name in ("read_bytes", "open_read", "local_copy", "download"):
+            monkeypatch.setattr(storage, name, whole_read(getattr(storage, name)))
+
+        def ranged(uri, start, length, _call=storage.read_range):
+            if "/shards/" in str(uri):
+                self.ranges.append(length)
+            return _call(uri, start, length)
+        monkeypatch.setattr(storage, "read_range", ranged)
+        reads = self
+
+        class Counted:  # a local shard the writer opens itself (TarSink.copy_from): each read() is one range read
+            def __init__(self, file):
+                self.file = file
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.file.close()
+
+            def seek(self, *args):
+                return self.file.seek(*args)
+
+            def read(self, size=-1):
+                data = self.file.read(size)
+                reads.ranges.append(len(data))
+                return data
+
+        def opened(path, mode="r", *args, **kwargs):
+            file = builtins.open(path, mode, *args, **kwargs)
+            return Counted(file) if "/shards/" in str(path) and "r" in mode else file
+        monkeypatch.setattr(writer, "open", opened, raising=False)
+
+
+def test_reuse_copies_each_contiguous_run_of_the_old_shard_in_one_range_read(photo_folder, any_storage,
+                                                                            monkeypatch):
+    """A changed part copies its kept samples from the old shard by byte range: one read per contiguous run of
+    kept samples (not one per sample), never the old shard whole."""
+    storage, output = any_storage
+    items = sorted(list_folder(str(photo_folder)), key=lambda i: i.key)
+    good = [i for i in items if stem_of(i.key) not in BAD]
+    first = write(good, storage, output)
+    old_size = len(storage.read_bytes(shard_uri(output, first.shard)))
+    reads = _ShardReads(monkeypatch, storage)
+
+    second = write(good[:2] + good[3:], storage, output)  # the middle one gone: two runs, [0, 1] and [3, 4]
+
+    assert (second.made, second.reused) == (0, 4)
+    assert reads.whole == [], "the old shard was read whole"
+    assert len(reads.ranges) == 2, f"{len(reads.ranges)} range reads for 2 runs of 4 samples"
+    kept = sum(r["end"] - r["begin"] for r in PartRecord.read(storage, record_uri(output, PART)).table.to_pylist())
+    assert sum(reads.ranges) == kept < old_size
+
+
 def test_samples_move_between_parts_when_the_part_count_changes_without_being_made_again(photo_folder, tmp_path):
     storage, output = Storage(), str(tmp_path / "out")
     items = sorted(list_folder(str(photo_folder)), key=lambda i: i.key)
