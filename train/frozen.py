@@ -18,6 +18,11 @@ from atoken.pipeline.config import LossSection
 TEXT_CACHE_SIZE = 8192
 
 
+def frozen_dtype(device: torch.device, bf16: bool) -> torch.dtype:
+    """bf16 on GPU when the stage trains in bf16 (half the memory); float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" and bf16 else torch.float32
+
+
 class Frozen:
     def __init__(self, losses: LossSection, device: torch.device, need_perceptual: bool, need_text: bool,
                  bf16: bool = False):
@@ -27,12 +32,15 @@ class Frozen:
 
         self.losses = losses
         self.device = device
-        dtype = torch.bfloat16 if device.type == "cuda" and bf16 else torch.float32
-        self.text_encoder = TextEncoder.from_path(losses.text_encoder).to(device, dtype) if need_text else None
+        dtype = frozen_dtype(device, bf16)
+        # Built at their placement, never moved after: the Hugging Face towers are shared per process and
+        # placement (frozen_hf_model), and moving one would move the evaluation's copy with it.
+        place = str(device), dtype
+        self.text_encoder = TextEncoder.from_path(losses.text_encoder, 64, *place) if need_text else None
         self.perceptual = (PerceptualLosses(losses.perceptual_resolution, losses.lpips_backbone,
-                                            losses.vision_tower).to(device, dtype) if need_perceptual else None)
-        self.teacher = (ImageTower.from_path(losses.teacher).to(device, dtype) if losses.teacher and need_text
-                        else None)
+                                            losses.vision_tower, *place).to(device, dtype)
+                           if need_perceptual else None)
+        self.teacher = ImageTower.from_path(losses.teacher, *place) if losses.teacher and need_text else None
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def text(self, captions: list[str]) -> torch.Tensor:

@@ -135,13 +135,37 @@ def test_frozen_networks_in_bf16_take_float32_inputs_outside_autocast(tmp_path):
 
     folder = save_tiny_siglip2(tmp_path / "siglip2", width=32, depth=1, heads=2, mlp=64)
     images, outputs = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
-    tower = ImageTower.from_path(folder).to(dtype=torch.bfloat16)
+    tower = ImageTower.from_path(folder, dtype=torch.bfloat16)
     assert torch.isfinite(tower(images).float()).all()
-    perceptual = PerceptualLosses(32, vision_tower=str(folder)).to(dtype=torch.bfloat16)
+    perceptual = PerceptualLosses(32, vision_tower=str(folder), dtype=torch.bfloat16).to(dtype=torch.bfloat16)
     terms = perceptual(images, outputs)
     assert all(torch.isfinite(value.float()) for value in terms.values())
-    text = TextEncoder.from_path(folder).to(dtype=torch.bfloat16)
+    text = TextEncoder.from_path(folder, dtype=torch.bfloat16)
     assert text(["a red shoe"]).dtype == torch.float32
+
+
+def test_the_losses_bf16_towers_leave_the_evaluations_float32_tower_as_it_was(tmp_path, monkeypatch):
+    """The frozen Hugging Face model is shared per process (teacher, text and perceptual tower of one folder):
+    the training losses' bf16 copy must not turn the evaluation's float32 text tower into bf16 (it was moved in
+    place before: nn.Module.to mutates the shared model)."""
+    import atoken.train.frozen as frozen_module
+    from atoken.train.model.text_encoder import TextEncoder
+
+    from helpers import save_tiny_siglip2
+
+    folder = str(save_tiny_siglip2(tmp_path / "siglip2", width=32, depth=1, heads=2, mlp=64))
+    evaluation = TextEncoder.from_path(folder)
+    before = evaluation(["a red shoe"])
+    monkeypatch.setattr(frozen_module, "frozen_dtype", lambda device, bf16: torch.bfloat16)  # as on a GPU
+    losses = LossSection(text_encoder=folder, teacher=folder, vision_tower=folder)
+    frozen = Frozen(losses, torch.device("cpu"), need_perceptual=True, need_text=True, bf16=True)
+
+    held = {p.dtype for net in (frozen.text_encoder, frozen.teacher, frozen.perceptual.tower) for p in net.parameters()}
+    assert held == {torch.bfloat16}, "the losses hold bf16 copies"
+    assert frozen.teacher.model is frozen.perceptual.tower.model is frozen.text_encoder.model.dual, "read once"
+    assert {p.dtype for p in evaluation.parameters()} == {torch.float32}
+    assert torch.equal(evaluation(["a red shoe"]), before)
+    assert not torch.equal(frozen.text_encoder(["a red shoe"]), before), "control: bf16 embeds differently"
 
 
 def test_the_caption_cache_stays_bounded_and_keeps_what_repeats(monkeypatch):

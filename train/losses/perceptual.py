@@ -40,11 +40,13 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
 
 
 class PerceptualLosses(nn.Module):
-    def __init__(self, resolution: int = 224, lpips_backbone: str | None = None, vision_tower: str | None = None):
+    def __init__(self, resolution: int = 224, lpips_backbone: str | None = None, vision_tower: str | None = None,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32):
         super().__init__()
         self.resolution = resolution
         self.network = LPIPS(lpips_backbone) if lpips_backbone else PerceptualStandIn()
-        self.tower = ImageTower.from_path(vision_tower) if vision_tower else None
+        # The tower is the process's shared copy at this placement (frozen_hf_model): move the rest to match.
+        self.tower = ImageTower.from_path(vision_tower, device, dtype) if vision_tower else None
         self.requires_grad_(False).eval()
         self.stand_ins = {}
         if not lpips_backbone:

@@ -32,7 +32,7 @@ class ImageTower(nn.Module):
         self.similarity_scale = float(scale.exp()) if scale is not None else 100.0
 
     @classmethod
-    def from_path(cls, path: str | Path) -> ImageTower:
+    def from_path(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> ImageTower:
         from transformers import AutoConfig
 
         folder = Path(path)
@@ -40,7 +40,7 @@ class ImageTower(nn.Module):
         if config.model_type not in TOWER_TYPES:
             raise ValueError(f"{folder}: a {config.model_type!r} model; the image tower must be one of {TOWER_TYPES}")
         sha = weights_sha256(folder)
-        model = frozen_hf_model(str(folder.resolve()))  # shared with the text tower of the same folder
+        model = frozen_hf_model(str(folder.resolve()), str(device), dtype)  # shared with the folder's text tower
         vision = config.vision_config
         return cls(model, config.model_type, getattr(vision, "image_size", 224), vision.patch_size, sha)
 

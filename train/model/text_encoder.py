@@ -47,13 +47,15 @@ def weights_sha256(folder: Path) -> str:
 
 
 @lru_cache(maxsize=4)
-def frozen_hf_model(folder: str) -> nn.Module:
-    """One frozen copy per process of a Hugging Face model folder: a SigLIP2 folder that is teacher, text tower
-    and CLIP-perceptual tower at once (base.yaml) is read and held once, not three times."""
+def frozen_hf_model(folder: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """One frozen copy per process and placement of a Hugging Face model folder: a SigLIP2 folder that is teacher,
+    text tower and CLIP-perceptual tower at once (base.yaml) is read and held once, not three times. The cache is
+    keyed by device and dtype, and its users never move it (`.to` is a no-op on a model already there): the bf16
+    copy the training losses hold on GPU must not become the fp32 tower the evaluation protocol records."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-    return model.eval().requires_grad_(False)
+    model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
 
 
 class TextEncoder(nn.Module):
@@ -71,7 +73,8 @@ class TextEncoder(nn.Module):
         self.embed_dim = int(getattr(config, "projection_size", None) or config.hidden_size)
 
     @classmethod
-    def from_path(cls, path: str | Path | None = None, max_length: int = 64) -> TextEncoder:
+    def from_path(cls, path: str | Path | None = None, max_length: int = 64, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> TextEncoder:
         from transformers import AutoConfig, AutoTokenizer
 
         folder = Path(path) if path else default_text_encoder_path()
@@ -79,7 +82,7 @@ class TextEncoder(nn.Module):
             raise FileNotFoundError(f"{folder}: not a Hugging Face model folder (no config.json)")
         sha = weights_sha256(folder)
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        loaded = frozen_hf_model(str(folder.resolve()))
+        loaded = frozen_hf_model(str(folder.resolve()), str(device), dtype)
         if config.model_type in SIGLIP_TYPES:  # the full dual model: only its text half is used
             model, pooling = _SiglipText(loaded), "siglip_pooled"
         else:
