@@ -37,7 +37,7 @@ class StorageSection:
     region: str | None = None
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0
-    max_attempts: int = 3
+    max_attempts: int = 3  # requests per storage call in all, the first included (botocore total_max_attempts)
     # Objects larger than this go up (and down) in parts of this size through boto3's managed transfer: one
     # PUT is refused over 5 GB (so400m's optimizer state is ~6.8 GB), and parts upload in parallel. S3 parts
     # are 5 MiB to 5 GiB, at most 10,000 of them: 64 MiB parts allow objects up to 640 GiB.
@@ -163,6 +163,9 @@ class Objects3DSection:
     voxel_grid: int = 64  # voxels a side (the paper's 64³)
     min_voxels: int = 256  # fewer occupied voxels: the asset is flagged few_voxels
     timeout_s: float = 600.0  # seconds per asset before its Blender child is killed
+    # A mesh or GLB file past this size is refused (a permanent failure) before Blender opens it: a worker reads
+    # the file whole and Blender loads it again, so the cap bounds what one asset can take of a worker's memory.
+    max_item_mb: int = 512
     assets_per_shard: int = 16  # assets per worker task (a part) and per shard
     val_every: int = 10  # every n-th asset (by stable order) goes to the validation split
     parallelism: int = 1  # Ray tasks, each with its own Blender child
@@ -698,6 +701,7 @@ def validate_objects(objects: Objects3DSection) -> None:
     require(objects.eval_views >= 0, "objects.eval_views", "must be >= 0")
     require(objects.val_every >= 2, "objects.val_every", "must be >= 2")
     require(objects.timeout_s > 0, "objects.timeout_s", "must be > 0")
+    require(objects.max_item_mb >= 1, "objects.max_item_mb", "must be >= 1")
 
 
 def validate_curriculum(config: PipelineConfig) -> None:

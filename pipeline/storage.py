@@ -104,7 +104,7 @@ class Storage:
                 config=Config(
                     connect_timeout=self.section.connect_timeout_s,
                     read_timeout=self.section.read_timeout_s,
-                    retries={"max_attempts": self.section.max_attempts, "mode": "standard"},
+                    retries={"total_max_attempts": self.section.max_attempts, "mode": "standard"},
                 ),
             )
         return self._client

@@ -163,3 +163,16 @@ def test_a_get_cut_on_every_try_raises_after_body_attempts_and_names_no_credenti
         message = str(error.value)
         assert "\n" not in message and s3_credentials["AWS_SECRET_ACCESS_KEY"] not in message
         assert s3_credentials["AWS_ACCESS_KEY_ID"] not in message
+
+
+@pytest.mark.parametrize("max_attempts", [1, 3])
+def test_storage_max_attempts_is_the_number_of_requests_each_call_makes_in_all(s3_credentials, s3_endpoint, stored,
+                                                                                max_attempts):
+    """`storage.max_attempts` counts every request of one call, the first included (botocore's
+    total_max_attempts; its `max_attempts` counts retries only, one request more than the field says)."""
+    uri, _ = stored
+    with FaultProxy(s3_endpoint, [Fault("error_5xx", method="HEAD", path=KEY, every=1)]) as proxy:
+        storage = Storage(StorageSection(endpoint_url=proxy.url, max_attempts=max_attempts))
+        with pytest.raises(StorageError):
+            storage.size(uri)
+        assert proxy.requests["HEAD"] == max_attempts, proxy.log
