@@ -152,24 +152,23 @@ def _shards(storage, ingest_output: str, split: str) -> list[ShardInfo]:
 
 
 def preflight_3d(config: PipelineConfig) -> None:
-    from atoken.preprocess.objects import list_3d_source
+    """Every 3D source lists an asset (its first: a preflight does not list 800k assets)."""
+    from atoken.preprocess.objects import first_3d_items
 
-    for source in config.objects.sources:
-        if not list_3d_source(source, 1):  # its first asset: a preflight does not list 800k assets
-            raise ValueError(f"objects.sources: {source} lists no assets")
+    first_3d_items(config.objects.sources)
 
 
 def run_ingest_3d(ctx: StageContext) -> dict[str, Any]:
-    from atoken.preprocess.objects import ObjectSettings, list_3d_source, run_object_job
+    from atoken.preprocess.objects import ObjectSettings, iter_3d_items, run_object_job
     from atoken.preprocess.render import render_settings
     from atoken.preprocess.voxels import VoxelSettings
 
     section = ctx.config.objects
     render = render_settings(section.preset, section.parallelism, views=section.views, eval_views=section.eval_views,
                              resolution=section.resolution, samples=section.samples, timeout_s=section.timeout_s)
-    items = [item for source in section.sources for item in list_3d_source(source, section.limit)]
+    items = iter_3d_items(section.sources, section.limit)  # streamed into the job's planner, never a list
     settings = ObjectSettings(render, VoxelSettings(grid=section.voxel_grid, min_voxels=section.min_voxels),
-                              ctx.output, ctx.storage, log_assets=False)
+                              ctx.output, ctx.storage, max_item_bytes=section.max_item_mb << 20, log_assets=False)
     stats = run_object_job(items, settings, section.assets_per_shard, section.val_every, section.parallelism,
                            ctx.progress, "ingest 3d", resources=ctx.config.ray.preprocess_resources)
     for name in ("manifest.parquet", "errors.parquet", "_stats.json"):

@@ -1,8 +1,8 @@
 """3D assets in, the tokenizer's 3D samples out: sources, one asset's processing, `atoken preprocess 3d`.
 
-Sources list assets as `ItemSpec`s (key + locator), like the image and video sources: the meshes shipped in
-`pybullet_data` (the built-in set), any local folder of GLB/GLTF/OBJ/PLY/FBX/STL files, and Objaverse
-through the `objaverse` package, read from a local mirror in the package's own layout
+Sources stream assets as `ItemSpec`s (key + locator + fingerprint), like the image and video sources: the
+meshes shipped in `pybullet_data` (the built-in set), any local folder of GLB/GLTF/OBJ/PLY/FBX/STL files, and
+Objaverse through the `objaverse` package, read from a local mirror in the package's own layout
 (`hf-objaverse-v1/{object-paths.json.gz, metadata/*.json.gz, glbs/*/*.glb}`).
 
 `ObjectSettings.process` is the shard writer's per-item contract (preprocess/writer.py): render the asset
@@ -25,11 +25,14 @@ import argparse
 import functools
 import gzip
 import hashlib
+import heapq
 import io
+import itertools
 import json
 import tarfile
 import time
 import zipfile
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,9 +97,11 @@ BUILTIN_3D_SOURCES = {
 }
 
 
-def list_mesh_folder(path: str, limit: int | None = None) -> list[ItemSpec]:
-    """Every mesh file under a folder, recursively (OBJ sidecars, MTL and textures, are found by Blender)."""
-    return list(list_folder(path, limit, suffixes=MESH_SUFFIXES))
+def list_mesh_folder(path: str, limit: int | None = None) -> Iterator[ItemSpec]:
+    """Every mesh file under a folder, recursively, streamed (preprocess/sources.py list_folder: each with its size
+    and mtime as its fingerprint, so an edited mesh is made again). OBJ sidecars, MTL and textures, are found by
+    Blender."""
+    return list_folder(path, limit, suffixes=MESH_SUFFIXES)
 
 
 def objaverse_dir(root: str | Path | None) -> Path:
@@ -106,12 +111,17 @@ def objaverse_dir(root: str | Path | None) -> Path:
 
 
 def list_objaverse(root: str | Path | None = None, uids: list[str] | None = None, limit: int | None = None,
-                   download: bool = False, download_processes: int = 4) -> list[ItemSpec]:
-    """Objaverse (1.0) assets through the `objaverse` package, from a mirror in its layout.
+                   download: bool = False, download_processes: int = 4) -> Iterator[ItemSpec]:
+    """Objaverse (1.0) assets through the `objaverse` package, from a mirror in its layout, streamed.
 
-    Every asking UID is listed, in a stable order (sorted, or as given), whether its GLB is in the mirror
-    or not: a missing one fails at the read stage and is recorded, and a rerun after it arrives lands it.
-    `download` fetches the missing GLBs with `objaverse.load_objects` first (needs huggingface.co)."""
+    Every wanted UID is listed (every UID of the mirror, or the first `limit` of `uids`), whether its GLB is in
+    the mirror or not: a missing one fails at the read stage and is recorded, and a rerun after it arrives lands
+    it (its fingerprint, the GLB's size and mtime, is "" until then). Assets come in path order, folder by
+    folder, so each metadata file is read once; the job plans by key hash, so the order decides nothing else.
+    The mirror, the UIDs and `download` (fetch the missing GLBs with `objaverse.load_objects` first; needs
+    huggingface.co) are checked and done at the call, before the first item. The driver then holds the package's
+    uid → path dict (~800k entries: the package reads no less) and the wanted UIDs, never a list of items nor
+    more than one folder's captions."""
     import objaverse
 
     folder = objaverse_dir(root)
@@ -123,37 +133,65 @@ def list_objaverse(root: str | Path | None = None, uids: list[str] | None = None
     objaverse.BASE_PATH, objaverse._VERSIONED_PATH = str(folder.parent), str(folder)
     try:
         paths = objaverse._load_object_paths()  # uid → glbs/NNN-NNN/uid.glb
-        # By path (folder, then UID): consecutive assets share a metadata file, which workers cache.
-        wanted = sorted(paths, key=paths.get) if uids is None else [uid.removesuffix(".glb") for uid in uids]
-        unknown = [uid for uid in wanted if uid not in paths]
-        if unknown:
-            raise SourceError(f"objaverse mirror {folder}: {len(unknown)} UIDs are not in object-paths.json.gz, "
-                              f"e.g. {unknown[0]}")
-        wanted = wanted[:limit]
+        wanted = _wanted_uids(folder, paths, uids, limit)
         if download:
             missing = [uid for uid in wanted if not (folder / paths[uid]).is_file()]
             if missing:
                 objaverse.load_objects(missing, download_processes=download_processes)
     finally:
         objaverse.BASE_PATH, objaverse._VERSIONED_PATH = saved
-    # Captions are the assets' names, read from the package's metadata files one 1000-UID folder at a time:
-    # objaverse.load_annotations would hold every requested annotation (GBs for all 800k) at once.
-    by_folder: dict[str, list[str]] = {}
-    for uid in wanted:
-        by_folder.setdefault(Path(paths[uid]).parent.name, []).append(uid)
-    names = {}
-    for folder_id, folder_uids in by_folder.items():
+    return _objaverse_items(folder, paths, wanted)
+
+
+def _wanted_uids(folder: Path, paths: dict[str, str], uids: list[str] | None, limit: int | None) -> list[str]:
+    """The UIDs to list, sorted by path (folder, then UID): every UID of the mirror, or the first `limit` of
+    `uids` (each of which must be in the mirror's object paths)."""
+    if uids is None:
+        if limit is not None:  # a few (a preflight's one asset, objects.limit): no sort of 800k paths
+            return heapq.nsmallest(limit, paths, key=paths.get)
+        return sorted(paths, key=paths.get)
+    given = [uid.removesuffix(".glb") for uid in uids]
+    unknown = [uid for uid in given if uid not in paths]
+    if unknown:
+        raise SourceError(f"objaverse mirror {folder}: {len(unknown)} UIDs are not in object-paths.json.gz, "
+                          f"e.g. {unknown[0]}")
+    return sorted(given[:limit], key=paths.get)
+
+
+def _objaverse_items(folder: Path, paths: dict[str, str], wanted: list[str]) -> Iterator[ItemSpec]:
+    """The wanted UIDs as items, one glbs/NNN-NNN folder at a time: captions are the assets' names, read from the
+    folder's metadata file and dropped when the next folder's is read (objaverse.load_annotations would hold
+    every requested annotation, GBs for all 800k, at once)."""
+    for folder_id, in_folder in itertools.groupby(wanted, key=lambda uid: Path(paths[uid]).parent.name):
+        uids = list(in_folder)
         metadata = folder / "metadata" / f"{folder_id}.json.gz"
-        entries = _objaverse_metadata(str(metadata)) if metadata.is_file() else {}
-        names.update({uid: (entries.get(uid) or {}).get("name") or "" for uid in folder_uids})
-    return [ItemSpec(key=f"objaverse_{uid}", source="objaverse", locator=str(folder / paths[uid]),
-                     caption=names[uid]) for uid in wanted]
+        entries = _read_objaverse_metadata(str(metadata)) if metadata.is_file() else {}
+        names = {uid: (entries.get(uid) or {}).get("name") or "" for uid in uids}
+        del entries  # the folder's whole annotations: only the names travel on
+        for uid in uids:
+            glb = folder / paths[uid]
+            yield ItemSpec(key=f"objaverse_{uid}", source="objaverse", locator=str(glb), caption=names[uid],
+                           fingerprint=_file_fingerprint(glb))
+
+
+def _file_fingerprint(path: Path) -> str:
+    """"size:mtime_ns", as list_folder fingerprints a file: a GLB replaced under the same UID is another item
+    (made again, and its renders are not reused: renders_key). "" while the file is absent."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return ""
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _read_objaverse_metadata(path: str) -> dict:
+    with gzip.open(path, "rb") as handle:
+        return json.load(handle)
 
 
 @functools.lru_cache(maxsize=4)
 def _objaverse_metadata(path: str) -> dict:
-    with gzip.open(path, "rb") as handle:
-        return json.load(handle)
+    return _read_objaverse_metadata(path)  # a worker's: its assets' annotations, a few folders kept
 
 
 def objaverse_annotation(locator: str) -> dict:
@@ -189,6 +227,9 @@ class ObjectSettings:
     voxels: VoxelSettings
     output: str  # the job's OUT: each asset's Blender log (and renders) go to OUT/renders/<key>/
     storage: Storage = field(default_factory=Storage)
+    # objects.max_item_mb: a mesh file past this is refused at the read (ItemTooLarge, permanent), before a
+    # Blender child is asked to open it; the writer's read (writer._read_with_retries) applies it.
+    max_item_bytes: int | None = 512 << 20
     keep_renders: bool = True
     # Assets with any of these flags become errors (stage "quality"). An empty asset has no voxels, so no
     # tokens: it is left out unless asked for.
@@ -388,21 +429,45 @@ def add_3d_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def list_3d_source(source: str, limit: int | None = None, uids_file: str | None = None,
-                   download: bool = False) -> list[ItemSpec]:
+                   download: bool = False) -> Iterator[ItemSpec]:
+    """One 3D source's assets, streamed; a source that cannot be listed (an unknown set, a missing folder or
+    mirror, an unknown UID, a folder without meshes) raises at the call, before the first asset."""
     from atoken.pipeline.config import ConfigError
 
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         if name not in BUILTIN_3D_SOURCES:
             raise ConfigError(f"preprocess 3d: unknown built-in set {name!r} (known: {', '.join(BUILTIN_3D_SOURCES)})")
-        return BUILTIN_3D_SOURCES[name](limit)
+        return iter(BUILTIN_3D_SOURCES[name](limit))
     if source.startswith("objaverse:"):
         uids = Path(uids_file).read_text().split() if uids_file else None
         return list_objaverse(source.removeprefix("objaverse:") or None, uids, limit, download)
     items = list_mesh_folder(str(Path(source).resolve()), limit)
-    if not items:
+    first = next(items, None)
+    if first is None:
         raise SourceError(f"preprocess 3d: {source} holds no meshes ({', '.join(MESH_SUFFIXES)})")
-    return items
+    return itertools.chain([first], items)
+
+
+def iter_3d_items(sources: list[str], limit: int | None = None, uids_file: str | None = None,
+                  download: bool = False) -> Iterator[ItemSpec]:
+    """Every source's assets in order, each cut at `limit`, streamed into the job (its planner spills them:
+    preprocess/plan.py); each source is listed when the one before it is done, so at most one Objaverse path
+    index is held. What `atoken preprocess 3d` and the ingest_3d stage list."""
+    for source in sources:
+        yield from list_3d_source(source, limit, uids_file, download)
+
+
+def first_3d_items(sources: list[str], uids_file: str | None = None) -> list[ItemSpec]:
+    """Each source's first asset, or a one-line error naming the source that lists none: the preflight, which
+    lists one asset of a source (an Objaverse mirror's path index is read, its 800k assets are not listed)."""
+    firsts = []
+    for index, source in enumerate(sources):
+        first = next(list_3d_source(source, 1, uids_file), None)
+        if first is None:
+            raise SourceError(f"objects.sources[{index}] ({source}) lists no assets")
+        firsts.append(first)
+    return firsts
 
 
 def preprocess_3d_main(args: argparse.Namespace) -> int:
@@ -430,25 +495,30 @@ def preprocess_3d_main(args: argparse.Namespace) -> int:
         where, _, message = str(exc).partition(": ")
         raise ConfigError(f"preprocess 3d {flags.get(where.removeprefix('render.'), where)}: {message}") from exc
 
-    # The same listing as the ingest_3d stage: every source in order, each cut at `limit`.
-    items = [item for source in section.sources
-             for item in list_3d_source(source, section.limit, args.uids, args.download)]
+    # A source that lists nothing stops here, before OUT or Ray are touched; the job then streams the same
+    # listing as the ingest_3d stage.
+    first_3d_items(section.sources, args.uids)
     storage = job.storage
     storage.check_writable(job.out)
     settings = ObjectSettings(render, VoxelSettings(grid=section.voxel_grid, min_voxels=section.min_voxels,
                                                     store_views=not args.no_views_in_samples),
-                              job.out, storage, keep_renders=not args.no_keep_renders, drop_flags=drop)
-    print(f"atoken 3d: {len(items)} assets, {render.views} input + {render.eval_views} evaluation views at "
-          f"{render.resolution} px, {render.samples} samples, device {render.device}, {section.parallelism} "
-          f"worker(s) x {render.threads} threads → {job.out}", flush=True)
+                              job.out, storage, max_item_bytes=section.max_item_mb << 20,
+                              keep_renders=not args.no_keep_renders, drop_flags=drop)
+    print(f"atoken 3d: {render.views} input + {render.eval_views} evaluation views at {render.resolution} px, "
+          f"{render.samples} samples, device {render.device}, {section.parallelism} worker(s) x {render.threads} "
+          f"threads → {job.out}", flush=True)
     start_ray(job.config)
+    items = iter_3d_items(section.sources, section.limit, args.uids, args.download)
     stats = run_object_job(items, settings, section.assets_per_shard, section.val_every, section.parallelism,
                            job.progress, "preprocess 3d", resources=job.resources, redo=args.redo)
+    # The count comes from the job: the listing streamed through its planner, nothing here held it.
+    print(f"atoken 3d: {stats['items']} assets, {stats['samples']} samples, {stats['failures']} failed",
+          flush=True)
     print(json.dumps(stats, indent=2))
     return 0
 
 
-def run_object_job(items: list[ItemSpec], settings: ObjectSettings, assets_per_shard: int, val_every: int,
+def run_object_job(items: Iterable[ItemSpec], settings: ObjectSettings, assets_per_shard: int, val_every: int,
                    parallelism: int, progress: bool, description: str,
                    resources: dict[str, float] | None = None, redo: bool = False) -> dict:
     """Render, voxelise and shard `items` into settings.output on Ray; the job's stats, render figures added.

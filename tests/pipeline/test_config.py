@@ -146,6 +146,7 @@ def error_for(overrides: list[str], path: Path = QUICKSTART) -> str:
     ("storage.multipart_chunk_mb=5121", "storage.multipart_chunk_mb", "S3 parts are 5 MiB to 5 GiB"),
     # Issue 17: render_3d scores evaluation views only, picked by their index among objects.eval_views.
     ("objects.eval_views=-1", "objects.eval_views", "must be >= 0"),
+    ("objects.max_item_mb=0", "objects.max_item_mb", "must be >= 1"),
     ("objects.eval_views=0", "objects.eval_views", "render_3d, which scores only evaluation views"),
     ("evaluate.held_out_views=[3, 7, 11, 15]", "evaluate.held_out_views",
      "[7, 11, 15] are not among the 4 evaluation views of objects.eval_views (indices from 0); input views are never"),

@@ -1,9 +1,15 @@
-"""pipeline/stages.py: the baseline's stage derived from stage 1."""
+"""pipeline/stages.py: the baseline's stage derived from stage 1; the 3D ingest's preflight."""
 
 from __future__ import annotations
 
-from atoken.pipeline.config import load_config, validate_train
-from atoken.pipeline.stages import baseline_config
+import gzip
+import json
+
+import pytest
+
+from atoken.pipeline.config import PipelineConfig, load_config, validate_train
+from atoken.pipeline.stages import baseline_config, preflight_3d
+from atoken.preprocess.sources import SourceError
 
 from helpers import QUICKSTART
 
@@ -19,3 +25,18 @@ def test_the_baseline_trains_on_batches_of_one_size_whatever_stage_one_packs():
         validate_train(config.train, config.ingest.resolution)
     unchanged = baseline_config(load_config(QUICKSTART)).train.stages[0]
     assert unchanged.image_resolution == load_config(QUICKSTART).train.stages[0].image_resolution
+
+
+def test_the_3d_preflight_stops_at_a_source_that_lists_no_assets(tmp_path):
+    """`atoken run` checks each 3D source by its first asset before any stage: an Objaverse mirror whose object
+    paths are empty is named; the built-in set before it passes (the negative control)."""
+    mirror = tmp_path / "hf-objaverse-v1"
+    mirror.mkdir()
+    with gzip.open(mirror / "object-paths.json.gz", "wt") as handle:
+        json.dump({}, handle)
+    config = PipelineConfig()
+    config.objects.sources = ["builtin:pybullet-named"]
+    preflight_3d(config)
+    config.objects.sources = ["builtin:pybullet-named", f"objaverse:{tmp_path}"]
+    with pytest.raises(SourceError, match=r"objects.sources\[1\] \(objaverse:.*\) lists no assets"):
+        preflight_3d(config)

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ import trimesh
 from atoken.pipeline.storage import Storage
 from atoken.preprocess.objects import (
     ObjectSettings,
+    first_3d_items,
     list_mesh_folder,
     list_objaverse,
     list_pybullet_objects,
@@ -77,42 +79,62 @@ def test_a_mesh_folder_lists_its_meshes_only(tmp_path):
     for name in ("a.obj", "b.GLB", "sub/c.ply", "d.fbx", "e.stl", "f.gltf", "notes.txt", "a.mtl", "tex.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    items = list_mesh_folder(str(tmp_path))
+    items = list(list_mesh_folder(str(tmp_path)))
     assert sorted(Path(i.locator).name for i in items) == ["a.obj", "b.GLB", "c.ply", "d.fbx", "e.stl", "f.gltf"]
     assert all("." not in i.key for i in items)
 
 
-@pytest.fixture(scope="module")
-def objaverse_mirror(tmp_path_factory) -> Path:
-    """A mirror in the objaverse package's layout: object paths, per-folder metadata, GLBs (two present)."""
-    root = tmp_path_factory.mktemp("objaverse")
+# uid → (the pybullet mesh its GLB is made of, or None: not downloaded; its name; its licence)
+MIRROR_ASSETS = {UIDS[0]: ("duck.obj", "Rubber Duck", "by"), UIDS[1]: ("bunny.obj", "Stanford Bunny", "cc0"),
+                 UIDS[2]: (None, "Never Downloaded", "by-nc")}
+
+
+def write_objaverse_mirror(root: Path, assets: dict[str, tuple[str | None, str, str]]) -> Path:
+    """A mirror in the objaverse package's layout: object paths, per-folder metadata (one folder per asset), and
+    the GLBs of the assets that name a mesh."""
     versioned = root / "hf-objaverse-v1"
-    paths = {uid: f"glbs/000-{index:03d}/{uid}.glb" for index, uid in enumerate(UIDS)}
+    paths = {uid: f"glbs/000-{index:03d}/{uid}.glb" for index, uid in enumerate(assets)}
     (versioned / "metadata").mkdir(parents=True)
     with gzip.open(versioned / "object-paths.json.gz", "wt") as handle:
         json.dump(paths, handle)
-    sources = {UIDS[0]: ("duck.obj", "Rubber Duck", "by"), UIDS[1]: ("bunny.obj", "Stanford Bunny", "cc0"),
-               UIDS[2]: (None, "Never Downloaded", "by-nc")}
-    for index, uid in enumerate(UIDS):
-        mesh, name, licence = sources[uid]
+    for index, (uid, (mesh, name, licence)) in enumerate(assets.items()):
         metadata = {uid: {"uid": uid, "name": name, "license": licence, "user": {"username": f"artist{index}"},
                           "viewerUrl": f"https://sketchfab.com/3d-models/{uid}", "tags": [{"name": "toy"}]}}
         with gzip.open(versioned / "metadata" / f"000-{index:03d}.json.gz", "wt") as handle:
             json.dump(metadata, handle)
         if mesh:
-            (versioned / paths[uid]).parent.mkdir(parents=True)
-            trimesh.load(PYBULLET / mesh).export(versioned / paths[uid])
+            write_glb(versioned / paths[uid], mesh)
     return root
 
 
+def write_glb(path: Path, mesh: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trimesh.load(PYBULLET / mesh).export(path)
+
+
+@pytest.fixture(scope="module")
+def objaverse_mirror(tmp_path_factory) -> Path:
+    return write_objaverse_mirror(tmp_path_factory.mktemp("objaverse"), MIRROR_ASSETS)
+
+
 def test_objaverse_mirror_lists_uids_with_captions(objaverse_mirror):
-    items = list_objaverse(objaverse_mirror)
+    listing = list_objaverse(objaverse_mirror)
+    assert not isinstance(listing, list | tuple)  # streamed into the job's planner, never held whole
+    items = list(listing)
     assert [i.key for i in items] == [f"objaverse_{uid}" for uid in UIDS]  # by path: folder 000-000 first
     by_key = {i.key: i for i in items}
     assert by_key[f"objaverse_{UIDS[0]}"].caption == "Rubber Duck"
     assert by_key[f"objaverse_{UIDS[0]}"].locator.endswith(f"glbs/000-000/{UIDS[0]}.glb")
+    # The GLB's size and mtime, as a folder's files carry theirs; "" for the one not downloaded.
+    glb = Path(by_key[f"objaverse_{UIDS[0]}"].locator).stat()
+    assert by_key[f"objaverse_{UIDS[0]}"].fingerprint == f"{glb.st_size}:{glb.st_mtime_ns}"
+    assert by_key[f"objaverse_{UIDS[2]}"].fingerprint == ""
     assert [i.key for i in list_objaverse(objaverse_mirror / "hf-objaverse-v1", uids=[UIDS[1]])] == [
         f"objaverse_{UIDS[1]}"]
+    # Given UIDs: the first `limit` of them as given, listed by path.
+    assert [i.key for i in list_objaverse(objaverse_mirror, uids=[UIDS[2], UIDS[1], UIDS[0]], limit=2)] == [
+        f"objaverse_{UIDS[1]}", f"objaverse_{UIDS[2]}"]
+    assert [i.key for i in list_objaverse(objaverse_mirror, limit=2)] == [i.key for i in items[:2]]
     with pytest.raises(SourceError, match="not in object-paths"):
         list_objaverse(objaverse_mirror, uids=["ffffffffffffffffffffffffffffffff"])
     with pytest.raises(SourceError, match="object-paths.json.gz"):
@@ -123,7 +145,7 @@ def test_objaverse_mirror_lists_uids_with_captions(objaverse_mirror):
 
 
 def test_objaverse_assets_keep_their_licence_and_a_missing_glb_is_recorded(objaverse_mirror, tmp_path):
-    items = list_objaverse(objaverse_mirror)
+    items = list(list_objaverse(objaverse_mirror))
     result = commit_part(PartPlan("train-000000-of-000004", "train", items), Storage(), str(tmp_path),
                          settings_for(tmp_path))
     assert (result.samples, result.errors) == (2, 1)
@@ -137,6 +159,124 @@ def test_objaverse_assets_keep_their_licence_and_a_missing_glb_is_recorded(objav
     assert meta["source_url"].endswith(UIDS[0])
 
 
+def test_the_preflight_lists_one_asset_of_each_source_and_names_one_that_lists_none(objaverse_mirror, tmp_path,
+                                                                                   monkeypatch):
+    import atoken.preprocess.objects as objects
+
+    read, original = [], objects._read_objaverse_metadata
+
+    def counted(path: str) -> dict:
+        read.append(path)
+        return original(path)
+
+    monkeypatch.setattr(objects, "_read_objaverse_metadata", counted)
+    firsts = first_3d_items(["builtin:pybullet-named", f"objaverse:{objaverse_mirror}"])
+    assert [i.key for i in firsts] == ["pybullet_bunny", f"objaverse_{UIDS[0]}"]
+    assert len(read) == 1  # the first asset's folder only: the mirror's other assets are not listed
+    read.clear()
+    assert len(list(list_objaverse(objaverse_mirror))) == 3 and len(read) == 3  # the whole listing reads each
+    empty = write_objaverse_mirror(tmp_path / "empty", {})
+    with pytest.raises(SourceError, match=r"objects.sources\[1\] \(objaverse:.*\) lists no assets"):
+        first_3d_items(["builtin:pybullet-named", f"objaverse:{empty}"])
+    (tmp_path / "no_meshes").mkdir()
+    with pytest.raises(SourceError, match="holds no meshes"):
+        first_3d_items([str(tmp_path / "no_meshes")])
+
+
+def mesh_folder_source(root: Path) -> tuple[Callable[[], list[ItemSpec]], Path]:
+    """A mesh folder of a duck and a bunny: (its listing, the duck's file)."""
+    for name, mesh in (("duck.glb", "duck.obj"), ("bunny.glb", "bunny.obj")):
+        write_glb(root / name, mesh)
+    return lambda: list(list_mesh_folder(str(root))), root / "duck.glb"
+
+
+def objaverse_source(root: Path) -> tuple[Callable[[], list[ItemSpec]], Path]:
+    """An Objaverse mirror of a duck and a bunny: (its listing, the duck's GLB)."""
+    mirror = write_objaverse_mirror(root, {uid: MIRROR_ASSETS[uid] for uid in UIDS[:2]})
+    return lambda: list(list_objaverse(mirror)), mirror / "hf-objaverse-v1" / "glbs" / "000-000" / f"{UIDS[0]}.glb"
+
+
+@pytest.mark.parametrize("source", [mesh_folder_source, objaverse_source], ids=["folder", "objaverse"])
+def test_an_asset_whose_file_changed_is_rendered_again_and_an_unchanged_one_is_reused(tmp_path, source):
+    """Issue 16: an Objaverse item carried no fingerprint, so a GLB replaced under its UID kept its old sample
+    and renders; a mesh folder's files carry their size and mtime. Either way, new bytes under the same key are
+    rendered again, the unchanged asset's sample is copied, and an unchanged listing skips the part."""
+    listing, duck_file = source(tmp_path / "source")
+    storage, output = Storage(), tmp_path / "out"
+    name = "train-000000-of-000004"
+    first = commit_part(PartPlan(name, "train", listing()), storage, str(output), settings_for(output))
+    assert (first.samples, first.errors, first.made) == (2, 0, 2)
+    before = shard_samples(output / "shards" / f"{first.shard}.tar")
+    unchanged = commit_part(PartPlan(name, "train", listing()), storage, str(output), settings_for(output))
+    assert unchanged.skipped and unchanged.made == 0  # negative control: the same files, nothing made
+
+    write_glb(duck_file, "teddy2_VHACD_CHs.obj")  # the same path, key and UID; other bytes
+    edited = commit_part(PartPlan(name, "train", listing()), storage, str(output), settings_for(output))
+    assert (edited.samples, edited.made, edited.reused) == (2, 1, 1)
+    # Rendered again, not taken from the renders kept for the duck's old bytes.
+    assert edited.measured["reused_renders"] == 0
+    assert edited.measured["rendered_views"] == SMALL.views + SMALL.eval_views
+    after = shard_samples(output / "shards" / f"{edited.shard}.tar")
+    duck_key = next(item.key for item in listing() if Path(item.locator) == duck_file)
+    (bunny_key,) = set(before) - {duck_key}
+    assert after[bunny_key] == before[bunny_key]  # copied as it was
+    was, now = (json.loads(samples[duck_key]["json"]) for samples in (before, after))
+    assert now["source_sha256"] != was["source_sha256"] and now["mesh"]["vertices"] != was["mesh"]["vertices"]
+
+
+def test_an_objaverse_glb_that_arrives_after_a_run_lands_on_the_rerun(tmp_path):
+    """A GLB not yet in the mirror fails permanently (not retried while nothing changed); once it arrives its
+    fingerprint is another, so the rerun makes it."""
+    mirror = write_objaverse_mirror(tmp_path / "mirror", {UIDS[2]: (None, "Arrives Later", "by")})
+    storage, output = Storage(), tmp_path / "out"
+    name = "train-000000-of-000004"
+
+    def run():
+        plan = PartPlan(name, "train", list(list_objaverse(mirror)))
+        return commit_part(plan, storage, str(output), settings_for(output))
+
+    missing = run()
+    assert missing.samples == 0 and missing.error_rows[0]["kind"] == "permanent"
+    assert run().skipped  # negative control: still missing, so the failure stands and nothing is retried
+    write_glb(mirror / "hf-objaverse-v1" / "glbs" / "000-000" / f"{UIDS[2]}.glb", "duck.obj")
+    arrived = run()
+    assert (arrived.samples, arrived.errors, arrived.made) == (1, 0, 1)
+
+
+def test_a_mesh_over_the_size_cap_fails_before_blender_is_asked_and_the_part_goes_on(tmp_path):
+    """objects.max_item_mb: a file past the cap is a permanent read failure; Blender is never sent it, and the
+    asset after it in the part still is."""
+    folder = tmp_path / "meshes"
+    write_glb(folder / "a_big.glb", "duck.obj")  # 133 KB, its texture inside
+    write_glb(folder / "b_small.glb", "teddy2_VHACD_CHs.obj")  # 45 KB
+    items = sorted(list_mesh_folder(str(folder)), key=lambda item: item.locator)  # the big one first
+    big, small = ((folder / n).stat().st_size for n in ("a_big.glb", "b_small.glb"))
+    assert small < big
+    sent = tmp_path / "sent_to_blender.txt"
+    # A Blender child that notes each mesh it is sent and refuses it.
+    blender = fake_python(tmp_path / "python", (
+        "import json\n"
+        "while job:\n"
+        f"    open(\"{sent}\", \"a\").write(json.loads(job)[\"mesh\"] + \"\\n\")\n"
+        "    os.write(fd, json.dumps(dict(ok=False, error=\"refused\", stage=\"import\")).encode() + b\"\\n\")\n"
+        "    job = sys.stdin.readline()"))
+    render = dataclasses.replace(SMALL, python=blender)
+    output = tmp_path / "out"
+    capped = commit_part(PartPlan("train-000000-of-000004", "train", items), Storage(), str(output),
+                         settings_for(output, render, max_item_bytes=(small + big) // 2))
+    errors = {Path(r["locator"]).name: r for r in capped.error_rows}
+    assert errors["a_big.glb"]["stage"] == "read" and errors["a_big.glb"]["kind"] == "permanent"
+    assert "ItemTooLarge" in errors["a_big.glb"]["error"] and "max_item_mb" in errors["a_big.glb"]["error"]
+    assert errors["b_small.glb"]["stage"] == "import"  # the next asset went on to Blender
+    assert sent.read_text().splitlines() == [str((folder / "b_small.glb").resolve())]
+    # Negative control: under a cap above both files, Blender is sent both.
+    sent.unlink()
+    uncapped = commit_part(PartPlan("train-000001-of-000004", "train", items), Storage(), str(output),
+                           settings_for(output, render, max_item_bytes=big))
+    assert {r["stage"] for r in uncapped.error_rows} == {"import"}
+    assert sent.read_text().splitlines() == [str((folder / n).resolve()) for n in ("a_big.glb", "b_small.glb")]
+
+
 # -- shards of 3D samples ----------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -146,7 +286,7 @@ def broken_meshes(tmp_path) -> list[ItemSpec]:
     (folder / "corrupt.glb").write_bytes(b"glTF" + np.random.default_rng(0).bytes(3000))
     (folder / "no_faces.obj").write_text("v 0 0 0\nv 1 0 0\nnot an obj line\n")
     (folder / "points.ply").write_text("not a ply header\n")
-    return list_mesh_folder(str(folder))
+    return list(list_mesh_folder(str(folder)))
 
 
 def test_a_mesh_that_makes_the_importer_fail_is_recorded_and_the_others_land(tmp_path, broken_meshes):
@@ -282,9 +422,10 @@ def test_assets_with_a_dropped_flag_become_quality_errors(tmp_path):
 # -- assets that break Blender ---------------------------------------------------------------------------------
 
 def fake_python(path: Path, body: str) -> str:
-    """An interpreter that answers the parent like the Blender child, then misbehaves: `body` is Python."""
+    """An interpreter that answers the parent like the Blender child, then misbehaves: `body` is Python, run
+    with the first job's line in `job`."""
     script = (f"#!/bin/sh\nexec {sys.executable} -c '\nimport os, sys, signal, time\n"
-              "fd = int(sys.argv[-1])\nos.write(fd, b\"{\\\"ready\\\": true}\\n\")\nsys.stdin.readline()\n"
+              "fd = int(sys.argv[-1])\nos.write(fd, b\"{\\\"ready\\\": true}\\n\")\njob = sys.stdin.readline()\n"
               f"{body}\n' \"$@\"\n")
     path.write_text(script)
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
@@ -373,6 +514,7 @@ def test_preprocess_3d_end_to_end_over_ray_with_resume(tmp_path):
     manifest = read_parquet(out / "manifest.parquet")
     assert sorted(r["voxels"] > 0 for r in manifest) == [True] * 3
     assert "atoken 3d:" in first.stdout + first.stderr  # the per-asset progress lines
+    assert "atoken 3d: 4 assets, 3 samples, 1 failed" in first.stdout  # counted by the job, not a held listing
     # A kill before any part's record was committed: the rerun makes every asset again, from its kept renders.
     for record in (out / "parts").glob("*.parquet"):
         record.unlink()
@@ -391,6 +533,10 @@ def test_preprocess_3d_refuses_bad_arguments_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
     unknown = run_3d(["builtin:nothing", str(tmp_path / "out")])
     assert unknown.returncode != 0 and "unknown built-in set" in unknown.stderr
+    (tmp_path / "empty").mkdir()
+    empty = run_3d([str(tmp_path / "empty"), str(tmp_path / "out")])  # the preflight, before OUT and Ray
+    assert empty.returncode != 0 and "holds no meshes" in empty.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_shard_layout_matches_the_image_and_video_jobs(tmp_path):
