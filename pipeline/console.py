@@ -166,8 +166,8 @@ class Console:
         self._current = stage
         self.say(f"[{stage}] {'resumed' if resumed else 'started'}{': ' + detail if detail else ''}")
 
-    def stage_skipped(self, stage: str, fingerprint: str) -> None:
-        self.say(f"[{stage}] skipped: done with the same fingerprint {fingerprint[:12]}")
+    def stage_skipped(self, stage: str, fingerprint: str, note: str = "") -> None:
+        self.say(f"[{stage}] skipped: done with the same fingerprint {fingerprint[:12]}{'; ' + note if note else ''}")
 
     def _close_bar(self, stage: str) -> None:
         bar = self._bars.pop(stage, None)

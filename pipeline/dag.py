@@ -185,8 +185,13 @@ class Pipeline:
         `refresh`: stages run again in place even when done (an ingest listing its sources again)."""
         outcomes: list[StageOutcome] = []
         finished: dict[str, StageState] = {}
+        # Stages whose output gained items in place this run (an ingest retrying its transient failures, or
+        # --refresh-ingest), with what made them so: a later stage with the same fingerprint keeps its output, as
+        # a fingerprint covers config and code, not data, and the console says it was made without them.
+        grown: dict[str, str] = {}
         started_work = False
         for stage, fp, state in self.plan():
+            inputs_grown = sorted({grown[d] for d in stage.depends_on if d in grown})
             started = time.perf_counter()
             # A done stage whose summary counts retryable work (an ingest's transient failures) runs again, in
             # its folder: it redoes only that work (preprocess/job.py), then reads as done.
@@ -195,8 +200,11 @@ class Pipeline:
                     and self.storage.exists(join(state.output, "_SUCCESS.json")):
                 finished[stage.name] = state
                 outcomes.append(StageOutcome(stage.name, "skipped", time.perf_counter() - started, state))
+                if inputs_grown:
+                    grown[stage.name] = inputs_grown[0]
                 if console:
-                    console.stage_skipped(stage.name, fp)
+                    console.stage_skipped(stage.name, fp, f"made before {', '.join(inputs_grown)} (kept)"
+                                          if inputs_grown else "")
                 continue
             if not started_work:
                 before_first_run()
@@ -240,6 +248,9 @@ class Pipeline:
             if console:
                 console.stage_finished(stage.name, summary)
             finished[stage.name] = state
+            made = summary.get("items_made") if isinstance(summary, dict) else None
+            if resumed and isinstance(made, int) and made > 0:
+                grown[stage.name] = f"{stage.name} made {made:,} more items in place"
             outcomes.append(StageOutcome(stage.name, "resumed" if resumed else "ran",
                                          time.perf_counter() - started, state))
         return outcomes

@@ -71,11 +71,15 @@ def source(s3_endpoint, s3_credentials) -> dict[str, str]:
     return {item.locator.rsplit("/", 1)[1]: item.key for item in items}
 
 
+CONSOLE: list[str] = []  # the last run's console lines
+
+
 def atoken_run(config: Path, capsys) -> dict[str, str]:
     """One `atoken run CONFIG`: stage → action (ran, resumed, skipped), from the table it prints."""
     code = main(["run", str(config), "--no-progress"])
     out, err = capsys.readouterr()
     assert code == 0, err[-3000:]
+    CONSOLE[:] = out.splitlines()
     return {line.split()[0]: line.split()[1] for line in out.splitlines()
             if line.split()[:1] and line.split()[0] in STAGES}
 
@@ -164,12 +168,17 @@ def test_a_rerun_makes_only_the_transient_failures_reuses_every_good_sample_and_
         # the two retried images; a new fingerprint (a changed config or code) is what retrains.
         assert actions["train_stage1"] == actions["evaluate"] == "skipped"
         assert {stage: read_state(root, stage) for stage in ("train_stage1", "evaluate")} == later_before
+        # ... and the console says that they were made without the two items.
+        for stage in ("train_stage1", "evaluate"):
+            assert any(line.startswith(f"[{stage}] skipped") and "made before ingest made 2 more items in place"
+                       in line for line in CONSOLE), CONSOLE
 
         # Run 3, the negative control: nothing is left to retry, so every stage is skipped and no source object
         # is read (the retry path is not "always run the ingest again").
         seen = len(proxy.received)
         bytes_before = {p.relative_to(output): p.read_bytes() for p in output.rglob("*") if p.is_file()}
         assert atoken_run(config, capsys) == {stage: "skipped" for stage in STAGES}
+        assert not [line for line in CONSOLE if "made before" in line], "nothing grew in this run"
         assert source_gets(proxy, seen) == []
         assert read_state(root, "ingest") == second
         assert {p.relative_to(output): p.read_bytes() for p in output.rglob("*") if p.is_file()} == bytes_before
