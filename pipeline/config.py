@@ -101,7 +101,11 @@ class IngestSection:
     quality: int = 95
     samples_per_shard: int = 64  # images per part (one Ray task, one shard) on average: parts are hash ranges
     val_every: int = 10  # one item in val_every (by a hash of its key) goes to the validation split
-    max_pixels: int = 89_478_485  # PIL's decompression-bomb cap
+    # PIL's decompression-bomb cap, and an image's time bound: the decoders of the formats ingest decodes
+    # (preprocess/images.py DECODED_FORMATS) cannot stall, only work per pixel, so an image needs no time limit of
+    # its own. At this cap the slowest image within max_item_mb, random pixels as a lossy WebP (or a progressive
+    # 4:4:4 JPEG), decodes in 5.4 s (4.6 s) on one core; a baseline JPEG in 1.1 s (benchmarks/bench_decode_limits.py).
+    max_pixels: int = 89_478_485
     parallelism: int = 2  # workers kept busy: twice this many Ray tasks (1 CPU each) are in flight
     max_item_mb: int = 256  # an item read (file, object, URL) past this size is refused, never read whole
 
@@ -124,7 +128,9 @@ class VideoIngestSection:
     parallelism: int = 2  # workers kept busy: twice this many Ray tasks (1 CPU each) are in flight
     max_item_mb: int = 4096  # a video past this size is refused (streamed: never read whole)
     spool_mb: int = 64  # a video past this size is decoded from a temporary file, not from memory
-    decode_timeout_s: float = 600.0  # a video whose decoding takes longer fails (transient: tried next run)
+    # A video whose decode, clip and encode take longer is killed (they run in a child process for it:
+    # preprocess/videos.py ClipProcess, so a decode stuck inside FFmpeg ends too) and fails (transient: tried next run).
+    decode_timeout_s: float = 600.0
 
 
 @dataclass

@@ -27,6 +27,12 @@ class ItemError(ValueError):
 
 
 ENCODINGS = ("png", "jpg", "webp")  # the members train/data.py decode_image reads
+# The formats decoded: those of the suffixes the image sources list (preprocess/sources.py IMAGE_SUFFIXES; a
+# camera's multi-picture JPEG, PIL's MPO, opens as JPEG). PIL would open any of its ~40 formats by their bytes,
+# whatever the suffix, and some are slow enough to undo the pixel cap as a time bound: JPEG 2000 decodes at ~0.4 us
+# a pixel (34 s at the default max_pixels, where these take at most 5.4 s: benchmarks/bench_decode_limits.py), and
+# EPS runs Ghostscript, a subprocess with no time limit.
+DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 RESIZE_SIDES = ("long", "short")
 
 
@@ -73,7 +79,7 @@ def decode_upright(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int
         with warnings.catch_warnings():
             # PIL warns above MAX_IMAGE_PIXELS and raises at 2x; our cap is explicit and per config.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise ItemError(f"{width}x{height} exceeds the {max_pixels}-pixel cap (decompression bomb?)")

@@ -9,19 +9,30 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import av
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
 from atoken.pipeline.storage import Storage
+from atoken.preprocess import writer
 from atoken.preprocess.images import ItemError
 from atoken.preprocess.plan import PartPlan
 from atoken.preprocess.sources import VIDEO_SUFFIXES, list_folder
-from atoken.preprocess.videos import ClipSettings, clip_video, decode_clip, encode_clip
-from atoken.preprocess.writer import VideoSettings
+from atoken.preprocess.videos import (
+    ClipProcessCrash,
+    ClipSettings,
+    DecodeTimeout,
+    clip_video,
+    decode_clip,
+    encode_clip,
+)
+from atoken.preprocess.writer import VideoSettings, failure_kind
 
 from helpers import REPO, commit_part, run_cli
 
@@ -163,10 +174,125 @@ def test_a_video_over_the_size_cap_or_the_decode_time_limit_fails_with_its_kind(
     big = bikes_part(tmp_path, "a", max_item_bytes=len(BIKES) - 1)
     assert big.samples == 0 and "-byte cap (max_item_mb)" in big.error_rows[0]["error"]
     assert (big.error_rows[0]["kind"], big.error_rows[0]["stage"]) == ("permanent", "read")
+    # The time limit is the clip process's (the check between decoded frames it replaced is gone): a limit no
+    # decode can meet kills it before the first frame.
     slow = bikes_part(tmp_path, "b", decode_timeout_s=1e-6)
     assert slow.samples == 0 and "decoding took longer than" in slow.error_rows[0]["error"]
     assert (slow.error_rows[0]["kind"], slow.error_rows[0]["stage"]) == ("transient", "timeout")
     assert slow.retryable == 1, "a timeout may pass: tried again on the next run"
+
+
+def clip_process_pids() -> list[int]:
+    """The clip processes (preprocess/videos.py ClipProcess) this test process has running."""
+    return [child.pid for child in psutil.Process().children()
+            if child.status() != psutil.STATUS_ZOMBIE and "serve_clips" in " ".join(child.cmdline())]
+
+
+def stalled_source(tmp_path: Path) -> Path:
+    """A FIFO nobody writes: FFmpeg's open of it blocks inside one call, where no check of Python's can run."""
+    fifo = tmp_path / "stalled.mp4"
+    os.mkfifo(fifo)
+    return fifo
+
+
+CLIPS = ClipSettings(clip_frames=8, fps=4.0, resolution=32, max_clips=2)
+
+
+@pytest.mark.timeout(120)
+def test_a_decode_stuck_inside_ffmpeg_is_killed_at_its_limit_and_the_next_video_is_made(tmp_path):
+    # Negative control: a normal video under the same limit is made, the same clips as without a limit.
+    limited = clip_video(BIKES, "bikes", CLIPS, timeout_s=1.5)
+    assert limited == clip_video(BIKES, "bikes", CLIPS)
+    (used,) = clip_process_pids()
+    started = time.monotonic()
+    with pytest.raises(DecodeTimeout, match="longer than 1.5 s") as failure:
+        clip_video(stalled_source(tmp_path), "stalled", CLIPS, timeout_s=1.5)
+    assert 1.5 <= time.monotonic() - started < 3.0
+    assert failure_kind(failure.value) == "transient" and failure.value.stage == "timeout"
+    assert not psutil.pid_exists(used), "the stuck process is killed and reaped, not left running"
+    assert clip_video(BIKES, "bikes", CLIPS, timeout_s=1.5) == limited  # a fresh process makes the next video
+    (fresh,) = clip_process_pids()
+    assert clip_video(BIKES, "bikes", CLIPS, timeout_s=1.5) == limited
+    assert clip_process_pids() == [fresh], "one process serves video after video"
+
+
+@pytest.mark.timeout(120)
+def test_a_clip_process_that_dies_during_a_video_is_a_transient_crash(tmp_path):
+    clip_video(BIKES, "bikes", CLIPS, timeout_s=30)  # a process ready, so the one to kill is known
+    (doomed,) = clip_process_pids()
+    # Killed from outside while it is stuck, as the kernel's OOM killer would.
+    threading.Timer(0.5, os.kill, (doomed, 9)).start()
+    with pytest.raises(ClipProcessCrash, match="killed by SIGKILL") as failure:
+        clip_video(stalled_source(tmp_path), "stalled", CLIPS, timeout_s=30)
+    assert failure_kind(failure.value) == "transient" and failure.value.stage == "crash"
+    assert not psutil.pid_exists(doomed)
+
+
+# A worker that starts a clip process, prints its pid, then hands it a video that never arrives.
+STUCK_WORKER = """
+import pathlib, sys, psutil
+from atoken.preprocess.videos import ClipSettings, clip_video
+clip_video(pathlib.Path(sys.argv[1]), "bikes", ClipSettings(clip_frames=8, fps=4.0, resolution=32, max_clips=2),
+           timeout_s=600)  # the bikes video: starts the clip process
+print(*[c.pid for c in psutil.Process().children()], flush=True)
+clip_video(pathlib.Path(sys.argv[2]), "stalled", ClipSettings(), timeout_s=600)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_clip_process_stuck_in_ffmpeg_dies_with_its_killed_worker(tmp_path):
+    (tmp_path / "bikes.mp4").write_bytes(BIKES)
+    worker = subprocess.Popen([sys.executable, "-c", STUCK_WORKER, str(tmp_path / "bikes.mp4"),
+                               str(stalled_source(tmp_path))], stdout=subprocess.PIPE, text=True)
+    (clip_pid,) = map(int, worker.stdout.readline().split())
+    time.sleep(1.0)  # the worker is now waiting on its clip process, which is stuck opening the FIFO
+    assert running(clip_pid)
+    worker.kill()  # as Ray's force-cancel kills a worker: no chance to close its pipes or kill its children
+    worker.wait()
+    deadline = time.monotonic() + 10
+    try:
+        while running(clip_pid):
+            assert time.monotonic() < deadline, "the stuck clip process outlived its worker"
+            time.sleep(0.1)
+    finally:
+        if running(clip_pid):
+            os.kill(clip_pid, 9)  # not left behind by a failing run
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # a zombie has ended, its reaper not yet come
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_bad_video_fails_in_the_clip_process_as_it_does_here():
+    with pytest.raises(ItemError, match="cannot open video") as failure:
+        clip_video(b"not a video at all\n" * 50, "bad", CLIPS, timeout_s=30)
+    assert type(failure.value) is ItemError and failure_kind(failure.value) == "permanent"
+    assert len(clip_process_pids()) == 1, "a bad video is an answer, not a reason to kill the process"
+
+
+@pytest.mark.timeout(120)
+def test_a_stuck_video_fails_as_a_timeout_and_its_part_goes_on(tmp_path, monkeypatch):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bikes.mp4").write_bytes(BIKES)
+    (tmp_path / "in" / "stalled.mp4").write_bytes(b"")  # listed; its read hands the decoder the FIFO below
+    fifo = stalled_source(tmp_path)
+    items = sorted(list_folder(str(tmp_path / "in"), suffixes=VIDEO_SUFFIXES), key=lambda i: "bikes" in i.locator)
+    assert "stalled" in items[0].locator, "the stuck video comes first: the one after it must still be made"
+    read = writer.read_item
+    monkeypatch.setattr(writer, "read_item", lambda locator, *args, **kwargs:
+                        fifo if locator.endswith("stalled.mp4") else read(locator, *args, **kwargs))
+    started = time.monotonic()
+    result = commit_part(PartPlan("train-000000-of-000001", "train", items), Storage(), str(tmp_path / "out"),
+                         VideoSettings(CLIPS, decode_timeout_s=1.5))
+    assert time.monotonic() - started < 20
+    assert result.samples == 2 and result.ok == 1
+    (failed,) = result.error_rows
+    assert failed["locator"].endswith("stalled.mp4")
+    assert (failed["kind"], failed["stage"]) == ("transient", "timeout") and result.retryable == 1
 
 
 def odd_sized_video(width: int, height: int, frames: int = 8, fps: int = 4) -> bytes:
