@@ -51,17 +51,21 @@ REPO = Path(__file__).resolve().parents[1]
 def cpu_seconds(with_children: bool) -> dict[str, float]:
     """CPU seconds (user + system) of this process ("work") and, when `with_children`, of the processes it
     started: Ray's workers ("work") and its daemons (GCS, raylet, agents: "ray_daemons"). Unlike wall time,
-    CPU time is barely moved by other jobs sharing the cores."""
+    CPU time is barely moved by other jobs sharing the cores. A video's clips are made in a child process
+    (preprocess/videos.py ClipProcess, its time limit): those children count as work, the bare loop's too."""
     import psutil
 
     me = psutil.Process()
     totals = {"work": me.cpu_times().user + me.cpu_times().system, "ray_daemons": 0.0}
-    for child in me.children(recursive=True) if with_children else []:
+    for child in me.children(recursive=True):
         try:
             times, name, command = child.cpu_times(), child.name(), " ".join(child.cmdline())
         except psutil.NoSuchProcess:
             continue
-        worker = name.startswith("ray::") or "default_worker.py" in command
+        clip_child = "serve_clips" in command
+        if not (with_children or clip_child):
+            continue
+        worker = name.startswith("ray::") or "default_worker.py" in command or clip_child
         totals["work" if worker else "ray_daemons"] += times.user + times.system
     return totals
 
