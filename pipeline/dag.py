@@ -248,9 +248,10 @@ class Pipeline:
             if console:
                 console.stage_finished(stage.name, summary)
             finished[stage.name] = state
-            made = summary.get("items_made") if isinstance(summary, dict) else None
-            if resumed and isinstance(made, int) and made > 0:
-                grown[stage.name] = f"{stage.name} made {made:,} more items in place"
+            # items_landed: made and now samples (items_made counts tries, and a retry may fail again).
+            landed = summary.get("items_landed") if isinstance(summary, dict) else None
+            if resumed and isinstance(landed, int) and landed > 0:
+                grown[stage.name] = f"{stage.name} made {landed:,} more items in place"
             outcomes.append(StageOutcome(stage.name, "resumed" if resumed else "ran",
                                          time.perf_counter() - started, state))
         return outcomes

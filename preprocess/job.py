@@ -214,12 +214,15 @@ def run_ingest_job(items: Iterable[ItemSpec], settings, storage: Storage, output
     started = time.perf_counter()
     with RunLock(storage, output) as lock:
         record = made_with(kind, settings_record)
-        _check_made_with(storage, output, record, redo)
-        previous = _committed_parts(storage, output)
+        if not redo:  # other settings are refused before the listing, which can take minutes
+            _check_made_with(storage, output, record, redo)
         planner = Planner(val_every, items_per_part)
         try:
             planner.add(_listing_progress(items, progress, description))
             planner.check_unique()  # before any part is written: a key listed twice stops the job here
+            if redo:  # OUT is emptied only once the whole listing is in: a listing that fails leaves OUT as it was
+                _check_made_with(storage, output, record, redo)
+            previous = _committed_parts(storage, output)
             listed_seconds = time.perf_counter() - started
             bits = planner.bits({split: max(found, key=lambda b: len(found[b]))
                                  for split, found in previous.items()})
@@ -257,6 +260,7 @@ def run_ingest_job(items: Iterable[ItemSpec], settings, storage: Storage, output
             "parts_failed": len(failed),
             "items": planner.items,
             "items_made": made,
+            "items_landed": sum(r.landed for r in results),  # made and now samples: what a rerun added
             "items_reused": sum(r.reused for r in results),
             "samples": samples,
             "samples_train": manifest_rows.get("train", 0),

@@ -709,7 +709,9 @@ def _first_text_row(path: str, storage, size: int, suffix: str) -> dict | None:
         lines = head.splitlines(keepends=True)
         complete = lines if whole else [line for line in lines if line.endswith((b"\n", b"\r"))]
         if suffix == ".csv":
-            rows = [r for r in csv.reader(io.StringIO(b"".join(complete).decode("utf-8", errors="replace"))) if r]
+            # utf-8-sig: a spreadsheet's CSV starts with a BOM, which pyarrow's reader (the listing's) drops too.
+            text = b"".join(complete).decode("utf-8-sig", errors="replace")
+            rows = [r for r in csv.reader(io.StringIO(text)) if r]
             if len(rows) >= 2:
                 return dict(zip(rows[0], rows[1], strict=False))
         else:

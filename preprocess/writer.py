@@ -127,6 +127,7 @@ class PartResult:
     seconds: float
     skipped: bool = False
     made: int = 0  # items made this run (the others were skipped, reused or settled)
+    landed: int = 0  # of those, the items that became samples (the others failed again)
     reused: int = 0  # items whose samples were copied from an older shard
     measured: dict[str, float] = field(default_factory=dict)  # its samples' `ShardSample.measured`, summed
     error_rows: list[dict] = field(default_factory=list)  # its failed items, as ERRORS_SCHEMA rows
@@ -304,6 +305,7 @@ def write_part(plan: PartPlan, storage: Storage, output: str, settings, previous
     result = _result_of(plan.name, PartRecord(record_table, shard, digest), time.perf_counter() - started)
     result.reused = builder.reused
     result.made = builder.made
+    result.landed = builder.landed
     result.measured = builder.measured
     return result
 
@@ -345,7 +347,7 @@ class _ShardBuilder:
         self.rows: list[dict] = []  # record rows
         self.manifest: list[dict] = []  # manifest rows (shard set at commit)
         self.measured: dict[str, float] = {}
-        self.made = self.reused = 0
+        self.made = self.reused = self.landed = 0
         self._run: tuple[str, int, int] | None = None  # (old shard, begin, end) of the copy run being gathered
         self._old_manifests: dict[str, list[dict]] = {}
 
@@ -391,6 +393,7 @@ class _ShardBuilder:
                 data.unlink(missing_ok=True)  # a spooled download
         begin = self.sink.tell()
         first = len(self.manifest)
+        self.landed += 1
         for sample in samples:
             meta = {**sample.meta, "caption": item.caption, "source": item.source, "split": self.split}
             _add_sample(self.sink, sample.key, {**sample.files, "json": json.dumps(meta).encode()})

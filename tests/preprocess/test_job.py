@@ -279,6 +279,7 @@ def test_a_transient_failure_is_given_up_after_max_attempts_runs(local_ray, tmp_
     for run in range(1, MAX_ATTEMPTS + 1):
         stats = run_image_job(section, Storage(), str(output), progress=False)
         assert stats["retryable"] == (0 if run == MAX_ATTEMPTS else 1)
+        assert (stats["items_made"], stats["items_landed"]) == (1, 0), "tried again, and failed again"
     asked = server.requests["p0.png"]
     stats = run_image_job(section, Storage(), str(output), progress=False)
     assert stats["parts_skipped"] == stats["parts"] and server.requests["p0.png"] == asked
@@ -296,6 +297,33 @@ def test_other_settings_are_refused_naming_the_setting_and_redo_rebuilds(local_r
     stats = run_image_job(section_for(folder, resolution=32), Storage(), str(output), progress=False, redo=True)
     assert stats["items_made"] == 8 and {r["width"] for r in manifest(output)} == {32}
     assert {p.stem for p in (output / "shards").glob("*.tar")} == {r["shard"] for r in manifest(output)}
+
+
+def test_a_redo_whose_listing_fails_part_way_leaves_out_as_it_was(local_ray, tmp_path, monkeypatch):
+    """--redo empties OUT only once the whole listing is in: a source that breaks after a few items (a corrupt
+    metadata file deep in a mirror) stops the job and OUT keeps its samples."""
+    from atoken.preprocess import job
+
+    folder = image_folder(tmp_path / "in", 8)
+    output = tmp_path / "out"
+    run_image_job(section_for(folder), Storage(), str(output), progress=False)
+    before = shard_files(output), manifest(output), (output / "_ingest.json").read_bytes()
+    listed = job.iter_items
+
+    def breaking(section, storage):
+        for index, item in enumerate(listed(section, storage)):
+            if index == 3:
+                raise OSError("metadata/000-159.json.gz: not a gzipped file")
+            yield item
+
+    monkeypatch.setattr(job, "iter_items", breaking)
+    with pytest.raises(OSError, match="not a gzipped file"):
+        run_image_job(section_for(folder, resolution=32), Storage(), str(output), progress=False, redo=True)
+    assert (shard_files(output), manifest(output), (output / "_ingest.json").read_bytes()) == before
+
+    monkeypatch.setattr(job, "iter_items", listed)  # control: the same redo with a whole listing rebuilds
+    run_image_job(section_for(folder, resolution=32), Storage(), str(output), progress=False, redo=True)
+    assert {r["width"] for r in manifest(output)} == {32}
 
 
 def test_encoding_and_quality_are_recorded_so_a_change_is_refused_and_redo_rebuilds(local_ray, tmp_path):
@@ -546,6 +574,9 @@ def test_the_preflight_reads_a_few_bytes_of_a_large_list_file(tmp_path):
     storage.read_range = lambda uri, start, length: read.append(length) or original(uri, start, length)
     assert first_items(IngestSection(sources=[SourceSection(kind="list", path=str(big))]), storage) == []
     assert 0 < sum(read) <= 1 << 17 < big.stat().st_size // 40
+    excel = tmp_path / "excel.csv"  # a spreadsheet's export starts with a UTF-8 BOM
+    excel.write_bytes(b"\xef\xbb\xbfpath,caption\n/data/a.png,a photo\n")
+    assert first_items(IngestSection(sources=[SourceSection(kind="list", path=str(excel))]), Storage()) == []
     empty = tmp_path / "empty.csv"
     empty.write_text("path,caption\n")
     with pytest.raises(SourceError, match="lists no images"):
