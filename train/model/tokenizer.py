@@ -100,7 +100,11 @@ class Embeddings(nn.Module):
                 resized[size] = torch.einsum("ig,jk,gkd->ijd", rows, cols, table.float()).to(table.dtype)  # (h, w, D)
             coords = (batch.coords[starts[index]:starts[index + 1]] if whole
                       else batch.coords[batch.sample_ids == index])  # (n, 4)
-            out.append(resized[size][coords[:, 2], coords[:, 1]])  # (n, D)
+            # index_select, not resized[size][y, x]: advanced indexing backs off into index_put_(accumulate) with
+            # atomic adds on CPU, whose order varies with timing (measured: two quickstart runs side by side ended
+            # stage 4 with different position-embedding gradients); index_select's backward (index_add_) does not.
+            flat = coords[:, 2] * size[1] + coords[:, 1]  # (n,) row-major into (h, w)
+            out.append(resized[size].reshape(-1, resized[size].shape[-1]).index_select(0, flat))  # (n, D)
         return torch.cat(out)  # (N, D)
 
 
