@@ -35,17 +35,17 @@ class EvalData:
 
 
 class ShardSamples:
-    """The samples of some shards, read a shard at a time each time it is iterated: the suite streams 50k
+    """The samples of some shards, streamed a sample at a time each time it is iterated: the suite streams 50k
     validation images through without holding them (the list of all samples was ~5 GB of PNG bytes at 256²)."""
 
     def __init__(self, storage: Storage, shards: list[ShardInfo]):
         self.storage, self.shards = storage, shards
 
     def __iter__(self):
-        from atoken.train.data import read_shard
+        from atoken.train.data import shard_samples
 
         for shard in self.shards:
-            yield from read_shard(self.storage, shard.uri)
+            yield from shard_samples(self.storage, shard.uri)
 
 
 def suite_settings(section: EvaluateSection) -> SuiteSettings:

@@ -1,16 +1,23 @@
 """Streaming training samples from WebDataset shards in storage, with an exact resume position.
 
 The stream is an endless sequence of epochs. Epoch e visits this rank's shards in an order drawn
-from (seed, e) and each shard's samples in an order drawn from (seed, e, shard). Because shard sizes
-are known from the manifest, a position (samples consumed so far) maps straight to (epoch, shard,
-offset): a resumed run skips finished shards without reading them and sees exactly the samples it
-would have seen.
+from (seed, e). A shard is read as a stream, one shuffle window at a time: its samples, in the order
+ingest wrote them (by key hash, so a window already mixes the data set's folders and classes), are cut
+into consecutive windows of at most SHUFFLE_WINDOW_SAMPLES samples or SHUFFLE_WINDOW_BYTES bytes, and
+each window's samples are taken in an order drawn from (seed, e, shard). A shard stream holds one window,
+never the whole shard (a base shard of 1000 1024-px JPEGs is ~250 MB; 8 interleaved shard streams per
+data stream held 2 GB). Because shard sizes are known from the manifest, a position (samples consumed so
+far) maps straight to (epoch, shard, offset): a resumed run skips finished shards without reading them
+and sees exactly the samples it would have seen; a shard whose samples fit one window is taken in the
+same order as when shards were read whole.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,23 +40,74 @@ def _every_shard(urls):
     return urls
 
 
-def read_shard(storage: Storage, uri: str, attempts: int = 3) -> list[dict]:
-    """Every sample of one shard, read whole; a failed or truncated read is retried, never half-used."""
+# A shuffle window: what a shard stream holds at once. Bytes bound it for large samples (clips, 3D assets),
+# samples for small ones; both are facts of the shard's bytes, so the windows, and the order, are the same on
+# every read and every resume.
+SHUFFLE_WINDOW_SAMPLES = 1024
+SHUFFLE_WINDOW_BYTES = 64 * 2**20
+
+
+def shard_samples(storage: Storage, uri: str, attempts: int = 3) -> Iterator[dict]:
+    """One shard's samples in order, streamed: one sample held at a time. A read that fails (the storage reader
+    has already resumed cut bodies by byte range) is opened again and the samples already yielded are passed
+    over, up to `attempts` tries in a row that bring no new sample; a truncated read is never taken for the
+    shard's end (the tar reader raises)."""
     register_webdataset_opener(storage)
-    for attempt in range(1, attempts + 1):
+    done, failures = 0, 0  # samples yielded; tries in a row without a new sample
+    while True:
         try:
-            # One named shard, read whole: the stream already chose it for this rank, so webdataset must not
-            # split the (one-element) shard list again across torch.distributed ranks or loader workers.
+            # One named shard: the stream already chose it for this rank, so webdataset must not split the
+            # (one-element) shard list again across torch.distributed ranks or loader workers.
             dataset = wds.WebDataset(uri, shardshuffle=False, empty_check=False, nodesplitter=_every_shard,
                                      workersplitter=_every_shard)
-            return list(dataset)
-        except (OSError, StorageError, ValueError) as exc:
-            if attempt == attempts:
+            for sample in itertools.islice(dataset, done, None):
+                failures = 0
+                done += 1
+                yield sample
+            return
+        except (OSError, StorageError, ValueError, tarfile.TarError) as exc:  # TarError: a truncated tar
+            failures += 1
+            if failures == attempts:
                 # webdataset appends its stream and URL to the exception's args: the first is the message.
                 reason = exc.args[0] if exc.args else exc
                 raise StorageError(f"cannot read shard {uri} after {attempts} attempts: {reason}") from exc
-            time.sleep(0.5 * attempt)
-    raise AssertionError("unreachable")
+            time.sleep(0.5 * failures)
+
+
+def read_shard(storage: Storage, uri: str, attempts: int = 3) -> list[dict]:
+    """Every sample of one shard, in order (a shard's worth in memory: for a few samples, not for training)."""
+    return list(shard_samples(storage, uri, attempts=attempts))
+
+
+def sample_bytes(sample: dict) -> int:
+    return sum(len(value) for value in sample.values() if isinstance(value, bytes))
+
+
+def shuffle_windows(samples: Iterator[dict], expected: int, uri: str, first: int, last: int,
+                    rng: np.random.Generator) -> Iterator[dict]:
+    """Samples `first` to `last` (exclusive) of a shard in shuffle-window order, from its samples in order. Every
+    window from the shard's start is read and draws its order from `rng`, those before `first`'s too (one window
+    held at a time), so a window's order does not depend on where reading began. Where it reads to the shard's
+    end, checks that the shard holds the `expected` samples the manifest says."""
+    start = 0  # the shard index of the window's first sample
+    while start < last:
+        window: list[dict] = []
+        held = 0
+        for sample in samples:
+            window.append(sample)
+            held += sample_bytes(sample)
+            if len(window) == SHUFFLE_WINDOW_SAMPLES or held >= SHUFFLE_WINDOW_BYTES:
+                break
+        end = start + len(window)
+        full = len(window) == SHUFFLE_WINDOW_SAMPLES or held >= SHUFFLE_WINDOW_BYTES
+        if not full and end < expected:  # the shard ended inside the window
+            raise StorageError(f"{uri}: {end} samples, the manifest says {expected}")
+        if end > expected or (end == expected and next(samples, None) is not None):
+            raise StorageError(f"{uri}: more samples than the {expected} the manifest says")
+        order = rng.permutation(len(window))
+        for index in range(max(first, start), min(last, end)):
+            yield window[order[index - start]]
+        start = end
 
 
 def caption_of(sample: dict) -> str:
@@ -138,12 +196,13 @@ class ShardStream:
                 if shard_end <= start or base >= end:  # finished, or past this rank's share: not read
                     base = shard_end
                     continue
-                samples = read_shard(self.storage, shard.uri)
-                if len(samples) != shard.samples:
-                    raise StorageError(f"{shard.uri}: {len(samples)} samples, the manifest says {shard.samples}")
-                order = np.random.default_rng([self.seed, epoch, index]).permutation(len(samples))
-                for sample_index in range(max(start, base), min(shard_end, end)):
-                    yield samples[order[sample_index - base]]
+                reader = shard_samples(self.storage, shard.uri)
+                try:
+                    yield from shuffle_windows(reader, shard.samples, shard.uri, max(start, base) - base,
+                                               min(shard_end, end) - base,
+                                               np.random.default_rng([self.seed, epoch, index]))
+                finally:
+                    reader.close()  # the shard's open read, when this rank's share ends inside it
                 base = shard_end
             position = 0
             epoch += 1

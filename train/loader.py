@@ -2,7 +2,7 @@
 
 A data stream (train/streams.py) reads `interleave` shard streams at once and takes their samples in turn:
 stream index k is sample k // interleave of shard stream k % interleave. Each shard stream is a `ShardStream`
-(train/data.py) over its own shards, shuffled within the shard, so consecutive samples, and so every
+(train/data.py) over its own shards, each streamed and shuffled a window at a time, so consecutive samples, and so every
 micro-batch, come from `interleave` different shards (cross-shard mixing). A shuffle buffer would mix more, but
 its contents would have to go into every checkpoint; the interleave's state is the stream position alone, so a
 resumed run yields exactly the samples that would have followed.

@@ -57,6 +57,15 @@ def test_read_shard_returns_every_sample_in_order(shards):
     assert all(set(s) >= {"__key__", "png", "json"} for s in samples)
 
 
+def test_a_truncated_shard_raises_storage_error_and_never_ends_early(shards, tmp_path):
+    whole = Path(shards[0].uri).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[:len(whole) // 2 + 100])  # inside a member
+    with pytest.raises(StorageError, match="cannot read shard .*cut.tar after 1 attempts"):
+        read_shard(Storage(), str(cut), attempts=1)
+    assert len(read_shard(Storage(), shards[0].uri)) == 5, "the control: the whole file reads"
+
+
 def test_read_shard_of_a_missing_file_raises_storage_error(tmp_path):
     with pytest.raises(StorageError, match="cannot read shard .*missing.tar after 1 attempts"):
         read_shard(Storage(), str(tmp_path / "missing.tar"), attempts=1)
@@ -84,8 +93,8 @@ def test_resume_skips_finished_shards_without_reading_them(shards, monkeypatch):
     import atoken.train.data as data
 
     reads: list[str] = []
-    real = data.read_shard
-    monkeypatch.setattr(data, "read_shard", lambda storage, uri: reads.append(uri) or real(storage, uri))
+    real = data.shard_samples
+    monkeypatch.setattr(data, "shard_samples", lambda storage, uri: reads.append(uri) or real(storage, uri))
     stream = ShardStream(shards, Storage(), seed=0)
     first_of_epoch_one = stream._epoch_shards(1)
     next(stream.samples(position=12 + first_of_epoch_one[0].samples))
@@ -124,6 +133,67 @@ def test_fewer_shards_than_ranks_share_samples_disjointly_and_resume_exactly(sha
     full = keys(streams[1].samples(), 9)
     for position in range(9):
         assert keys(streams[1].samples(position=position), 9 - position) == full[position:], position
+
+
+def counted_reads(monkeypatch) -> list[int]:
+    """Patches the shard reader to count the samples read from storage: [read so far]."""
+    import atoken.train.data as data
+
+    read = [0]
+    real = data.shard_samples
+
+    def counting(storage, uri):
+        for sample in real(storage, uri):
+            read[0] += 1
+            yield sample
+
+    monkeypatch.setattr(data, "shard_samples", counting)
+    return read
+
+
+@pytest.mark.parametrize("bound", ["samples", "bytes"])
+def test_a_shard_is_held_a_shuffle_window_at_a_time_in_window_order_and_resumes_exactly(tmp_path, monkeypatch,
+                                                                                       bound):
+    import atoken.train.data as data
+
+    shards = write_shards(tmp_path / "shards", [10, 7])  # windows of 4: 4 + 4 + 2 and 4 + 3
+    if bound == "samples":
+        monkeypatch.setattr(data, "SHUFFLE_WINDOW_SAMPLES", 4)
+    else:  # every sample is a few hundred bytes: 4 of them reach the bound, 3 do not
+        sizes = [data.sample_bytes(sample) for sample in read_shard(Storage(), shards[0].uri)]
+        assert 4 * min(sizes) > 3 * max(sizes) + 1, sizes
+        monkeypatch.setattr(data, "SHUFFLE_WINDOW_BYTES", 3 * max(sizes) + 1)
+    read = counted_reads(monkeypatch)
+    stream = ShardStream(shards, Storage(), seed=5)
+    held, full = [], []
+    for sample in itertools.islice(stream.samples(), 17):
+        full.append(sample["__key__"])
+        held.append(read[0] - len(full))  # read from storage and not yet given out
+    assert max(held) <= 4, f"at most one window held: {held}"
+    by_shard = [full[:10], full[10:]] if full[0] < "s0010" else [full[7:], full[:7]]
+    for shard_keys, first in zip(by_shard, ("s0000", "s0010"), strict=True):
+        number = int(first[1:])
+        windows = [shard_keys[i:i + 4] for i in range(0, len(shard_keys), 4)]
+        for index, window in enumerate(windows):
+            assert sorted(window) == [f"s{number + 4 * index + k:04d}" for k in range(len(window))], windows
+    assert any(sorted(w) != w for keys_ in by_shard for w in (keys_[:4], keys_[4:8])), "windows are shuffled"
+    for position in range(0, 17, 3):
+        assert keys(ShardStream(shards, Storage(), seed=5).samples(position=position), 17 - position) == \
+            full[position:], position
+
+
+def test_a_shard_that_fits_one_window_is_ordered_as_a_whole_read_was_and_held_whole(tmp_path, monkeypatch):
+    """The control of the window bound (here the whole shard is held), and the order of a small shard: the
+    permutation drawn from (seed, epoch, shard), as when every shard was read whole."""
+    shards = write_shards(tmp_path / "shards", [10])
+    read = counted_reads(monkeypatch)
+    got, held = [], []
+    for sample in itertools.islice(ShardStream(shards, Storage(), seed=5).samples(), 10):
+        got.append(sample["__key__"])
+        held.append(read[0] - len(got))
+    assert max(held) == 9
+    order = np.random.default_rng([5, 0, 0]).permutation(10)
+    assert got == [f"s{i:04d}" for i in order]
 
 
 def test_fewer_samples_than_ranks_is_refused(tmp_path):

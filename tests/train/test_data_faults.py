@@ -49,8 +49,8 @@ def stream(shards: list[ShardInfo], storage: Storage) -> list[dict]:
 def test_the_stream_through_cut_and_throttled_gets_yields_the_samples_of_a_clean_read(s3_endpoint, shards,
                                                                                      monkeypatch):
     clean = stream(shards, Storage(StorageSection(endpoint_url=s3_endpoint)))
-    # One try per shard: the storage reader alone must see the shards through, not read_shard's whole rereads.
-    monkeypatch.setattr(data, "read_shard", functools.partial(data.read_shard, attempts=1))
+    # One try per shard: the storage reader alone must see the shards through, not shard_samples' rereads.
+    monkeypatch.setattr(data, "shard_samples", functools.partial(data.shard_samples, attempts=1))
     faults = [Fault("cut_get", method="GET", path="/train/", every=10),
               Fault("cut_get", method="GET", path="/train/", every=13, fraction=0.9),
               Fault("throttle", method="GET", path="/train/", every=7)]
@@ -69,10 +69,31 @@ def test_the_stream_through_cut_and_throttled_gets_yields_the_samples_of_a_clean
 
 def test_a_shard_cut_on_every_get_stops_the_stream_with_storage_error(s3_endpoint, shards, monkeypatch):
     """The negative control: headers and no byte of the body, on every GET of one shard. The stream raises
-    (after the reader's and read_shard's tries); it never yields a shard's samples as if the shard ended early."""
+    (after the reader's and shard_samples' tries); it never yields a shard's samples as if the shard ended early."""
     monkeypatch.setattr(storage_module, "BODY_BACKOFF_S", 0.01)
     cut = shards[0].uri.split("/", 3)[3]
     with FaultProxy(s3_endpoint, [Fault("cut_get", method="GET", path=cut, every=1, fraction=0.0)]) as proxy:
         with pytest.raises(StorageError, match=f"cannot read shard {shards[0].uri}"):
             stream(shards, Storage(StorageSection(endpoint_url=proxy.url)))
-        assert proxy.injected["cut_get"] == 3 * storage_module.BODY_ATTEMPTS, "read_shard's 3 tries of 4 GETs"
+        assert proxy.injected["cut_get"] == 3 * storage_module.BODY_ATTEMPTS, "shard_samples' 3 tries of 4 GETs"
+
+
+def test_a_shard_whose_read_gives_up_part_way_is_opened_again_and_its_read_samples_not_yielded_twice(
+        s3_endpoint, shards, monkeypatch):
+    """The storage reader resumes a cut body by range; when it gives up (its tries in a row brought nothing) after
+    part of a shard was yielded, the stream opens the shard again and passes over what it already yielded."""
+    monkeypatch.setattr(storage_module, "BODY_BACKOFF_S", 0.01)
+    clean = stream(shards, Storage(StorageSection(endpoint_url=s3_endpoint)))
+    largest = max(shards, key=lambda shard: shard.samples)
+    cut = largest.uri.split("/", 3)[3]
+    given_up = tuple(range(2, storage_module.BODY_ATTEMPTS + 1))  # every resume of the first read: no byte
+    faults = [Fault("cut_get", method="GET", path=cut, at=(1,), fraction=0.6),
+              Fault("cut_get", method="GET", path=cut, at=given_up, fraction=0.0)]
+    with FaultProxy(s3_endpoint, faults) as proxy:
+        faulty = stream(shards, Storage(StorageSection(endpoint_url=proxy.url)))
+        opened = [headers for method, target, headers in proxy.received
+                  if method == "GET" and cut in target and "Range" not in headers]
+    assert faults[0].fired == 1 and faults[1].fired == len(given_up), proxy.log
+    assert len(opened) == EPOCHS + 1, "the shard was opened once more than once an epoch"
+    assert [s["__key__"] for s in faulty] == [s["__key__"] for s in clean]
+    assert faulty == clean, "every member's bytes, none twice"
