@@ -58,7 +58,7 @@ def whole_read(shard: ShardInfo) -> int:
 
 def streamed_read(shard: ShardInfo) -> int:
     taken = 0
-    for sample in ShardStream([shard], Storage(), seed=0).samples():
+    for _ in ShardStream([shard], Storage(), seed=0).samples():
         taken += 1
         if taken == shard.samples:
             break
