@@ -64,35 +64,46 @@ def library_versions() -> dict[str, str]:
     return versions(LIBRARIES)
 
 
+# Fields of a sample's json that say where its data was read from and how it was filed, not what it is: its key and
+# its item's (file keys hash the source's path), the source (a folder's, a prefix's or a list file's path) and the
+# split (drawn from the key's hash unless the source pins it).
+WHERE_FIELDS = ("key", "source", "source_key", "split")
+
+
 class DataIdentity:
-    """Which samples a number was measured on: a hash over the sorted (key, content hash) pairs, so two runs on
-    different validation sets of one size, or on re-encoded samples under the same keys, differ."""
+    """Which samples a number was measured on: a hash over the sorted content hashes of the samples (their media
+    and metadata, caption included), so that two runs on different validation sets of one size, or on re-encoded
+    samples, differ, while the same data ingested from another mount point (other keys, other source paths)
+    keeps its identity."""
 
     def __init__(self):
-        self.pairs: list[tuple[str, str]] = []  # (key, blake2b of the sample's bytes): ~60 bytes a sample
+        self.contents: list[str] = []  # blake2b of each sample's content: ~32 bytes a sample
 
     def add(self, sample: dict) -> None:
         content = hashlib.blake2b(digest_size=16)
         for name in sorted(k for k in sample if not k.startswith("__")):
             value = sample[name]
+            if name == "json":
+                meta = {k: v for k, v in json.loads(value).items() if k not in WHERE_FIELDS}
+                value = json.dumps(meta, sort_keys=True)
             content.update(name.encode() + b"\0" + (value if isinstance(value, bytes) else str(value).encode()))
-        self.pairs.append((sample["__key__"], content.hexdigest()))
+        self.contents.append(content.hexdigest())
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.contents)
 
     def subset(self, indices: Iterable[int]) -> DataIdentity:
         """The identity of the samples at `indices` (in the order added): a metric that scored some of them."""
         chosen = DataIdentity()
-        chosen.pairs = [self.pairs[i] for i in indices]
+        chosen.contents = [self.contents[i] for i in indices]
         return chosen
 
     def digest(self, count: int | None = None) -> str:
         """`<n> samples, blake2b:<hex>` of the first `count` samples added (all by default)."""
-        chosen = sorted(self.pairs[:count])
+        chosen = sorted(self.contents[:count])
         digest = hashlib.blake2b(digest_size=16)
-        for key, content in chosen:
-            digest.update(f"{key}\0{content}\n".encode())
+        for content in chosen:
+            digest.update(f"{content}\n".encode())
         return f"{len(chosen)} samples, blake2b:{digest.hexdigest()}"
 
 

@@ -12,7 +12,7 @@ Memory stays bounded at the spec's 50k samples: samples stream through in batche
 a time), Fréchet statistics are float64 running sums updated per batch, per-sample rows are kept as
 compressed parquet chunks (RowLog), only the grid and the worst k images are held, and retrieval ranks a block
 of queries at a time. What grows with the sample count is one pooled embedding per sample (for zero-shot and
-retrieval) and ~60 bytes of data identity. A metric that fails is recorded with its reason and the others go on.
+retrieval) and ~32 bytes of data identity. A metric that fails is recorded with its reason and the others go on.
 """
 
 from __future__ import annotations

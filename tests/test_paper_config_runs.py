@@ -1,5 +1,6 @@
-"""configs/base.yaml runs as written, at reduced width, on CPU: its stages, task mix, video packing, DDP on
-2 workers, SigLIP2 initialisation, sharded asynchronous checkpoints and S3 storage (moto, multipart).
+"""configs/base.yaml and configs/so400m.yaml run as written, at reduced width, on CPU: their stages, task mix,
+video packing, strategy on 2 workers (base: DDP; so400m: FSDP2 with activation checkpointing), SigLIP2
+initialisation, sharded asynchronous checkpoints and S3 storage (moto, multipart).
 
 Only sizes and the paths of its data and frozen networks change (the --set lines below); everything else is
 the file users launch. The SigLIP2 folder (teacher, text tower, CLIP-perceptual tower and the encoder's
@@ -25,7 +26,6 @@ from helpers import CAPTIONS, REPO, run_cli, save_tiny_siglip2
 
 pytestmark = pytest.mark.slow
 
-BUCKET = "atoken-base"
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 
 
@@ -83,11 +83,11 @@ def write_vgg16(path: Path) -> Path:
     return path
 
 
-def sizes_and_paths(tmp_path: Path) -> list[str]:
+def sizes_and_paths(tmp_path: Path, bucket: str) -> list[str]:
     siglip2 = save_tiny_siglip2(tmp_path / "siglip2")  # the tiny preset's width, depth, heads and MLP
     vgg = write_vgg16(tmp_path / "vgg16.safetensors")
     overrides = {
-        "run.root": f"s3://{BUCKET}/runs/base", "run.local_dir": str(tmp_path / "local"),
+        "run.root": f"s3://{bucket}/runs/paper", "run.local_dir": str(tmp_path / "local"),
         "ingest.sources.0.path": str(write_images(tmp_path / "images")),
         "ingest.max_resolution": "32",  # native mode, JPEG training shards, as the file says: smaller
         "ingest.samples_per_shard": "6", "ingest.val_every": "6", "ingest.parallelism": "2",
@@ -124,28 +124,44 @@ def sizes_and_paths(tmp_path: Path) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
 
 
-def test_base_config_runs_at_reduced_width_on_two_ddp_workers_with_s3(tmp_path, s3_endpoint, s3_credentials):
+def safetensors_names(s3, bucket: str, key: str) -> set[str]:
+    """The tensor names in a safetensors object's header, read by range."""
+    length = int.from_bytes(s3.get_object(Bucket=bucket, Key=key, Range="bytes=0-7")["Body"].read(), "little")
+    header = json.loads(s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=8-{7 + length}")["Body"].read())
+    return set(header) - {"__metadata__"}
+
+
+@pytest.mark.parametrize("config, strategy", [("base", "ddp"), ("so400m", "fsdp")])
+def test_paper_config_runs_at_reduced_width_on_two_workers_with_s3(tmp_path, s3_endpoint, s3_credentials, config,
+                                                                   strategy):
+    bucket = f"atoken-{config}"
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    s3.create_bucket(Bucket=BUCKET)
-    args = ["run", str(REPO / "configs" / "base.yaml"), "--no-progress", *sizes_and_paths(tmp_path)]
+    s3.create_bucket(Bucket=bucket)
+    args = ["run", str(REPO / "configs" / f"{config}.yaml"), "--no-progress", *sizes_and_paths(tmp_path, bucket)]
     result = run_cli(args, cwd=tmp_path, env={"AWS_ENDPOINT_URL": s3_endpoint}, timeout=1200)
-    log = (tmp_path / "local" / "logs" / "atoken-base-run.log")
+    log = (tmp_path / "local" / "logs" / f"atoken-{config}-run.log")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:] + (log.read_text()[-4000:]
                                                                              if log.exists() else "")
 
-    keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+    keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
             for item in page.get("Contents", [])]
     runs = MlflowClient(f"sqlite:///{tmp_path / 'local' / 'mlflow.db'}")
-    experiment = runs.get_experiment_by_name("atoken-base")
+    experiment = runs.get_experiment_by_name(f"atoken-{config}")
     by_name = {r.info.run_name: r for r in runs.search_runs([experiment.experiment_id])}
     for index, stage in enumerate(STAGES):
         run = by_name[f"train_{stage}"]
         # SigLIP2 initialises stage 1; every later stage starts from the one before.
         expected = f"siglip2:{tmp_path / 'siglip2'}" if index == 0 else f"train_{STAGES[index - 1]}/"
         assert expected in run.data.tags["atoken.init_from"], stage
-        # Every rank wrote its own checkpoint shard under DDP: two shard files per step, on S3.
-        shards = [k for k in keys if f"/train_{stage}/" in k and "/checkpoints/step-00000002/shards/" in k]
+        # Every rank wrote its own checkpoint shard: two shard files per step, on S3.
+        shards = sorted(k for k in keys if f"/train_{stage}/" in k and "/checkpoints/step-00000002/shards/" in k)
         assert len(shards) == 2, shards
+        # The strategy the file names, seen in what the ranks wrote: under FSDP2 each rank holds and writes its
+        # rows of every sharded weight; under DDP a replicated weight is written by one rank.
+        holders = ["model.encoder.layers.0.mlp.fc1.weight" in safetensors_names(s3, bucket, key) for key in shards]
+        assert sum(holders) == (2 if strategy == "fsdp" else 1), (stage, holders)
+        assert run.data.params["stage.strategy"] == strategy
+        assert run.data.params["stage.activation_checkpointing"] == str(strategy == "fsdp")  # as the files say
         # Every loss of the stage's tasks was paid (distillation, sigmoid, perceptual, render).
         metrics = run.data.metrics
         assert {"train/image/distillation", "train/image/lpips", "train/image/gram",
@@ -156,9 +172,9 @@ def test_base_config_runs_at_reduced_width_on_two_ddp_workers_with_s3(tmp_path, 
             assert {"train/3d/sigmoid", "train/3d/render_l1", "train/3d/render_lpips"} <= set(metrics)
         # Each rank's shard (~9 MiB: its half of weights, EMA and AdamW moments) went up in 5 MiB parts:
         # S3 gives a multipart object an ETag with its part count.
-        assert all("-" in s3.head_object(Bucket=BUCKET, Key=key)["ETag"] for key in shards), stage
+        assert all("-" in s3.head_object(Bucket=bucket, Key=key)["ETag"] for key in shards), stage
     stage1 = next(k for k in keys if "/train_stage1/" in k and k.endswith("/model.safetensors"))
-    weights = load(s3.get_object(Bucket=BUCKET, Key=stage1)["Body"].read())
+    weights = load(s3.get_object(Bucket=bucket, Key=stage1)["Body"].read())
     assert weights["decoder_in.weight"].shape[1] == 32
     # Stage 1's encoder is SigLIP2's, moved by two steps at the encoder's 0.1x learning rate.
     from atoken.train.model import Tokenizer

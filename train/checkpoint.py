@@ -292,7 +292,9 @@ def save_model(storage: Storage, stage_output: str, model: torch.nn.Module, conf
 
 def load_model_weights(storage: Storage, uri: str, model: torch.nn.Module) -> list[str]:
     """Start from a previous stage's weights; returns the names that were grown (see `grow_state`)."""
-    state, grown = grow_state(load(storage.read_bytes(uri)), model.state_dict())
+    from atoken.train.model.tokenizer import rename_legacy
+
+    state, grown = grow_state(rename_legacy(load(storage.read_bytes(uri))), model.state_dict())
     model.load_state_dict(state)
     return grown
 

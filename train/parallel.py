@@ -47,13 +47,32 @@ def distribute(model: torch.nn.Module, runtime: WorkerRuntime, stage: TrainStage
         # Tasks use different heads (pixels, Gaussians, pooling): DDP must expect unused parameters.
         return runtime.prepare_model(model, parallel_strategy="ddp",
                                      parallel_strategy_kwargs={"find_unused_parameters": True})
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     model.to(runtime.device)
     bf16 = runtime.device.type == "cuda" and stage.bf16
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-        MixedPrecisionPolicy()
+    policy = bf16_policy() if bf16 else MixedPrecisionPolicy()
+    shard_with_policy(model, blocks, policy)
+    return model
+
+
+def bf16_policy():
+    """bf16 compute, float32 gradient reduction. Inputs are not cast by FSDP2: the loop runs the forward under bf16
+    autocast already, and FSDP2's input cast rebuilds dataclass inputs with `dataclasses.replace`, which a
+    PackedBatch (its cached block mask is not an init field) refuses on the first step (tests/train/test_parallel.py)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def shard_with_policy(model: torch.nn.Module, blocks: list[torch.nn.Module], policy) -> None:
+    """FSDP2 per block, then the whole model, computing under `policy`; the sigmoid loss's temperature and bias
+    (`SigmoidLogits`) compute in float32 whatever the policy (their own FSDP2 group: two scalars)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     for block in blocks:
         fully_shard(block, mp_policy=policy)
+    if getattr(model, "logits", None) is not None:
+        fully_shard(model.logits, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32,
+                                                                 reduce_dtype=torch.float32))
     fully_shard(model, mp_policy=policy)
-    return model

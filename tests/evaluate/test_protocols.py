@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from atoken.evaluate.protocols import (
@@ -98,7 +100,7 @@ def test_implementation_version_ignores_docstrings_and_comments_but_not_statemen
     assert implementation_version(str(first), str(second)) != version
 
 
-def test_data_identity_follows_keys_and_content_not_order():
+def test_data_identity_follows_content_not_order_keys_or_where_it_was_read():
     from atoken.evaluate.protocols import DataIdentity
 
     def identity(samples):
@@ -107,10 +109,20 @@ def test_data_identity_follows_keys_and_content_not_order():
             data.add(sample)
         return data.digest()
 
-    samples = [{"__key__": "a", "png": b"1"}, {"__key__": "b", "png": b"2"}]
+    def meta(caption, source):
+        return json.dumps({"key": f"file_x_{len(source)}", "caption": caption, "source": source,
+                           "source_key": f"file_x_{len(source)}", "split": "val" if source == "/data" else "train"}
+                          ).encode()
+
+    samples = [{"__key__": "a", "png": b"1", "json": meta("a cat", "/data")},
+               {"__key__": "b", "png": b"2", "json": meta("a dog", "/data")}]
     assert identity(samples) == identity(samples[::-1]) and identity(samples).startswith("2 samples, blake2b:")
-    assert identity(samples) != identity([samples[0], {"__key__": "c", "png": b"2"}])  # another key
-    assert identity(samples) != identity([samples[0], {"__key__": "b", "png": b"3"}])  # re-encoded content
+    moved = [{**sample, "__key__": sample["__key__"] + "2", "json": meta(json.loads(sample["json"])["caption"], "/mnt")}
+             for sample in samples]
+    assert identity(samples) == identity(moved)  # other keys, another source path
+    assert identity(samples) != identity([samples[0], {**samples[1], "png": b"3"}])  # re-encoded content
+    assert identity(samples) != identity([samples[0], {**samples[1], "json": meta("a wolf", "/data")}])  # caption
+    assert identity(samples) != identity(samples[:1] * 2)  # another multiset of the same size
 
 
 def test_descriptive_fields_are_not_compared():

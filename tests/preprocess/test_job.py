@@ -162,6 +162,42 @@ def test_two_folders_with_one_layout_do_not_collide(local_ray, tmp_path):
     assert stats["samples"] == 12 and len({r["key"] for r in manifest(tmp_path / "out")}) == 12
 
 
+def test_the_same_images_from_another_folder_keep_the_evaluation_data_identity(local_ray, tmp_path):
+    """Evaluation protocols name their data by content (evaluate/protocols.py DataIdentity): the same files at
+    another path (other keys, other source paths in the samples' json) are the same data; one edited file is not."""
+    from atoken.evaluate.protocols import DataIdentity
+    from atoken.pipeline.storage import Storage as Store
+    from atoken.train.data import shard_samples
+
+    folders = [image_folder(tmp_path / "a", 6), image_folder(tmp_path / "mnt" / "b", 6)]
+    folders.append(image_folder(tmp_path / "c", 6, bad={2: image_variant(folders[0] / "img002.png")}))
+    identities, keys = [], []
+    for index, folder in enumerate(folders):
+        output = tmp_path / f"out{index}"
+        run_image_job(section_for(folder), Store(), str(output), progress=False)
+        identity, found = DataIdentity(), set()
+        for tar in sorted((output / "shards").glob("*.tar")):
+            for sample in shard_samples(Store(), str(tar)):
+                identity.add(sample)
+                found.add(sample["__key__"])
+        identities.append(identity.digest())
+        keys.append(found)
+    assert not keys[0] & keys[1], "the control: other keys, and other source paths in every sample's json"
+    assert identities[0] == identities[1] and identities[0].startswith("6 samples")
+    assert identities[2] != identities[0], "one edited image is other data"
+
+
+def image_variant(path: Path) -> bytes:
+    """The image with one pixel changed, as PNG."""
+    from PIL import Image
+
+    pixels = np.array(Image.open(path))
+    pixels.flat[0] ^= 1
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 INGEST_SCRIPT = """
 import sys, ray
 from atoken.pipeline.config import IngestSection, SourceSection

@@ -54,7 +54,7 @@ def test_encoder_learns_at_its_scale_and_gains_are_not_decayed():
     assert by_id[id(named["decoder_in.weight"])]["lr_scale"] == 1.0
     assert by_id[id(named["decoder_in.weight"])]["weight_decay"] == 0.1
     assert by_id[id(named["post_layernorm.weight"])]["weight_decay"] == 0.0
-    assert by_id[id(named["logit_scale"])]["weight_decay"] == 0.0
+    assert by_id[id(named["logits.scale"])]["weight_decay"] == 0.0
     assert sum(len(g["params"]) for g in groups) == len(named)
 
 

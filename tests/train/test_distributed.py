@@ -141,7 +141,7 @@ def test_two_workers_train_one_workers_weights(local_ray, world, tracker, two_dd
     initial = build_model(MODEL).state_dict()
     moved = [name for name in reference if not torch.equal(reference[name], initial[name])]
     # Training moved the encoder, the decoder, the Gaussian head and the sigmoid loss's scale and bias.
-    for prefix in ("encoder.", "decoder.", "gaussian_head.", "head.", "logit_scale", "logit_bias"):
+    for prefix in ("encoder.", "decoder.", "gaussian_head.", "head.", "logits.scale", "logits.bias"):
         assert any(name.startswith(prefix) for name in moved), prefix
     assert max_difference(reference, distributed) < TOLERANCE
 

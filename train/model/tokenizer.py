@@ -120,9 +120,41 @@ def resize_weights(source: int, target: int, device: torch.device) -> torch.Tens
     return weights / weights.sum(-1, keepdim=True)
 
 
+class SigmoidLogits(nn.Module):
+    """SigLIP's learnable temperature and bias of the sigmoid loss, at SigLIP's initialisation (spec), shape (1,)
+    as SigLIP2's own (FSDP2 cannot shard a 0-d parameter). A module of their own so that bf16 FSDP2 gives them a
+    float32 policy (train/parallel.py): in bf16, log(10) rounds to 2.297 (exp: 9.94) and the bias moves in steps of
+    1/16. `forward` returns copies, so that DDP and FSDP2 see them leave through a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([math.log(10.0)]))
+        self.bias = nn.Parameter(torch.tensor([-10.0]))
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scale.clone(), self.bias.clone()  # (1,), (1,)
+
+
+# Names in weights files written before SigmoidLogits, read as they are now.
+LEGACY_NAMES = {"logit_scale": "logits.scale", "logit_bias": "logits.bias"}
+
+
+def rename_legacy(state_dict: dict, prefix: str = "") -> dict:
+    """`state_dict` with the names of older weights files renamed, in place (and returned)."""
+    for old, new in LEGACY_NAMES.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+    return state_dict
+
+
+def _rename_legacy_on_load(module, state_dict, prefix, *_args) -> None:
+    rename_legacy(state_dict, prefix)
+
+
 class Tokenizer(nn.Module):
     def __init__(self, config: TokenizerConfig):
         super().__init__()
+        self._register_load_state_dict_pre_hook(_rename_legacy_on_load, with_module=True)
         self.config = c = config
         backend = c.attention_backend
         self.embeddings = Embeddings(c)
@@ -131,10 +163,7 @@ class Tokenizer(nn.Module):
         self.post_layernorm = nn.LayerNorm(c.width, eps=c.layer_norm_eps)
         self.head = AttentionPooling(c.width, c.heads, c.mlp_width, layer_norm_eps=c.layer_norm_eps)
         self.text_projection = nn.Linear(c.width, c.text_dim, bias=False) if c.text_dim else None
-        # SigLIP's learnable temperature and bias of the sigmoid loss, at SigLIP's initialisation (spec).
-        # Shape (1,) as SigLIP2's own (and FSDP2 cannot shard a 0-d parameter).
-        self.logit_scale = nn.Parameter(torch.tensor([math.log(10.0)]))
-        self.logit_bias = nn.Parameter(torch.tensor([-10.0]))
+        self.logits = SigmoidLogits()
         self.kl = KLHead(c.width, c.latent_channels)
         fsq_channels = c.fsq_groups * len(c.fsq_levels)
         self.fsq = FSQ(fsq_channels, c.fsq_groups, tuple(c.fsq_levels)) if c.latent_channels == fsq_channels else None
@@ -234,7 +263,7 @@ class Tokenizer(nn.Module):
             # unused parameters by walking the outputs' autograd graph, and a parameter read off the module
             # instead is "marked ready twice" (once as unused, once by its gradient hook). A loss that does not
             # need them must still touch them (tasks.py: `_untouched_logits`), or DDP waits for their gradients.
-            out["logit_scale"], out["logit_bias"] = self.logit_scale.clone(), self.logit_bias.clone()
+            out["logit_scale"], out["logit_bias"] = self.logits()
         if quantize:
             latent, out["codes"] = self.quantize(latent)
         out |= self.decode(latent, batch, info)

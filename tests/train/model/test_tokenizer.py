@@ -148,6 +148,28 @@ def test_save_and_load_give_identical_outputs(tmp_path):
     assert not list(tmp_path.glob("tok/*.bin")) and not list(tmp_path.glob("tok/*.pt"))
 
 
+def test_weights_written_before_the_sigmoid_logits_module_load_with_their_values(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from atoken.pipeline.storage import Storage
+    from atoken.train.checkpoint import load_model_weights
+
+    model = tiny()
+    with torch.no_grad():
+        model.logits.scale.fill_(1.5)
+        model.logits.bias.fill_(-3.0)
+    model.save_pretrained(str(tmp_path / "tok"))
+    weights = tmp_path / "tok" / "model.safetensors"
+    old = load_file(weights)
+    old["logit_scale"], old["logit_bias"] = old.pop("logits.scale"), old.pop("logits.bias")  # the older names
+    save_file(old, weights)
+    for loaded in (Tokenizer.from_pretrained(str(tmp_path / "tok")), tiny()):
+        if not loaded.logits.scale.item() == 1.5:
+            load_model_weights(Storage(), str(weights), loaded)  # a stage starting from an older stage's model
+        assert loaded.logits.scale.item() == 1.5 and loaded.logits.bias.item() == -3.0
+    assert tiny().logits.scale.item() == pytest.approx(2.302585), "the control: a fresh model's own values"
+
+
 def test_gradients_reach_every_trainable_parameter():
     model = tiny().train()
     batch = pack(mixed_samples(torch.Generator().manual_seed(8)))
@@ -158,8 +180,8 @@ def test_gradients_reach_every_trainable_parameter():
     embedding = model.embed(batch)  # (S, width)
     text = torch.randn(embedding.shape, generator=torch.Generator().manual_seed(9))
     # The sigmoid loss is what trains the learnable logit scale and bias.
-    loss = loss + sigmoid_loss(embedding, text, torch.eye(len(embedding), dtype=torch.bool), model.logit_scale,
-                               model.logit_bias)
+    loss = loss + sigmoid_loss(embedding, text, torch.eye(len(embedding), dtype=torch.bool), model.logits.scale,
+                               model.logits.bias)
     loss.backward()
     silent = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     # The position table only reaches these samples' grids; every other parameter must learn.
