@@ -11,6 +11,9 @@
    the H100's dense bf16 peak). This machine has 2 cores, not 8, so the stand-in GPU is scaled down: it sleeps
    (8 / loader processes) x base's time, i.e. it consumes what a GPU fed by 8 loader cores consumes per core.
    That holds while loader throughput scales linearly in processes, which part 1 measures (1 → 2).
+   Waits are timed after 10 warm-up steps (a run's first steps wait for the loader processes to start).
+4. the loader processes' work on one sample (decode, draw, resize), now and as it was before 2026-12-03 (a
+   Generator per draw, bicubic), in one run.
 
     .venv/bin/python benchmarks/loader.py --out benchmarks/results/loader-cpu.json
 """
@@ -40,14 +43,15 @@ import_atoken()
 from atoken.pipeline.config import LossSection, TrainStageSection  # noqa: E402
 from atoken.pipeline.storage import Storage  # noqa: E402
 from atoken.preprocess.sources import COLOUR_PHOTOS, colour_photo_path  # noqa: E402
-from atoken.train.data import ShardInfo  # noqa: E402
-from atoken.train.loader import LoaderSettings  # noqa: E402
+from atoken.train.data import ShardInfo, read_shard  # noqa: E402
+from atoken.train.loader import LoaderSettings, ResolutionSchedule  # noqa: E402
 from atoken.train.streams import task_batches  # noqa: E402
 from atoken.train.tasks import ImageTask  # noqa: E402
 
 H100_BF16_DENSE_FLOPS = 989.4e12  # as benchmarks/bench_preprocess.py
 MFU_GOAL = 0.40
 LOADER_CORES_PER_GPU = 8  # the issue's budget
+WARM_UP_STEPS = 10  # consumer steps before the wait is timed
 
 
 def write_shards(folder: Path, shards: int, per_shard: int, max_side: int, quality: int = 95) -> list[ShardInfo]:
@@ -81,6 +85,40 @@ def write_shards(folder: Path, shards: int, per_shard: int, max_side: int, quali
 
 def image_task(resolution: list[int], max_tokens: int) -> ImageTask:
     return ImageTask(TrainStageSection(max_tokens=max_tokens, image_resolution=resolution), LossSection())
+
+
+def previous_prepare(sample: dict, schedule: ResolutionSchedule, draw_key: tuple[int, int, int]) -> torch.Tensor:
+    """The preparation before 2026-12-03, transcribed as the reference: a numpy Generator seeded per sample for
+    the draw, bicubic resize, and a copy more (convert of an RGB image)."""
+    image = Image.open(io.BytesIO(sample["jpg"]))
+    drawn = np.random.default_rng([*draw_key, 2]).integers(schedule.low, schedule.high + 1)
+    scale = min(drawn, max(image.size)) / max(image.size)
+    width, height = schedule._side(image.width, scale), schedule._side(image.height, scale)
+    if (width, height) != image.size:
+        image.draft("RGB", (width, height))
+        image = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
+def prepare_cost(shards, resolution: list[int], rounds: int = 3) -> dict:
+    """ms per sample of one loader process's work on a sample (ImageTask.prepare), now and before, in one run:
+    the best of `rounds` passes over one shard."""
+    samples = read_shard(Storage(), shards[0].uri)
+    task, schedule = image_task(resolution, 8192), ResolutionSchedule.of(resolution)
+
+    def best(prepare) -> float:
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            for index, sample in enumerate(samples):
+                prepare(sample, index)
+            times.append((time.perf_counter() - started) / len(samples) * 1e3)
+        return min(times)
+
+    now = best(lambda sample, index: task.prepare(sample, (0, 0, index)))
+    before = best(lambda sample, index: previous_prepare(sample, schedule, (0, 0, index)))
+    return {"samples": len(samples), "ms_per_sample_now": now, "ms_per_sample_before": before,
+            "ratio_now_over_before": now / before}
 
 
 def loader_rate(shards, resolution: list[int], workers: int, samples: int, max_tokens: int) -> dict:
@@ -132,7 +170,8 @@ def wait_share(shards, resolution: list[int], workers: int, steps: int, max_toke
     """Time the training thread waits for its next micro-batch, as a share of the step time."""
     loader = LoaderSettings(interleave=max(2, workers), workers=workers, prefetch=2)
     batches = task_batches(image_task(resolution, max_tokens), shards, Storage(), seed=1, loader=loader)
-    consume(next(batches)[0])  # warm-up: loader processes started, the consumer's first step
+    for _ in range(WARM_UP_STEPS):  # loader processes started and their prefetch filled, as in a long run
+        consume(next(batches)[0])
     waited = consumed = 0.0
     samples = 0
     for _ in range(steps):
@@ -186,7 +225,7 @@ def base_stand_in(workers: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=600, help="samples timed per loader-rate run")
-    parser.add_argument("--steps", type=int, default=40, help="consumer steps timed per wait-share run")
+    parser.add_argument("--steps", type=int, default=80, help="consumer steps timed per wait-share run")
     parser.add_argument("--stand-in-processes", type=int, default=2,
                         help="loader processes feeding the base stand-in (8 on a GPU node: no scaling)")
     parser.add_argument("--out", type=Path, default=None)
@@ -198,6 +237,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shards = write_shards(Path(tmp) / "shards", shards=8, per_shard=100, max_side=512)
         results["shards"] = "8 x 100 JPEG (quality 95) crops of the colour photos, aspect 1:2 to 2:1, long side 512"
+        results["prepare_cost"] = {f"schedule_{low}_{high}": prepare_cost(shards, [low, high])
+                                   for low, high in ((64, 256), (64, 512))}
+        print("prepare", {k: round(v["ratio_now_over_before"], 3) for k, v in results["prepare_cost"].items()},
+              flush=True)
         results["loader_rate"] = {}
         for low, high in ((64, 256), (64, 512)):
             name = f"schedule_{low}_{high}"

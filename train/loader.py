@@ -207,13 +207,28 @@ class ResolutionSchedule:
         """(width, height) for a sample of that size; draw_key: (seed, stream, stream index)."""
         if self.square:
             return self.low, self.low
-        drawn = np.random.default_rng([*draw_key, 2]).integers(self.low, self.high + 1)
+        drawn = self.low + keyed_draw(*draw_key) % (self.high - self.low + 1)
         scale = min(drawn, max(width, height)) / max(width, height)
         return self._side(width, scale), self._side(height, scale)
 
     def _side(self, side: int, scale: float) -> int:
         """side * scale rounded to the patch, never past the source side (rounding up would upscale)."""
         return max(self.patch, min(round(side * scale / self.patch), side // self.patch) * self.patch)
+
+
+MASK64 = 2**64 - 1
+
+
+def keyed_draw(*key: int) -> int:
+    """A 64-bit integer that is a fixed function of `key` (splitmix64's finaliser, folded over the key): the
+    per-sample draws of the schedule. A numpy Generator seeded per sample cost 60 us of the loader's ~1.4 ms per
+    256-px JPEG (benchmarks/loader.py); this costs ~2 us."""
+    state = 0x9E3779B97F4A7C15
+    for part in key:
+        state = (state ^ (part & MASK64)) * 0xBF58476D1CE4E5B9 & MASK64
+        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & MASK64
+        state ^= state >> 31
+    return state
 
 
 def scheduled_image(sample: dict, schedule: ResolutionSchedule | None, draw_key: tuple[int, int, int]
@@ -229,8 +244,12 @@ def scheduled_image(sample: dict, schedule: ResolutionSchedule | None, draw_key:
             image = resize_center_crop(image.convert("RGB"), width)
         elif (width, height) != image.size:
             image.draft("RGB", (width, height))  # JPEG: decode at the smallest DCT scale still >= the target
-            image = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # (3, H, W)
+            # Antialiased bilinear, as video frames (resize_frames): bicubic took 0.42 of the ~1.4 ms a 256-px
+            # draw costs, bilinear 0.27 (benchmarks/loader.py, 512-px JPEGs, schedule [64, 256]).
+            image = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if image.mode != "RGB":  # convert() of an RGB image copies it
+        image = image.convert("RGB")
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W)
 
 
 def scheduled_frames(sample: dict, schedule: ResolutionSchedule | None, draw_key: tuple[int, int, int]

@@ -59,7 +59,8 @@ def distribute(model: torch.nn.Module, runtime: WorkerRuntime, stage: TrainStage
 def bf16_policy():
     """bf16 compute, float32 gradient reduction. Inputs are not cast by FSDP2: the loop runs the forward under bf16
     autocast already, and FSDP2's input cast rebuilds dataclass inputs with `dataclasses.replace`, which a
-    PackedBatch (its cached block mask is not an init field) refuses on the first step (tests/train/test_parallel.py)."""
+    PackedBatch (its cached block mask is not an init field) refuses on the first step
+    (tests/train/test_parallel.py)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)

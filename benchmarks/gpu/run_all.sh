@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement, in one self-contained script. The lent GPU has torch but not Ray, MLflow or
-# webdataset, so nothing here needs them; carry einops (pure Python) as a wheel:
-#   pip download --no-deps einops -d benchmarks/gpu/wheels     (on the CPU machine, before the run)
+# webdataset: the model, block-mask and path checks need only einops; what reads shards (the loader, the timed
+# training run, the host-sync check) needs webdataset too. Carry them as wheels (pure Python):
+#   pip download --no-deps einops webdataset braceexpand -d benchmarks/gpu/wheels     (on the CPU machine)
 #   bash benchmarks/gpu/run_all.sh                             (on the GPU machine)
 #   DEVICE=cpu bash benchmarks/gpu/run_all.sh                  (the same ratios on a CPU, small models)
 # Results land in benchmarks/results/, named after the device.
@@ -49,6 +50,11 @@ fi
 # budget per GPU, no scaling; the CPU machine has 2 cores and scales the stand-in's sleep instead).
 "$PYTHON" benchmarks/loader.py --stand-in-processes 8 --out "benchmarks/results/loader-$name-node.json" || \
   echo "loader benchmark failed (see above)"
+# Issue 15: the training paths only a GPU runs (bf16 FSDP2 on NCCL, compile, deterministic, compiled flex, host
+# syncs per step of the real loop), each passed or failed with its numbers. Host syncs need webdataset (carry its
+# wheel with einops: pip download --no-deps einops webdataset braceexpand) and benchmarks/gpu/data.
+"$PYTHON" benchmarks/gpu/check_paths.py --device "$DEVICE" --out "benchmarks/results/gpu-paths-$name.json" || \
+  echo "check_paths failed (see above)"
 out="benchmarks/results/model-throughput-$name.json"
 "$PYTHON" benchmarks/gpu/bench_model.py --device "$DEVICE" --out "$out"
 echo "results: $out"

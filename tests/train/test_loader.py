@@ -154,6 +154,10 @@ def test_the_resolution_schedule_keeps_aspect_rounds_to_patches_and_never_upscal
     assert sizes != [schedule.size(1000, 400, (1, 0, index)) for index in range(200)]  # another seed
     assert all(max(schedule.size(100, 60, (0, 0, index))) <= 96 for index in range(100))  # never past 100 px
     assert ResolutionSchedule(32, 32).size(100, 60, (0, 0, 0)) == (32, 32)
+    # The long side is drawn over the whole range, evenly: each quarter of [64, 512] holds about a quarter.
+    long_sides = [max(ResolutionSchedule(64, 512, patch=1).size(4000, 4000, (7, 3, index))) for index in range(4000)]
+    quarters = np.histogram(long_sides, bins=4, range=(64, 513))[0]
+    assert min(long_sides) < 70 and max(long_sides) > 506 and all(850 < q < 1150 for q in quarters), quarters
 
 
 def test_packed_images_follow_the_schedule_and_resume_with_the_same_draws(tmp_path):
