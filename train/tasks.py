@@ -7,12 +7,11 @@
 
 Every task's total is 0.2·L_rec + 1.0·L_sem + 1e-8·L_KL (weights from train.losses). Micro-batches come from
 data streams (train/streams.py): each term is this worker's mean rescaled to the global batch (`WorldShare`),
-so the same config trains the same weights on 1 worker or N.
+so the same config trains the same weights on 1 worker or N. The terms themselves: train/losses/terms.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,12 +29,19 @@ from atoken.train.loader import (
     scheduled_frames,
     scheduled_image,
 )
-from atoken.train.losses.perceptual import resize_for_features
 from atoken.train.losses.render import composite_views, gaussian_render_loss, render_views, resize_views
-from atoken.train.losses.semantic import caption_matches, distillation_loss, sigmoid_loss
-from atoken.train.model.quantizers import KLHead
+from atoken.train.losses.terms import (
+    combine_terms,
+    full_precision,
+    kl_term,
+    packed_images,
+    packed_reconstruction,
+    perceptual_choice,
+    perceptual_terms,
+    real_values,
+    semantic_terms,
+)
 from atoken.train.model.tokens import (
-    IMAGE,
     FramePack,
     PackedBatch,
     SampleLayout,
@@ -44,7 +50,6 @@ from atoken.train.model.tokens import (
     pack,
     to_device,
     tokens_per_sample,
-    unpatchify,
     voxel_tokens,
 )
 from atoken.train.streams import (
@@ -70,16 +75,17 @@ class TaskShards:
 class ImageBatch:
     pixels: torch.Tensor  # (B, 3, H, W): float in [-1, 1], or uint8 on the host (made float by `to`)
     captions: list[str]
+    patch: int = 16  # the model's patch size: what `tokens` counts in
 
     def to(self, device: torch.device) -> ImageBatch:
         pixels = to_device(self.pixels, device)
         if pixels.dtype == torch.uint8:  # from the loader: converted where the model runs
             pixels = pixels.float() / 127.5 - 1.0  # (B, 3, H, W)
-        return ImageBatch(pixels, self.captions)
+        return ImageBatch(pixels, self.captions, self.patch)
 
     @property
     def tokens(self) -> int:
-        return self.pixels.shape[0] * (self.pixels.shape[2] // 16) * (self.pixels.shape[3] // 16)
+        return self.pixels.shape[0] * (self.pixels.shape[2] // self.patch) * (self.pixels.shape[3] // self.patch)
 
     @property
     def samples(self) -> int:
@@ -141,123 +147,6 @@ class MicroBatch:
     share: WorldShare
 
 
-def full_precision():
-    """The understanding and Gram terms in float32 under bf16 autocast: Gram entries differ by ~1e-3 and the
-    sigmoid's logits are scaled by e^t up to 100, both below bf16's resolution."""
-    if torch.is_autocast_enabled("cuda"):
-        return torch.autocast("cuda", enabled=False)
-    return contextlib.nullcontext()
-
-
-# -- loss terms ---------------------------------------------------------------------------------------------
-
-def _kl(out: dict, share: WorldShare) -> torch.Tensor:
-    return KLHead.kl(out["mean"].float(), out["logvar"].float()) * share.scale("tokens")
-
-
-def _combine(rec: dict[str, torch.Tensor], sem: dict[str, torch.Tensor], kl: torch.Tensor, losses: LossSection,
-             rec_weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    reconstruction = sum(rec_weights[name] * value for name, value in rec.items())
-    semantic = sum(sem.values()) if sem else kl.new_zeros(())
-    total = losses.reconstruction * reconstruction + losses.semantic * semantic + losses.kl * kl
-    return total, {**rec, **sem, "kl": kl, "reconstruction": reconstruction, "semantic": semantic, "total": total}
-
-
-def _semantic(out: dict, share: WorldShare, frozen: Frozen, teacher_images: list[torch.Tensor] | None = None
-              ) -> dict[str, torch.Tensor]:
-    """Distillation against the teacher (images, when there is one) or the sigmoid loss, each over the global
-    batch's captions; in float32."""
-    embedding = out.get("embedding")
-    if embedding is None or frozen.text_encoder is None or len(share.captions) < 2:
-        return _untouched_logits(out)
-    with full_precision():
-        embedding = embedding.float()
-        # Each worker embeds its own captions; the global batch's are gathered (frozen: no gradient).
-        text = share.gather_rows(frozen.text(share.local_captions).float())  # (S_global, D)
-        if embedding.shape[-1] != text.shape[-1]:
-            raise ValueError(f"the tokenizer embeds to {embedding.shape[-1]} dims, the text encoder to "
-                             f"{text.shape[-1]}: set train.model.text_dim: {text.shape[-1]}")
-        if teacher_images is not None and frozen.teacher is not None:
-            with torch.no_grad():
-                teacher = _embed_by_size(frozen.teacher, teacher_images).float()  # (S, D)
-            first = {caption: index for index, caption in reversed(list(enumerate(share.captions)))}
-            distinct = text[sorted(first.values())]  # (C, D): every worker's distinct captions
-            loss = distillation_loss(embedding, teacher, distinct, frozen.losses.distillation_temperature,
-                                     frozen.teacher.similarity_scale)
-            return {"distillation": loss * share.scale("samples") + _untouched_logits(out).get("semantic", 0.0)}
-        matches = caption_matches(share.local_captions, share.captions)  # (S_local, S_global)
-        loss = sigmoid_loss(embedding, text, matches, out["logit_scale"].float(), out["logit_bias"].float())
-        return {"sigmoid": loss * share.scale("samples")}
-
-
-def _untouched_logits(out: dict) -> dict[str, torch.Tensor]:
-    """A zero that depends on the sigmoid loss's scale and bias when this micro-batch's loss does not use them
-    (images with a teacher): every parameter the forward returned then has a gradient in every micro-batch,
-    whatever DDP's handling of returned-but-unused outputs (torch 2.13's did not hang without it)."""
-    if "logit_scale" not in out:
-        return {}
-    return {"semantic": 0.0 * (out["logit_scale"] + out["logit_bias"]).sum()}
-
-
-def _embed_by_size(tower, images: list[torch.Tensor]) -> torch.Tensor:
-    """images: (3, H, W) each, of any sizes → (S, D), one tower call per distinct size."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for index, image in enumerate(images):
-        groups.setdefault(tuple(image.shape[-2:]), []).append(index)
-    out: list[torch.Tensor | None] = [None] * len(images)
-    for indices in groups.values():
-        embedded = tower(torch.stack([images[i] for i in indices]))  # (g, D)
-        for row, index in enumerate(indices):
-            out[index] = embedded[row]
-    return torch.stack(out)
-
-
-def _perceptual(frozen: Frozen, targets: list[torch.Tensor], outputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LPIPS, Gram and CLIP-perceptual over images of any sizes: each resized to perceptual_resolution first,
-    then one batched call of the frozen network (not one per distinct size)."""
-    size = frozen.perceptual.resolution
-    target = torch.cat([resize_for_features(image[None], size) for image in targets])  # (B, 3, R, R)
-    output = torch.cat([resize_for_features(image[None], size) for image in outputs])  # (B, 3, R, R)
-    return frozen.perceptual(target, output)
-
-
-def _perceptual_choice(parts: list[StreamPart], limit: int | None) -> list[int]:
-    """The images that pay the perceptual terms: the first `limit` of each stream's share (all when None), so
-    the choice does not depend on how streams are spread over workers."""
-    chosen, start = [], 0
-    for part in parts:
-        chosen.extend(range(start, start + (part.samples if limit is None else min(limit, part.samples))))
-        start += part.samples
-    return chosen
-
-
-def _packed_reconstruction(batch: PackedBatch, out: dict, share: WorldShare) -> torch.Tensor:
-    """L1 over the real pixel values of a packed batch (an image's three padding frames are not compared)."""
-    error = (out["patches"] - batch.patches).abs()  # (N, 3072)
-    frame_values = batch.patches.shape[1] // 4
-    real = torch.ones_like(error, dtype=torch.bool)
-    real[batch.modality_mask(IMAGE), frame_values:] = False
-    # The count from the layouts (host arithmetic): a boolean-indexed mean would wait on the device for it.
-    return (error * real).sum() / real_values(batch) * share.scale("values")
-
-
-def real_values(batch: PackedBatch | FramePack) -> int:
-    """Pixel values the packed L1 compares (host arithmetic, no device sync)."""
-    per_token = batch.patch_dim
-    return sum(count * (per_token // 4 if layout.modality == IMAGE else per_token)
-               for count, layout in zip(tokens_per_sample(batch), batch.layouts, strict=True))
-
-
-def _packed_images(batch: PackedBatch, patches: torch.Tensor) -> list[torch.Tensor]:
-    """The image samples' (3, H, W) pixels out of packed (N, 3072) patches."""
-    images, start = [], 0
-    for count, layout in zip(tokens_per_sample(batch), batch.layouts, strict=True):
-        if layout.modality == IMAGE:
-            images.append(unpatchify(patches[start:start + count], layout)[0])  # (3, H, W)
-        start += count
-    return images
-
-
 def frame_packs(samples: Iterator[tuple[int, PreparedImage]], max_tokens: int, position: int, patch: int
                 ) -> Iterator[tuple[FramePack, int]]:
     """Prepared images and clips packed to `max_tokens`, with the stream position after each pack."""
@@ -295,16 +184,18 @@ class ImageTask:
             if len(sizes) > 1:
                 raise ValueError(f"images of {len(sizes)} sizes in one batch ({group[0].key}, ...): set the stage's "
                                  "image_resolution to one size, or max_tokens to pack them")
-            yield ImageBatch(torch.cat([item.frames for item in group]), [item.caption for item in group]), after
+            yield ImageBatch(torch.cat([item.frames for item in group]), [item.caption for item in group],
+                             self.patch), after
 
     def merge(self, batches: list) -> ImageBatch | FramePack:
         if isinstance(batches[0], FramePack):
             return FramePack.concat(batches)
-        return ImageBatch(torch.cat([b.pixels for b in batches]), [c for b in batches for c in b.captions])
+        return ImageBatch(torch.cat([b.pixels for b in batches]), [c for b in batches for c in b.captions],
+                          batches[0].patch)
 
     def counts(self, batch, parts: list[StreamPart]) -> dict[str, int]:
         counts = {"samples": batch_samples(batch), "tokens": batch_tokens(batch),
-                  "perceptual": len(_perceptual_choice(parts, self.losses.perceptual_samples))}
+                  "perceptual": len(perceptual_choice(parts, self.losses.perceptual_samples))}
         if isinstance(batch, PackedBatch | FramePack):
             counts["values"] = real_values(batch)
         return counts
@@ -318,18 +209,18 @@ class ImageTask:
         kwargs = {"quantize": self.stage.quantize, "embed": frozen.text_encoder is not None} if self.embeds else {}
         if isinstance(batch, PackedBatch):
             out = model(batch, noise=micro.noise, **kwargs)
-            rec = {"l1": _packed_reconstruction(batch, out, share)}
-            targets, outputs = _packed_images(batch, batch.patches), _packed_images(batch, out["patches"])
+            rec = {"l1": packed_reconstruction(batch, out, share)}
+            targets, outputs = packed_images(batch, batch.patches), packed_images(batch, out["patches"])
         else:
             out = model(batch.pixels, noise=micro.noise, **kwargs)
             rec = {"l1": (out["reconstruction"] - batch.pixels).abs().mean() * share.scale("samples")}
             targets, outputs = list(batch.pixels), list(out["reconstruction"])
         if frozen.perceptual is not None:
-            chosen = _perceptual_choice(micro.parts, self.losses.perceptual_samples)
-            perceptual = _perceptual(frozen, [targets[i] for i in chosen], [outputs[i] for i in chosen])
+            chosen = perceptual_choice(micro.parts, self.losses.perceptual_samples)
+            perceptual = perceptual_terms(frozen, [targets[i] for i in chosen], [outputs[i] for i in chosen])
             rec |= {name: value * share.scale("perceptual") for name, value in perceptual.items()}
-        sem = _semantic(out, share, frozen, teacher_images=targets)
-        return _combine(rec, sem, _kl(out, share), self.losses, weights)
+        sem = semantic_terms(out, share, frozen, teacher_images=targets)
+        return combine_terms(rec, sem, kl_term(out, share), self.losses, weights)
 
 
 class VideoTask:
@@ -359,9 +250,9 @@ class VideoTask:
         """L1 over the clips' real frames and the sigmoid loss on their captions."""
         out = model(micro.data, quantize=self.stage.quantize, embed=frozen.text_encoder is not None,
                     noise=micro.noise)
-        rec = {"l1": _packed_reconstruction(micro.data, out, micro.share)}
-        sem = _semantic(out, micro.share, frozen)
-        return _combine(rec, sem, _kl(out, micro.share), self.losses, {"l1": self.losses.l1})
+        rec = {"l1": packed_reconstruction(micro.data, out, micro.share)}
+        sem = semantic_terms(out, micro.share, frozen)
+        return combine_terms(rec, sem, kl_term(out, micro.share), self.losses, {"l1": self.losses.l1})
 
 
 class ObjectTask:
@@ -439,8 +330,8 @@ class ObjectTask:
                 render_terms.append(gaussian_render_loss(rendered, target, frozen.perceptual, render_weights))
         for name in render_terms[0]:
             rec[name] = torch.stack([terms[name] for terms in render_terms]).mean() * share.scale("samples")
-        sem = _semantic(out, share, frozen)
-        return _combine(rec, sem, _kl(out, share), self.losses, {"l1": self.losses.l1, **render_weights})
+        sem = semantic_terms(out, share, frozen)
+        return combine_terms(rec, sem, kl_term(out, share), self.losses, {"l1": self.losses.l1, **render_weights})
 
 
 def build_tasks(stage: TrainStageSection, losses: LossSection, embeds: bool = True, patch: int = 16

@@ -48,6 +48,7 @@ def rank_main(rank: int, folder: str, grouped: str) -> None:
             "scale_dtype": str(out["logit_scale"].dtype), "scale": out["logit_scale"].item(),
             "bias": out["logit_bias"].item(), "mean_dtype": str(out["mean"].dtype),
             "scale_gradient_dtype": str(gradient.dtype) if gradient is not None else None}))
+    dist.barrier()  # neither rank leaves the group while the other's backward may still reduce
     dist.destroy_process_group()
 
 

@@ -221,3 +221,11 @@ def test_the_3d_render_loss_sees_input_views_only(shards, monkeypatch):
             assert any(torch.equal(camera, c) for c in inputs)
             assert not any(torch.allclose(camera, c, atol=1e-3) for c in held_out)
     assert len(rendered_at) == 2 and "input views only" in ObjectTask.RENDER_LOSS_VIEWS
+
+
+def test_an_image_batch_counts_tokens_in_the_models_patch():
+    pixels = torch.zeros(2, 3, 32, 48)
+    assert ImageBatch(pixels, ["a", "b"]).tokens == 2 * 2 * 3  # 16-px patches, the default
+    assert ImageBatch(pixels, ["a", "b"], patch=8).tokens == 2 * 4 * 6
+    moved = ImageBatch(pixels.to(torch.uint8), ["a", "b"], patch=8).to(torch.device("cpu"))
+    assert moved.patch == 8 and moved.tokens == 48
