@@ -13,7 +13,7 @@
    That holds while loader throughput scales linearly in processes, which part 1 measures (1 → 2).
    Waits are timed after 10 warm-up steps (a run's first steps wait for the loader processes to start).
 4. the loader processes' work on one sample (decode, draw, resize), now and as it was before 2026-12-03 (a
-   Generator per draw, bicubic), in one run.
+   Generator per draw, a copy more), in one run, on the same images at the same sizes.
 
     .venv/bin/python benchmarks/loader.py --out benchmarks/results/loader-cpu.json
 """
@@ -89,11 +89,11 @@ def image_task(resolution: list[int], max_tokens: int) -> ImageTask:
 
 def previous_prepare(sample: dict, schedule: ResolutionSchedule, draw_key: tuple[int, int, int]) -> torch.Tensor:
     """The preparation before 2026-12-03, transcribed as the reference: a numpy Generator seeded per sample for
-    the draw, bicubic resize, and a copy more (convert of an RGB image)."""
+    the draw, and a copy more (convert of an RGB image). Its Generator's draw is made and dropped: the sizes are
+    today's, so that both prepare the same images at the same sizes."""
     image = Image.open(io.BytesIO(sample["jpg"]))
-    drawn = np.random.default_rng([*draw_key, 2]).integers(schedule.low, schedule.high + 1)
-    scale = min(drawn, max(image.size)) / max(image.size)
-    width, height = schedule._side(image.width, scale), schedule._side(image.height, scale)
+    np.random.default_rng([*draw_key, 2]).integers(schedule.low, schedule.high + 1)
+    width, height = schedule.size(*image.size, draw_key)
     if (width, height) != image.size:
         image.draft("RGB", (width, height))
         image = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)

@@ -70,6 +70,17 @@ def library_versions() -> dict[str, str]:
 WHERE_FIELDS = ("key", "source", "source_key", "split")
 
 
+def _content_of_meta(value: bytes) -> bytes:
+    """A sample's json without the fields that say where it was read from; other json (not an object) as it is."""
+    try:
+        meta = json.loads(value)
+    except ValueError:
+        return value
+    if not isinstance(meta, dict):
+        return value
+    return json.dumps({k: v for k, v in meta.items() if k not in WHERE_FIELDS}, sort_keys=True).encode()
+
+
 class DataIdentity:
     """Which samples a number was measured on: a hash over the sorted content hashes of the samples (their media
     and metadata, caption included), so that two runs on different validation sets of one size, or on re-encoded
@@ -84,8 +95,7 @@ class DataIdentity:
         for name in sorted(k for k in sample if not k.startswith("__")):
             value = sample[name]
             if name == "json":
-                meta = {k: v for k, v in json.loads(value).items() if k not in WHERE_FIELDS}
-                value = json.dumps(meta, sort_keys=True)
+                value = _content_of_meta(value)
             content.update(name.encode() + b"\0" + (value if isinstance(value, bytes) else str(value).encode()))
         self.contents.append(content.hexdigest())
 

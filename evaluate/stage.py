@@ -45,7 +45,7 @@ class ShardSamples:
         from atoken.train.data import shard_samples
 
         for shard in self.shards:
-            yield from shard_samples(self.storage, shard.uri)
+            yield from shard_samples(self.storage, shard.uri, expected=shard.samples)
 
 
 def suite_settings(section: EvaluateSection) -> SuiteSettings:

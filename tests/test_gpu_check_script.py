@@ -21,5 +21,5 @@ def test_the_gpu_checks_run_on_cpu_and_pass_what_a_cpu_can_check(tmp_path):
     assert set(checks) == {"fsdp_bf16", "deterministic"} and "compile, flex and host_syncs" in record["not_run"]
     assert all(check["passed"] for check in checks.values()), checks
     fsdp = checks["fsdp_bf16"]
-    assert fsdp["hidden_dtype"] == "torch.bfloat16" and fsdp["logit_scale_dtype"] == "torch.float32"
+    assert fsdp["block_weight_dtype"] == "torch.bfloat16" and fsdp["logit_scale_dtype"] == "torch.float32"
     assert checks["deterministic"]["tensors_differing_deterministic"] == 0

@@ -47,11 +47,11 @@ SHUFFLE_WINDOW_SAMPLES = 1024
 SHUFFLE_WINDOW_BYTES = 64 * 2**20
 
 
-def shard_samples(storage: Storage, uri: str, attempts: int = 3) -> Iterator[dict]:
+def shard_samples(storage: Storage, uri: str, attempts: int = 3, expected: int | None = None) -> Iterator[dict]:
     """One shard's samples in order, streamed: one sample held at a time. A read that fails (the storage reader
     has already resumed cut bodies by byte range) is opened again and the samples already yielded are passed
-    over, up to `attempts` tries in a row that bring no new sample; a truncated read is never taken for the
-    shard's end (the tar reader raises)."""
+    over, up to `attempts` tries in a row that bring no new sample. A tar cut inside a member raises; one cut at a
+    member's boundary reads as a shorter archive, which `expected` (the manifest's count) catches at its end."""
     register_webdataset_opener(storage)
     done, failures = 0, 0  # samples yielded; tries in a row without a new sample
     while True:
@@ -64,6 +64,8 @@ def shard_samples(storage: Storage, uri: str, attempts: int = 3) -> Iterator[dic
                 failures = 0
                 done += 1
                 yield sample
+            if expected is not None and done != expected:
+                raise StorageError(f"{uri}: {done} samples, the manifest says {expected}")
             return
         except (OSError, StorageError, ValueError, tarfile.TarError) as exc:  # TarError: a truncated tar
             failures += 1

@@ -123,8 +123,9 @@ def global_terms(terms: dict[str, torch.Tensor], world_size: int) -> dict[str, f
 
 
 # The version of the data order a checkpoint's positions refer to: 2 since the loader's shard streams (train/loader.py)
-# and equal contiguous blocks when shards are fewer than ranks (train/data.py).
-DATA_LAYOUT = 2
+# and equal contiguous blocks when shards are fewer than ranks (train/data.py); 3 since shards are shuffled a window
+# at a time (train/data.py) and sizes drawn by `keyed_draw` (train/loader.py).
+DATA_LAYOUT = 3
 
 
 def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[str, float]:
@@ -251,6 +252,7 @@ def train_worker(job: StageJob, runtime: WorkerRuntime | None = None) -> dict[st
                                             "shard_interleave": stage.shard_interleave,
                                             "data_layout": DATA_LAYOUT},
                               rank_state={}, rank_tensors=rng_tensors())
+    streams.close()
     checkpointer.wait()  # the last commit is done (and an asynchronous write's failure raised) before the end
     # EMA gathered on every rank (a collective under FSDP) like the weights.
     # The last log step's loss and rate travel in model.json: Ray Train v2's result carries metrics only with

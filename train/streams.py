@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from atoken.pipeline.storage import Storage
-from atoken.train.loader import LoaderSettings, PreparedSamples, fitted, prepared_samples
+from atoken.train.loader import LoaderSettings, Prefetched, PreparedSamples, fitted, prepared_samples
 from atoken.train.model.tokens import FramePack, PackedBatch
 
 if TYPE_CHECKING:
@@ -151,7 +151,10 @@ def task_batches(task, shards: list, storage: Storage, seed: int, stream: int = 
     loader = fitted(loader or LoaderSettings(), shards, data_streams)
     samples = PreparedSamples(shards, storage, seed, stream, data_streams, task.prepare, position, loader.interleave,
                               task.chunk_samples)
-    return task.batches(prepared_samples(samples, loader), position)
+    batches = task.batches(prepared_samples(samples, loader), position)
+    # With loader processes, the training thread only takes assembled micro-batches (0 processes: everything
+    # stays in the training thread, as the tests' reference).
+    return Prefetched(batches) if loader.workers else batches
 
 
 class TaskStreams:
@@ -174,6 +177,12 @@ class TaskStreams:
                 # Distinct seeds per task: the same seed would walk two modalities' shards in lockstep.
                 self.iterators[key] = task_batches(task, sources[name], storage, seed + 1000 * offset, stream,
                                                    data_streams, self.positions[key], loader)
+
+    def close(self) -> None:
+        """Stops the streams' batch threads and loader processes (garbage collection does it too)."""
+        for iterator in self.iterators.values():
+            if isinstance(iterator, Prefetched):
+                iterator.close()
 
     def next(self, name: str) -> tuple[object, list[StreamPart]]:
         batches, parts = [], []

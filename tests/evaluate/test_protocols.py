@@ -123,6 +123,9 @@ def test_data_identity_follows_content_not_order_keys_or_where_it_was_read():
     assert identity(samples) != identity([samples[0], {**samples[1], "png": b"3"}])  # re-encoded content
     assert identity(samples) != identity([samples[0], {**samples[1], "json": meta("a wolf", "/data")}])  # caption
     assert identity(samples) != identity(samples[:1] * 2)  # another multiset of the same size
+    # json that is not an object, or not json, is content as it is
+    odd = [{"__key__": "a", "png": b"1", "json": b"[1, 2]"}, {"__key__": "b", "png": b"1", "json": b"not json"}]
+    assert identity(odd) != identity([{**odd[0], "json": b"[1, 3]"}, odd[1]])
 
 
 def test_descriptive_fields_are_not_compared():

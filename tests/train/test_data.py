@@ -66,6 +66,25 @@ def test_a_truncated_shard_raises_storage_error_and_never_ends_early(shards, tmp
     assert len(read_shard(Storage(), shards[0].uri)) == 5, "the control: the whole file reads"
 
 
+def test_a_shard_cut_at_a_member_boundary_is_caught_by_the_manifest_count(shards, tmp_path):
+    """A tar cut between members reads as a shorter archive (tarfile sees its end): the count catches it, in the
+    evaluation's reader as in the training stream."""
+    import tarfile
+
+    from atoken.train.data import shard_samples
+
+    with tarfile.open(shards[0].uri) as tar:
+        fourth = [m for m in tar.getmembers() if m.name.startswith("s0003")][0].offset  # sample 4's first header
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(Path(shards[0].uri).read_bytes()[:fourth])
+    assert len(read_shard(Storage(), str(cut))) == 3, "the reader alone takes it for a 3-sample shard"
+    with pytest.raises(StorageError, match="cut.tar: 3 samples, the manifest says 5"):
+        list(shard_samples(Storage(), str(cut), expected=5))
+    with pytest.raises(StorageError, match="cut.tar: 3 samples, the manifest says 5"):
+        keys(ShardStream([ShardInfo(str(cut), 5)], Storage(), seed=0).samples(), 5)
+    assert len(list(shard_samples(Storage(), shards[0].uri, expected=5))) == 5, "the control: the whole file"
+
+
 def test_read_shard_of_a_missing_file_raises_storage_error(tmp_path):
     with pytest.raises(StorageError, match="cannot read shard .*missing.tar after 1 attempts"):
         read_shard(Storage(), str(tmp_path / "missing.tar"), attempts=1)
@@ -205,6 +224,12 @@ def test_a_manifest_count_that_disagrees_with_the_shard_raises(shards):
     wrong = [ShardInfo(shards[0].uri, 6), *shards[1:]]
     stream = ShardStream(wrong, Storage(), seed=0, world_size=1)
     with pytest.raises(StorageError, match="5 samples, the manifest says 6"):
+        keys(stream.samples(), 13)
+
+
+def test_a_shard_with_more_samples_than_its_manifest_says_raises(shards):
+    stream = ShardStream([ShardInfo(shards[0].uri, 4), *shards[1:]], Storage(), seed=0, world_size=1)
+    with pytest.raises(StorageError, match="more samples than the 4 the manifest says"):
         keys(stream.samples(), 13)
 
 

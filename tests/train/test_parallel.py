@@ -38,6 +38,9 @@ def rank_main(rank: int, folder: str, grouped: str) -> None:
         for block in blocks:
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
+    seen = {}  # the dtype a block's weight has while it runs: FSDP2's unsharded parameter, cast by the policy
+    model.encoder.layers[0].register_forward_pre_hook(  # a hook that returns None keeps the inputs
+        lambda module, _: seen.setdefault("block_weight", str(next(module.parameters()).dtype)) and None)
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(rank)) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as the loop runs the forward on a GPU
         out = model(pack_images(pixels, 16, model.config.temporal_patch), embed=True)  # through FSDP2's hooks
@@ -46,7 +49,7 @@ def rank_main(rank: int, folder: str, grouped: str) -> None:
     if rank == 0:
         (root / f"result-{grouped}.json").write_text(json.dumps({
             "scale_dtype": str(out["logit_scale"].dtype), "scale": out["logit_scale"].item(),
-            "bias": out["logit_bias"].item(), "mean_dtype": str(out["mean"].dtype),
+            "bias": out["logit_bias"].item(), "block_weight_dtype": seen["block_weight"],
             "scale_gradient_dtype": str(gradient.dtype) if gradient is not None else None}))
     dist.barrier()  # neither rank leaves the group while the other's backward may still reduce
     dist.destroy_process_group()
@@ -72,7 +75,7 @@ def test_bf16_fsdp2_keeps_the_sigmoid_temperature_and_bias_in_float32(tmp_path):
     run_ranks(tmp_path, "yes")
     run_ranks(tmp_path, "no")
     grouped, control = (json.loads((tmp_path / f"result-{name}.json").read_text()) for name in ("yes", "no"))
-    assert grouped["mean_dtype"] == control["mean_dtype"] == "torch.bfloat16", "the transformer computes in bf16"
+    assert grouped["block_weight_dtype"] == control["block_weight_dtype"] == "torch.bfloat16", "blocks run in bf16"
     assert grouped["scale_dtype"] == "torch.float32" and grouped["scale"] == pytest.approx(math.log(10.0), abs=1e-7)
     assert grouped["bias"] == -10.0 and grouped["scale_gradient_dtype"] == "torch.float32"
     # The control: in the model's bf16 group, log(10) = 2.3026 rounds to 2.2969.

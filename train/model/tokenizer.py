@@ -154,7 +154,7 @@ def _rename_legacy_on_load(module, state_dict, prefix, *_args) -> None:
 class Tokenizer(nn.Module):
     def __init__(self, config: TokenizerConfig):
         super().__init__()
-        self._register_load_state_dict_pre_hook(_rename_legacy_on_load, with_module=True)
+        self.register_load_state_dict_pre_hook(_rename_legacy_on_load)
         self.config = c = config
         backend = c.attention_backend
         self.embeddings = Embeddings(c)
