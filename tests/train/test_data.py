@@ -215,6 +215,27 @@ def test_a_shard_that_fits_one_window_is_ordered_as_a_whole_read_was_and_held_wh
     assert got == [f"s{i:04d}" for i in order]
 
 
+def test_a_rank_whose_share_ends_inside_a_shard_closes_that_shards_read(tmp_path, monkeypatch):
+    import os
+
+    import atoken.train.data as data
+
+    monkeypatch.setattr(data, "SHUFFLE_WINDOW_SAMPLES", 2)  # windows of 2: the read stays open between them
+    shards = write_shards(tmp_path / "shards", [10])  # 1 shard, 2 ranks: rank 0's 5 samples end inside it
+
+    def open_shards() -> int:
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}").endswith(".tar") for fd in os.listdir("/proc/self/fd"))
+
+    samples = ShardStream(shards, Storage(), seed=0, rank=0, world_size=2).samples()
+    first = [next(samples)["__key__"] for _ in range(4)]
+    assert open_shards() == 1, "the control: mid-share, the shard is being read"
+    first.append(next(samples)["__key__"])  # the share's last sample of epoch 0
+    next(samples)  # epoch 1 begins: its first window is read again from the start
+    assert len(set(first)) == 5 and open_shards() == 1, "epoch 0's read was closed, only epoch 1's is open"
+    samples.close()
+    assert open_shards() == 0
+
+
 def test_fewer_samples_than_ranks_is_refused(tmp_path):
     with pytest.raises(ValueError, match="3 training samples cannot feed 4 data streams"):
         ShardStream(write_shards(tmp_path / "shards", [2, 1]), Storage(), seed=0, rank=0, world_size=4)
