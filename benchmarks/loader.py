@@ -37,7 +37,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
-from bench_model import import_atoken, tokenizer_training_flops  # noqa: E402
+from bench_model import import_atoken, tokenizer_training_flops, write_results  # noqa: E402
 
 import_atoken()
 from atoken.pipeline.config import LossSection, TrainStageSection  # noqa: E402
@@ -272,11 +272,7 @@ def main() -> None:
         results["ray_data_schedule_64_512"] = ray_data_rate(shards, [64, 512], args.samples)
         print("ray data", round(results["ray_data_schedule_64_512"]["samples_per_second"], 1), flush=True)
     results["load_average_before_after"] = [load_before[0], os.getloadavg()[0]]
-    results["command"] = "python benchmarks/loader.py " + " ".join(sys.argv[1:])
-    text = json.dumps(results, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    write_results(results, args.out, "benchmarks/loader.py")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import sys
@@ -28,7 +27,7 @@ import webdataset as wds
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
-from bench_model import import_atoken  # noqa: E402  (maps the repository as `atoken`)
+from bench_model import import_atoken, write_results  # noqa: E402  (maps the repository as `atoken`)
 
 import_atoken()
 from atoken.pipeline.storage import Storage  # noqa: E402
@@ -98,11 +97,7 @@ def main() -> None:
             results[name] = row
             print(name, {k: round(v["peak_mib"], 1) for k, v in row.items() if isinstance(v, dict)}, flush=True)
             Path(shard.uri).unlink()
-    results["command"] = "python benchmarks/shard_memory.py " + " ".join(sys.argv[1:])
-    text = json.dumps(results, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    write_results(results, args.out, "benchmarks/shard_memory.py")
 
 
 if __name__ == "__main__":

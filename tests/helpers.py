@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -191,3 +192,26 @@ def shard_members(output: Path, extension: str) -> dict[str, bytes]:
                     assert key not in found, f"{key} is in two shards"
                     found[key] = tar.extractfile(member).read()
     return found
+
+
+def run_script_ranks(script: str, world: int, args: list[str], timeout: float = 120) -> None:
+    """`script` run once per rank, torchrun-style, with `args` ("{rank}" replaced by the rank) and gloo on loopback:
+    all killed, and the test failed, if they are not done within `timeout` seconds; the test fails if any rank
+    does, with its error's tail."""
+    import pytest
+
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    ranks = [subprocess.Popen([sys.executable, script, *[str(rank) if a == "{rank}" else a for a in args]], env=env,
+                              stderr=subprocess.PIPE, text=True) for rank in range(world)]
+    deadline = time.monotonic() + timeout
+    try:
+        errors = [process.communicate(timeout=max(1.0, deadline - time.monotonic()))[1] for process in ranks]
+    except subprocess.TimeoutExpired:
+        for process in ranks:
+            process.kill()
+        tails = "\n".join(f"rank {rank}:\n{process.communicate()[1][-2000:]}" for rank, process in enumerate(ranks))
+        pytest.fail(f"the ranks were not done within {timeout:.0f} s (one left waiting in a collective?)\n{tails}")
+    failed = [(rank, error) for rank, (process, error) in enumerate(zip(ranks, errors, strict=True))
+              if process.returncode != 0]
+    assert not failed, "\n".join(f"rank {rank} failed:\n{error[-3000:]}" for rank, error in failed)
+

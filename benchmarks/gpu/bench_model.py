@@ -32,6 +32,15 @@ def import_atoken():
         spec.loader.exec_module(module)
 
 
+def write_results(results: dict, out, script: str) -> None:
+    """The benchmark's record with the command that made it, to `out` (when given) and the console."""
+    results["command"] = f"python {script} " + " ".join(sys.argv[1:])
+    text = json.dumps(results, indent=1)
+    if out:
+        out.write_text(text + "\n")
+    print(text)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

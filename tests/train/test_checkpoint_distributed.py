@@ -5,8 +5,6 @@ and one rank's failed upload stops both ranks at once, committing nothing."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 import uuid
@@ -180,22 +178,10 @@ SCENARIOS = {"round_trip": rank_main, "failed_upload": failed_upload_main}
 
 
 def run_ranks(folder: Path, scenario: str = "round_trip", *args: str, timeout: float = 120) -> None:
-    """A scenario's main on WORLD processes, torchrun-style: this file run as a script, once per rank; all
-    killed, and the test failed, if they are not done within `timeout` seconds."""
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
-    ranks = [subprocess.Popen([sys.executable, __file__, scenario, str(rank), str(folder), *args], env=env,
-                              stderr=subprocess.PIPE, text=True) for rank in range(WORLD)]
-    deadline = time.monotonic() + timeout
-    try:
-        errors = [process.communicate(timeout=max(1.0, deadline - time.monotonic()))[1] for process in ranks]
-    except subprocess.TimeoutExpired:
-        for process in ranks:
-            process.kill()
-        tails = "\n".join(f"rank {rank}:\n{process.communicate()[1][-2000:]}" for rank, process in enumerate(ranks))
-        pytest.fail(f"the ranks were not done within {timeout:.0f} s (one left waiting in a collective?)\n{tails}")
-    failed = [(rank, error) for rank, (process, error) in enumerate(zip(ranks, errors, strict=True))
-              if process.returncode != 0]
-    assert not failed, "\n".join(f"rank {rank} failed:\n{error[-3000:]}" for rank, error in failed)
+    """A scenario's main on WORLD processes: this file run as a script, once per rank."""
+    from helpers import run_script_ranks  # here: the ranks run this file as a script, without tests/ on the path
+
+    run_script_ranks(__file__, WORLD, [scenario, "{rank}", str(folder), *args], timeout)
 
 
 def test_fsdp_shards_round_trip_and_reshard_to_other_world_sizes(tmp_path):

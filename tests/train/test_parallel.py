@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -56,19 +53,9 @@ def rank_main(rank: int, folder: str, grouped: str) -> None:
 
 
 def run_ranks(folder: Path, grouped: str, timeout: float = 120) -> None:
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
-    ranks = [subprocess.Popen([sys.executable, __file__, str(rank), str(folder), grouped], env=env,
-                              stderr=subprocess.PIPE, text=True) for rank in range(WORLD)]
-    deadline = time.monotonic() + timeout
-    try:
-        errors = [process.communicate(timeout=max(1.0, deadline - time.monotonic()))[1] for process in ranks]
-    except subprocess.TimeoutExpired:
-        for process in ranks:
-            process.kill()
-        pytest.fail(f"the ranks were not done within {timeout:.0f} s")
-    failed = [(rank, error) for rank, (process, error) in enumerate(zip(ranks, errors, strict=True))
-              if process.returncode != 0]
-    assert not failed, "\n".join(f"rank {rank} failed:\n{error[-3000:]}" for rank, error in failed)
+    from helpers import run_script_ranks  # here: the ranks run this file as a script, without tests/ on the path
+
+    run_script_ranks(__file__, WORLD, ["{rank}", str(folder), grouped], timeout)
 
 
 def test_bf16_fsdp2_keeps_the_sigmoid_temperature_and_bias_in_float32(tmp_path):
