@@ -190,7 +190,7 @@ def sync_count(device: torch.device, preset: str, data: Path, steps: int) -> col
 
     images = tar_shards(data / "images")
     stage = TrainStageSection(name="syncs", tasks=["image"], steps=steps, batch_size=16, lr=3e-4,
-                              warmup_steps=1, checkpoint_every=steps, log_every=steps)
+                              warmup_steps=1, checkpoint_every=10 * steps, log_every=10 * steps)  # the last step only
     model = ModelSection(kind="atoken", preset=preset, patch_size=16, latent_channels=32)
     losses = LossSection(lpips=0.0, gram=0.0, clip_perceptual=0.0, semantic=0.0)
     job = StageJob(stage, model, TaskShards(image=images), tempfile.mkdtemp(prefix="syncs-"), None, Storage(),
