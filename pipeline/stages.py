@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import sys
 from typing import Any
@@ -118,7 +119,7 @@ def preflight_model(config: PipelineConfig) -> None:
 def run_ingest(ctx: StageContext) -> dict[str, Any]:
     from atoken.evaluate.reconstruction import to_uint8
     from atoken.preprocess.job import run_image_job
-    from atoken.train.data import decode_image, read_shard
+    from atoken.train.data import decode_image, shard_samples
 
     stats = run_image_job(ctx.config.ingest, ctx.storage, ctx.output, progress=ctx.progress,
                           resources=ctx.config.ray.preprocess_resources)
@@ -130,7 +131,7 @@ def run_ingest(ctx: StageContext) -> dict[str, Any]:
         ctx.tracker.log_bytes(ctx.run_id, ctx.storage.read_bytes(join(ctx.output, name)), f"ingest/{name}")
     first = sorted(_shards(ctx.storage, ctx.output, "train"), key=lambda s: s.uri)
     if first:
-        samples = read_shard(ctx.storage, first[0].uri)[:16]
+        samples = list(itertools.islice(shard_samples(ctx.storage, first[0].uri), 16))  # not the whole shard
         tiles = [to_uint8(decode_image(s)) for s in samples]
         ctx.tracker.log_bytes(ctx.run_id, grid_png([tiles[:8], tiles[8:16]] if len(tiles) > 8 else [tiles]),
                               "ingest/sample_grid.png")

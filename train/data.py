@@ -95,13 +95,14 @@ def shuffle_windows(samples: Iterator[dict], expected: int, uri: str, first: int
     while start < last:
         window: list[dict] = []
         held = 0
+        full = False
         for sample in samples:
             window.append(sample)
             held += sample_bytes(sample)
-            if len(window) == SHUFFLE_WINDOW_SAMPLES or held >= SHUFFLE_WINDOW_BYTES:
+            full = len(window) == SHUFFLE_WINDOW_SAMPLES or held >= SHUFFLE_WINDOW_BYTES
+            if full:
                 break
         end = start + len(window)
-        full = len(window) == SHUFFLE_WINDOW_SAMPLES or held >= SHUFFLE_WINDOW_BYTES
         if not full and end < expected:  # the shard ended inside the window
             raise StorageError(f"{uri}: {end} samples, the manifest says {expected}")
         if end > expected or (end == expected and next(samples, None) is not None):

@@ -184,13 +184,9 @@ class Prefetched:
         raise value
 
     def close(self) -> None:
-        self._stop.set()
-        while self._thread.is_alive():
-            try:  # a put blocked on a full queue returns, sees the stop and ends the thread
-                self._queue.get_nowait()
-            except queue.Empty:
-                pass
-            self._thread.join(timeout=0.05)
+        self._stop.set()  # a put waiting on a full queue sees it within 0.1 s and ends the thread
+        if threading.current_thread() is not self._thread:  # __del__ may run on it (a cycle collected there)
+            self._thread.join()
 
     def __del__(self) -> None:
         self.close()
@@ -208,7 +204,7 @@ def _fill(source: Iterator, slots: queue.Queue, stop: threading.Event) -> None:
 
     try:
         for item in source:
-            if not put(("item", item)):
+            if not put(("item", item)) or stop.is_set():
                 return
         put(("end", None))
     except Exception as exc:  # noqa: BLE001 - raised again in the training thread, by its next `next`

@@ -30,7 +30,7 @@ def kl_term(out: dict, share: WorldShare) -> torch.Tensor:
 
 
 def combine_terms(rec: dict[str, torch.Tensor], sem: dict[str, torch.Tensor], kl: torch.Tensor, losses: LossSection,
-             rec_weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  rec_weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     reconstruction = sum(rec_weights[name] * value for name, value in rec.items())
     semantic = sum(sem.values()) if sem else kl.new_zeros(())
     total = losses.reconstruction * reconstruction + losses.semantic * semantic + losses.kl * kl
@@ -38,7 +38,7 @@ def combine_terms(rec: dict[str, torch.Tensor], sem: dict[str, torch.Tensor], kl
 
 
 def semantic_terms(out: dict, share: WorldShare, frozen: Frozen, teacher_images: list[torch.Tensor] | None = None
-              ) -> dict[str, torch.Tensor]:
+                   ) -> dict[str, torch.Tensor]:
     """Distillation against the teacher (images, when there is one) or the sigmoid loss, each over the global
     batch's captions; in float32."""
     embedding = out.get("embedding")

@@ -262,7 +262,7 @@ class Tokenizer(nn.Module):
             # The sigmoid loss's temperature and bias leave through forward, as non-leaf tensors: DDP finds
             # unused parameters by walking the outputs' autograd graph, and a parameter read off the module
             # instead is "marked ready twice" (once as unused, once by its gradient hook). A loss that does not
-            # need them must still touch them (tasks.py: `_untouched_logits`), or DDP waits for their gradients.
+            # need them must still touch them (losses/terms.py: `untouched_logits`), or DDP waits for their gradients.
             out["logit_scale"], out["logit_bias"] = self.logits()
         if quantize:
             latent, out["codes"] = self.quantize(latent)
